@@ -1,0 +1,441 @@
+"""Typed run configuration: YAML -> documented dataclasses -> `key=value` overrides -> validated, resolved config.
+
+This module must not import torch or transformers: `llava-train plan`, `config --help` and the sweep
+runner read configs on machines (and in processes) where importing the training stack is too slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("pretrain", "finetune")
+TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "mistral", "chatml", "tokenizer")
+IMAGE_ASPECT_RATIOS = ("pad", "resize", "crop")
+FEATURE_SELECTS = ("patch", "cls_patch")
+PROJECTORS = ("mlp2x_gelu",)
+DTYPES = ("bfloat16", "float16", "float32")
+ON_BAD_SAMPLE = ("error", "skip")
+CONFIG_FILENAME = "llava_train_config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and where."""
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+@dataclass
+class SourceConfig:
+    """One training/eval data source.
+
+    path: LLaVA JSON list, JSONL file, a local HF dataset folder (save_to_disk), or a
+        parquet/arrow/json file or folder read with `datasets.load_dataset`.
+    image_folder: folder that `image` paths are relative to (paths may not escape it).
+    weight: mixture weight relative to the other sources (1.0 = use every row once per epoch;
+        0.5 = half of this source's rows per epoch, 2.0 = every row twice).
+    name: short name used in reports (default: the file name).
+    split: split to read from HF datasets sources.
+    """
+
+    path: str
+    image_folder: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data source needs a non-empty `path`")
+        if self.weight <= 0:
+            raise ConfigError(f"data source {self.path}: weight must be > 0, got {self.weight}")
+        if self.name is None:
+            self.name = Path(self.path).name
+
+
+@dataclass
+class ModelConfig:
+    """Which models make up the LLaVA model and how they are joined.
+
+    language_model: hub id or local folder of a causal LM (tokenizer comes from here unless
+        `tokenizer` is set).
+    tokenizer: hub id or local folder of the tokenizer, if not the language model's.
+    vision_tower: hub id or local folder of a CLIP or SigLIP model (vision part is used).
+    projector: projector type; `mlp2x_gelu` = transformers' LlavaMultiModalProjector.
+    vision_feature_layer: hidden layer of the vision tower whose features are projected.
+    vision_feature_select: `patch` drops the CLS token (LLaVA-1.5), `cls_patch` keeps it.
+    preset: `tiny` writes a tiny random-init LM (+ trained tokenizer) and vision tower into the
+        `language_model` / `vision_tower` folders when they do not exist yet (tests, demo, bench).
+    init_from: start from a previous stage's output folder: a full HF-native LLaVA folder, or a
+        stage-1 folder holding `projector.safetensors` (LM and vision tower then come from
+        `language_model` / `vision_tower`).
+    attn_implementation: `sdpa` (default), `eager`, `flex_attention` (GPU), `flash_attention_2`.
+    dtype: dtype the weights are loaded in; mixed precision itself is `train.bf16` / `train.fp16`.
+    train_vision_tower: also train the vision tower in `finetune` (frozen otherwise).
+    vision_tower_train_from_layer: with train_vision_tower, train encoder layers >= this index.
+    image_token: the placeholder token added to the tokenizer.
+    """
+
+    language_model: str = "lmsys/vicuna-7b-v1.5"
+    tokenizer: str | None = None
+    vision_tower: str = "openai/clip-vit-large-patch14-336"
+    projector: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    vision_feature_select: str = "patch"
+    preset: str | None = None
+    init_from: str | None = None
+    attn_implementation: str = "sdpa"
+    dtype: str = "bfloat16"
+    train_vision_tower: bool = False
+    vision_tower_train_from_layer: int = 0
+    image_token: str = "<image>"
+
+    def __post_init__(self) -> None:
+        _choice("model.projector", self.projector, PROJECTORS)
+        _choice("model.vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
+        _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.attn_implementation", self.attn_implementation,
+                ("sdpa", "eager", "flex_attention", "flash_attention_2"))
+        if self.preset is not None:
+            _choice("model.preset", self.preset, ("tiny",))
+
+
+@dataclass
+class DataConfig:
+    """Training data and how conversations become tokens.
+
+    train: one or more sources, mixed by weight.
+    eval: optional held-out sources (same format).
+    template: conversation template (see `llava_train.data.templates`).
+    system_prompt: override the template's system prompt (null = the template's own).
+    image_aspect_ratio: `pad` to a square with the processor mean colour (LLaVA-1.5), `resize`
+        (squash), or `crop` (the processor's own resize + centre crop).
+    model_max_length: longest sample in tokens, image tokens included.
+    on_bad_sample: `error` stops at the first bad row (with its source and row); `skip` counts and
+        logs each skipped row by reason.
+    group_by_modality_length: LLaVA's sampler: every optimizer step holds one modality, samples of
+        similar exact length grouped together.
+    packing: pack several samples into each row (block-diagonal attention, exact labels).
+    packing_length: tokens per packed row (default: model_max_length).
+    cache_dir: where exact per-sample lengths are cached (default: `<output_dir>/../.cache`
+        resolved at run time; null disables the cache).
+    num_workers: processes used to scan data in `data validate` (default: all cores).
+    """
+
+    train: list[SourceConfig] = field(default_factory=list)
+    eval: list[SourceConfig] = field(default_factory=list)
+    template: str = "vicuna_v1"
+    system_prompt: str | None = None
+    image_aspect_ratio: str = "pad"
+    model_max_length: int = 2048
+    on_bad_sample: str = "error"
+    group_by_modality_length: bool = False
+    packing: bool = False
+    packing_length: int | None = None
+    cache_dir: str | None = None
+    num_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        self.train = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.train[]") for s in self.train]
+        self.eval = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.eval[]") for s in self.eval]
+        _choice("data.template", self.template, TEMPLATES)
+        _choice("data.image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
+        _choice("data.on_bad_sample", self.on_bad_sample, ON_BAD_SAMPLE)
+        if self.model_max_length <= 0:
+            raise ConfigError(f"data.model_max_length must be > 0, got {self.model_max_length}")
+        if self.packing_length is not None and self.packing_length <= 0:
+            raise ConfigError(f"data.packing_length must be > 0, got {self.packing_length}")
+
+
+@dataclass
+class OptimConfig:
+    """Per-module learning rates (the main lr is `train.learning_rate`).
+
+    projector_lr: learning rate of the multimodal projector (null = train.learning_rate).
+    vision_tower_lr: learning rate of the vision tower when it trains (null = train.learning_rate).
+    """
+
+    projector_lr: float | None = None
+    vision_tower_lr: float | None = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA / QLoRA on the language model's linear layers only.
+
+    enabled: wrap the language model with peft LoRA adapters.
+    r, alpha, dropout: adapter rank, scaling numerator and dropout (LLaVA-1.5: 128 / 256 / 0.05).
+    bits: null = LoRA on bf16/fp32 weights; 4 or 8 = QLoRA through bitsandbytes (CUDA only).
+    target_modules: linear-layer name suffixes inside the language model (null = every linear
+        layer of the language model; lm_head and the projector are never adapted).
+    """
+
+    enabled: bool = False
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    bits: int | None = None
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits is not None:
+            _choice("lora.bits", self.bits, (4, 8))
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be > 0, got {self.r}")
+
+
+@dataclass
+class WandbConfig:
+    """wandb run metadata (used when `train.report_to` includes wandb).
+
+    project, entity, name, group, tags: as in `wandb.init`; name defaults to the output folder's name.
+    log_predictions: number of held-out samples logged as a prediction table at eval/end.
+    """
+
+    project: str = "llava-train"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_predictions: int = 8
+
+
+@dataclass
+class RunConfig:
+    """A whole run: stage + model + data + optimizer + LoRA + wandb + TrainingArguments.
+
+    stage: `pretrain` (projector only) or `finetune` (projector + language model).
+    train: any `transformers.TrainingArguments` field, passed through untouched (output_dir,
+        learning_rate, per_device_train_batch_size, deepspeed, bf16, ...).
+    metrics_every: log the compact throughput line every N optimizer steps (0 = with each log).
+    """
+
+    stage: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    train: dict[str, Any] = field(default_factory=dict)
+    metrics_every: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("stage", self.stage, STAGES)
+        if not isinstance(self.train, dict):
+            raise ConfigError(f"`train` must be a mapping of TrainingArguments fields, got {type(self.train).__name__}")
+        if self.lora.enabled and self.stage != "finetune":
+            raise ConfigError("lora.enabled is only valid with stage: finetune")
+
+    @property
+    def output_dir(self) -> str:
+        """The run folder (`train.output_dir`)."""
+        out = self.train.get("output_dir")
+        if not out:
+            raise ConfigError("train.output_dir is required (the run folder)")
+        return str(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON/wandb-ready)."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from nested dicts, with errors that list the valid keys.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce YAML scalars to the annotated type (ints given for floats, etc.)."""
+    if value is None:
+        return None
+    tp = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError as e:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from e
+    if tp is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError as e:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from e
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid keys in "
+            f"{where or 'the top level'}: {', '.join(sorted(names))}"
+        )
+    hints = _field_types(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: `a.b=c` and the `--a.b=c` form a wandb sweep agent passes.
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `data.model_max_length=1024` or `--data.model_max_length=1024` into (path, value).
+
+    The value is parsed as YAML, so `1e-3`, `true`, `null`, `[a, b]` get their natural types.
+    """
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. data.model_max_length=1024)")
+    key, raw = body.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads 1e-3 as a string; sweeps pass exactly such values.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") and value.strip() else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested config dict (returns the same dict)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a mapping")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict."""
+    return _build(RunConfig, data, "")
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + overrides -> validated RunConfig."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    return from_dict(data)
+
+
+def dump_config(config: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (the run folder's `llava_train_config.yaml`)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return p
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, documentation) for every config key: the generated config reference."""
+    doc = (cls.__doc__ or "").strip()
+    docs = _parse_field_docs(doc)
+    rows: list[tuple[str, str, str]] = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = _strip_optional(hints[f.name])
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        rows.append((key, f"{_type_name(hints[f.name])} = {default!r}", docs.get(f.name, "")))
+        if f.name == "train" and prefix == "data.":
+            rows.extend(describe(SourceConfig, f"{key}[]."))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _parse_field_docs(doc: str) -> dict[str, str]:
+    """Read `name: text` paragraphs (continuation lines indented) from a dataclass docstring."""
+    out: dict[str, str] = {}
+    current: list[str] = []
+    for line in doc.splitlines():
+        stripped = line.strip()
+        head = stripped.split(":", 1)[0]
+        if ":" in stripped and head and all(part.isidentifier() for part in head.split(", ")) and line.startswith(
+            "    "
+        ) and not line.startswith("        "):
+            current = [n.strip() for n in head.split(",")]
+            for n in current:
+                out[n] = stripped.split(":", 1)[1].strip()
+        elif current and stripped:
+            for n in current:
+                out[n] += " " + stripped
+        elif not stripped:
+            current = []
+    return out

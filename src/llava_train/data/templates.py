@@ -1,0 +1,326 @@
+"""Conversation templates: a conversation renders into ordered text segments, each trained or not. No I/O.
+
+The strings reproduce the original LLaVA-1.5 code (haotian-liu/LLaVA v1.2.2) exactly; see
+`shared/reference/llava-1.5.md`. `<image>` stays in the text as the image placeholder; tokenization
+expands it to the vision tower's number of feature tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGE_PLACEHOLDER = "<image>"
+USER, ASSISTANT = "user", "assistant"
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAMA_2_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
+CHATML_SYSTEM = "Answer the questions."
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message: role is `user` or `assistant`; text may hold `<image>` placeholders."""
+
+    role: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A span of the rendered prompt; `trained` spans get their token ids as labels."""
+
+    text: str
+    trained: bool
+
+
+@dataclass(frozen=True)
+class Template:
+    """A conversation format.
+
+    kind: rendering style (`plain`, `vicuna`, `llama_2`, `chatml`, `tokenizer`).
+    system: default system prompt ("" for none).
+    add_special_tokens: whether the tokenizer's own BOS/EOS insertion applies when encoding the
+        rendered prompt (True for the LLaVA templates, as the original's tokenizer call; False for
+        the tokenizer's chat template, which writes its own special tokens).
+    """
+
+    name: str
+    kind: str
+    system: str = ""
+    add_special_tokens: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def with_system(self, system: str | None) -> Template:
+        """The same template with another system prompt (None keeps the default)."""
+        if system is None:
+            return self
+        return Template(self.name, self.kind, system, self.add_special_tokens, dict(self.options))
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def render(self, turns: list[Turn], tokenizer: Any = None, add_generation_prompt: bool = False) -> list[Segment]:
+        """Render alternating user/assistant turns into segments.
+
+        With `add_generation_prompt`, `turns` ends with a user turn and the result ends where the
+        assistant's reply would start (the inference prompt). `tokenizer` supplies the BOS/EOS
+        strings (and the chat template for the `tokenizer` kind).
+        """
+        _check_turns(turns, add_generation_prompt)
+        render = _RENDERERS[self.kind]
+        segments = render(self, turns, tokenizer, add_generation_prompt)
+        return _merge(segments)
+
+    def prompt(self, turns: list[Turn], tokenizer: Any = None, add_generation_prompt: bool = False) -> str:
+        """The rendered prompt as one string."""
+        return "".join(s.text for s in self.render(turns, tokenizer, add_generation_prompt))
+
+    def chat_template(self, tokenizer: Any = None) -> str:
+        """A Jinja chat template that renders HF-style messages exactly as `prompt()` does.
+
+        Saved with the processor so `processor.apply_chat_template(messages,
+        add_generation_prompt=True)` gives the prompt the model was trained on. Message content
+        may be a string (with `<image>` placeholders) or a list of `{"type": "image"}` /
+        `{"type": "text", "text": ...}` items; images are placed at the front of their turn, as
+        LLaVA does.
+        """
+        if self.kind == "tokenizer":
+            tmpl = getattr(tokenizer, "chat_template", None)
+            if not tmpl:
+                raise ValueError("template 'tokenizer' needs a tokenizer that has a chat_template")
+            return tmpl
+        return _jinja(self, tokenizer)
+
+
+def _check_turns(turns: list[Turn], add_generation_prompt: bool) -> None:
+    if not turns:
+        raise ValueError("empty conversation")
+    for i, t in enumerate(turns):
+        expected = USER if i % 2 == 0 else ASSISTANT
+        if t.role != expected:
+            raise ValueError(f"turn {i} has role {t.role!r}; roles must alternate user/assistant starting with user")
+    if add_generation_prompt and turns[-1].role != USER:
+        raise ValueError("add_generation_prompt needs the conversation to end with a user turn")
+    if not add_generation_prompt and turns[-1].role != ASSISTANT:
+        raise ValueError("a training conversation must end with an assistant turn")
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    out: list[Segment] = []
+    for s in segments:
+        if not s.text:
+            continue
+        if out and out[-1].trained == s.trained:
+            out[-1] = Segment(out[-1].text + s.text, s.trained)
+        else:
+            out.append(s)
+    return out
+
+
+def _eos(tokenizer: Any) -> str:
+    eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
+    return eos if eos else "</s>"
+
+
+def _bos(tokenizer: Any) -> str:
+    if tokenizer is None:
+        return "<s>"
+    return getattr(tokenizer, "bos_token", None) or ""
+
+
+def _images_only(text: str) -> str:
+    return IMAGE_PLACEHOLDER * text.count(IMAGE_PLACEHOLDER)
+
+
+# -- renderers ---------------------------------------------------------------------------------
+
+
+def _render_plain(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[Segment]:
+    # Stage-1 alignment: the human turn is reduced to its image placeholder(s); the caption and
+    # a newline are trained. No system prompt, no roles, no EOS.
+    segs: list[Segment] = []
+    for i in range(0, len(turns), 2):
+        segs.append(Segment(_images_only(turns[i].text), False))
+        if i + 1 < len(turns):
+            segs.append(Segment(turns[i + 1].text + "\n", True))
+    return segs
+
+
+def _render_vicuna(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[Segment]:
+    # "{sys} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+    # The space before each reply belongs to the reply's first token (SentencePiece "▁word",
+    # byte-level "Ġword"), so it sits in the trained segment.
+    segs = [Segment((t.system + " ") if t.system else "", False)]
+    eos = _eos(tok)
+    for i in range(0, len(turns), 2):
+        segs.append(Segment(f"USER: {turns[i].text} ASSISTANT:", False))
+        if i + 1 < len(turns):
+            segs.append(Segment(f" {turns[i + 1].text}{eos}", True))
+    return segs
+
+
+def _render_llama_2(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[Segment]:
+    # "[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{q1} [/INST] {a1} </s><s>[INST] {q2} [/INST] {a2} </s>"
+    # The leading <s> comes from the tokenizer (add_special_tokens); later rounds start with the
+    # separator (`<s>` for llama_2, "" for mistral).
+    sep = t.options.get("round_sep", "bos")
+    sep_text = _bos(tok) if sep == "bos" else sep
+    eos = _eos(tok)
+    segs: list[Segment] = []
+    for i in range(0, len(turns), 2):
+        q = turns[i].text
+        if i == 0 and t.system:
+            q = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n{q}"
+        segs.append(Segment((sep_text if i > 0 else "") + f"[INST] {q} [/INST]", False))
+        if i + 1 < len(turns):
+            segs.append(Segment(f" {turns[i + 1].text} {eos}", True))
+    return segs
+
+
+def _render_chatml(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[Segment]:
+    # LLaVA's chatml_direct: no newline after <|im_end|>.
+    segs = [Segment(f"<|im_start|>system\n{t.system}<|im_end|>" if t.system else "", False)]
+    for i in range(0, len(turns), 2):
+        segs.append(Segment(f"<|im_start|>user\n{turns[i].text}<|im_end|><|im_start|>assistant\n", False))
+        if i + 1 < len(turns):
+            segs.append(Segment(f"{turns[i + 1].text}<|im_end|>", True))
+    return segs
+
+
+def _render_tokenizer(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[Segment]:
+    # The tokenizer's own chat template. Each assistant reply is located by rendering growing
+    # prefixes of the conversation: prompt_k (history + generation prompt) must be a prefix of
+    # full_k (history + reply). A template that rewrites earlier turns is rejected, not guessed.
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
+    msgs: list[dict[str, str]] = [{"role": "system", "content": t.system}] if t.system else []
+
+    def apply(messages: list[dict[str, str]], generation: bool) -> str:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    segs: list[Segment] = []
+    done = ""
+    for i in range(0, len(turns), 2):
+        msgs.append({"role": USER, "content": turns[i].text})
+        prompt = apply(msgs, True)
+        if not prompt.startswith(done):
+            raise ValueError(f"template 'tokenizer': the chat template rewrites earlier turns at turn {i}")
+        segs.append(Segment(prompt[len(done):], False))
+        done = prompt
+        if i + 1 < len(turns):
+            msgs.append({"role": ASSISTANT, "content": turns[i + 1].text})
+            full = apply(msgs, False)
+            if not full.startswith(done):
+                raise ValueError(f"template 'tokenizer': the chat template rewrites the prompt at turn {i + 1}")
+            reply = full[len(done):]
+            # Whitespace after the end marker (e.g. "<|im_end|>\n") is layout, not the reply.
+            stripped = reply.rstrip()
+            segs.append(Segment(stripped, True))
+            segs.append(Segment(reply[len(stripped):], False))
+            done = full
+    return segs
+
+
+_RENDERERS = {
+    "plain": _render_plain,
+    "vicuna": _render_vicuna,
+    "llama_2": _render_llama_2,
+    "chatml": _render_chatml,
+    "tokenizer": _render_tokenizer,
+}
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("plain", "plain"),
+    "vicuna_v1": Template("vicuna_v1", "vicuna", VICUNA_SYSTEM),
+    "llava_v1": Template("llava_v1", "vicuna", LLAVA_V1_SYSTEM),
+    "llama_2": Template("llama_2", "llama_2", LLAMA_2_SYSTEM, options={"round_sep": "bos"}),
+    "mistral": Template("mistral", "llama_2", "", options={"round_sep": ""}),
+    "chatml": Template("chatml", "chatml", CHATML_SYSTEM),
+    "tokenizer": Template("tokenizer", "tokenizer", "", add_special_tokens=False),
+}
+
+
+def get_template(name: str, system_prompt: str | None = None) -> Template:
+    """Look up a template by exact name; unknown names list the valid ones."""
+    if name not in TEMPLATES:
+        raise KeyError(f"unknown template {name!r}; valid templates: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name].with_system(system_prompt)
+
+
+# -- Jinja export --------------------------------------------------------------------------------
+
+# Shared Jinja prelude: turns a message's content (string or list of typed items) into text with
+# image placeholders at the front, as LLaVA's data convention does.
+_JINJA_CONTENT = (
+    "{%- macro content(m) -%}"
+    "{%- if m['content'] is string -%}{{ m['content'] }}"
+    "{%- else -%}"
+    "{%- set imgs = m['content'] | selectattr('type', 'equalto', 'image') | list -%}"
+    "{%- set txt = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+    "{%- for _ in imgs -%}<image>{%- endfor -%}{%- if imgs and txt -%}{{ '\\n' }}{%- endif -%}{{ txt }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+
+def _jinja_str(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _jinja(t: Template, tok: Any) -> str:
+    eos, bos = _eos(tok), _bos(tok)
+    sys_default = _jinja_str(t.system)
+    head = (
+        _JINJA_CONTENT
+        + "{%- if messages and messages[0]['role'] == 'system' -%}"
+        + "{%- set sys = content(messages[0]) -%}{%- set msgs = messages[1:] -%}"
+        + "{%- else -%}{%- set sys = " + sys_default + " -%}{%- set msgs = messages -%}{%- endif -%}"
+    )
+    if t.kind == "plain":
+        body = (
+            "{%- for m in msgs -%}"
+            "{%- if m['role'] == 'user' -%}{{ content(m).count('<image>') * '<image>' }}"
+            "{%- else -%}{{ content(m) }}{{ '\\n' }}{%- endif -%}"
+            "{%- endfor -%}"
+        )
+    elif t.kind == "vicuna":
+        body = (
+            "{%- if sys -%}{{ sys }}{{ ' ' }}{%- endif -%}"
+            "{%- for m in msgs -%}"
+            "{%- if m['role'] == 'user' -%}USER: {{ content(m) }} ASSISTANT:"
+            "{%- else -%}{{ ' ' }}{{ content(m) }}" + "{{ " + _jinja_str(eos) + " }}{%- endif -%}"
+            "{%- endfor -%}"
+        )
+    elif t.kind == "llama_2":
+        sep = _jinja_str(bos if t.options.get("round_sep") == "bos" else t.options.get("round_sep", ""))
+        body = (
+            "{%- for m in msgs -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{%- if not loop.first -%}{{ " + sep + " }}{%- endif -%}"
+            "[INST] {% if loop.first and sys %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n{% endif %}{{ content(m) }} [/INST]"
+            "{%- else -%}{{ ' ' }}{{ content(m) }}{{ ' ' }}{{ " + _jinja_str(eos) + " }}{%- endif -%}"
+            "{%- endfor -%}"
+        )
+    elif t.kind == "chatml":
+        body = (
+            "{%- if sys -%}<|im_start|>system{{ '\\n' }}{{ sys }}<|im_end|>{%- endif -%}"
+            "{%- for m in msgs -%}"
+            "{%- if m['role'] == 'user' -%}<|im_start|>user{{ '\\n' }}{{ content(m) }}<|im_end|><|im_start|>assistant{{ '\\n' }}"
+            "{%- else -%}{{ content(m) }}<|im_end|>{%- endif -%}"
+            "{%- endfor -%}"
+        )
+    else:  # pragma: no cover - guarded by the registry
+        raise KeyError(t.kind)
+    # The generation prompt is already part of each user turn's rendering in these formats, so
+    # add_generation_prompt needs no extra text.
+    return head + body

@@ -1,0 +1,30 @@
+"""Rank-aware logging: one logger for the package, quiet on non-zero ranks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def rank() -> int:
+    """Global rank from the launcher's environment (0 when not distributed)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def is_main_process() -> bool:
+    """True on global rank 0."""
+    return rank() == 0
+
+
+def get_logger(name: str = "llava_train") -> logging.Logger:
+    """The package logger; INFO on rank 0, WARNING elsewhere, one handler."""
+    logger = logging.getLogger(name if name.startswith("llava_train") else f"llava_train.{name}")
+    root = logging.getLogger("llava_train")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[llava-train %(asctime)s] %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+        root.propagate = False
+    return logger
