@@ -267,7 +267,7 @@ _JINJA_CONTENT = (
     "{%- else -%}"
     "{%- set imgs = m['content'] | selectattr('type', 'equalto', 'image') | list -%}"
     "{%- set txt = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
-    "{%- for _ in imgs -%}<image>{%- endfor -%}{%- if imgs and txt -%}{{ '\\n' }}{%- endif -%}{{ txt }}"
+    "{%- for _ in imgs -%}<image>{{ '\\n' }}{%- endfor -%}{{ txt }}"
     "{%- endif -%}"
     "{%- endmacro -%}"
 )

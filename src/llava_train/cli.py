@@ -1,0 +1,229 @@
+"""The `llava-train` command: argument parsing only; each subcommand calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from llava_train.config import ConfigError, describe, load_config
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    """Unknown `--key=value` arguments (the wandb sweep agent form) are config overrides too."""
+    bad = [a for a in extra if "=" not in a]
+    if bad:
+        raise ConfigError(f"unrecognised arguments: {' '.join(bad)} (overrides look like key=value)")
+    return extra
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.model_max_length=1024")
+
+
+def _load(args: argparse.Namespace, extra: list[str]):
+    return load_config(args.config, list(args.overrides) + _split_overrides(extra))
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.train import run
+
+    result = run(_load(args, extra))
+    print(f"finished: {result.output_dir} (step {result.global_step})")
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.data.validate import run_validate
+
+    cfg = _load(args, extra)
+    report = run_validate(cfg, report_path=args.report, num_workers=args.workers)
+    return 1 if report["num_bad_rows"] else 0
+
+
+def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.data.validate import run_inspect
+
+    cfg = _load(args, extra)
+    run_inspect(cfg, indices=args.index, jsonl=args.jsonl, source=args.source, color=args.color)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.config is None:
+        width = max(len(k) for k, _, _ in describe())
+        for key, typ, doc in describe():
+            print(f"{key:<{width}}  {typ}\n{'':<{width}}  {doc}" if doc else f"{key:<{width}}  {typ}")
+        print("\ntrain.*: any transformers.TrainingArguments field, passed through untouched.")
+        return 0
+    import yaml
+
+    cfg = _load(args, extra)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.plan import plan
+
+    print(plan(_load(args, extra), num_gpus=args.num_gpus, num_nodes=args.num_nodes))
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.model.lora import merge_lora
+
+    out = merge_lora(args.run_dir, args.out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train import infer
+
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
+               top_p=args.top_p, seed=args.seed)
+    if args.data:
+        if not args.out:
+            raise ConfigError("--data needs --out OUT.jsonl")
+        infer.predict_file(args.model_dir, args.data, args.image_folder, args.out, batch_size=args.batch_size, **gen)
+        print(f"predictions written to {args.out}")
+    else:
+        if args.prompt is None:
+            raise ConfigError("give --prompt (and --image ...) or --data FILE.json")
+        print(infer.predict(args.model_dir, args.image or [], args.prompt, **gen))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train import infer
+
+    out = args.out or str(Path(args.model_dir) / "eval")
+    report = infer.evaluate(args.model_dir, args.data, args.image_folder, out, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens)
+    print(json.dumps(report.get("summary", report), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.demo.run import run_demo
+
+    kwargs = {}
+    if args.pretrain_steps is not None:
+        kwargs["pretrain_steps"] = args.pretrain_steps
+    if args.finetune_steps is not None:
+        kwargs["finetune_steps"] = args.finetune_steps
+    run_demo(args.workdir, **kwargs)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.sweep import run_local_sweep
+
+    launcher = args.launcher.split() if args.launcher else None
+    run_local_sweep(args.sweep, dry_run=args.dry_run, max_runs=args.max_runs, launcher=launcher,
+                    sweep_dir=args.sweep_dir)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.bench import main as bench_main
+
+    return bench_main(args, extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `llava-train` argument parser."""
+    parser = argparse.ArgumentParser(prog="llava-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run one stage from a YAML config")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    data = sub.add_parser("data", help="check and look at training data").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("validate", help="scan every row of every source; exit 1 if any row is bad")
+    _add_config_args(p)
+    p.add_argument("--report", help="where to write the JSON report (default: <output_dir>/data_report.json)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(fn=cmd_data_validate)
+    p = data.add_parser("inspect", help="show rendered samples with trained spans highlighted")
+    _add_config_args(p)
+    p.add_argument("--index", type=int, action="append", help="sample index (repeatable); default: the first")
+    p.add_argument("--source", help="source name (default: the first source)")
+    p.add_argument("--jsonl", help="write input_ids/labels of the samples (all, or --index ones) to this JSONL")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.set_defaults(fn=cmd_data_inspect)
+
+    p = sub.add_parser("config", help="print the config reference, or the resolved config of a file")
+    p.add_argument("config", nargs="?", help="YAML config (omit for the reference of every key)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("plan", help="estimate per-GPU memory for a config")
+    _add_config_args(p)
+    p.add_argument("--num-gpus", type=int, default=None)
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("merge-lora", help="merge a LoRA run into a HF-native model folder")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_merge_lora)
+
+    for name, fn, hlp in (("predict", cmd_predict, "generate answers with a trained model folder"),
+                          ("eval", cmd_eval, "exact/contains-match evaluation on a LLaVA-format file")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("model_dir")
+        p.add_argument("--data", help="LLaVA-format JSON/JSONL")
+        p.add_argument("--image-folder", default=".")
+        p.add_argument("--out")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        if name == "predict":
+            p.add_argument("--image", action="append", help="image file (repeatable)")
+            p.add_argument("--prompt")
+            p.add_argument("--temperature", type=float, default=0.0, help="> 0 samples; 0 is greedy")
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("demo", help="synthetic shapes task through both stages on CPU")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--pretrain-steps", type=int)
+    p.add_argument("--finetune-steps", type=int)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("sweep", help="run a wandb-format sweep YAML locally (grid/random)")
+    p.add_argument("sweep")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--max-runs", type=int)
+    p.add_argument("--sweep-dir", help="folder for trial runs and the summary")
+    p.add_argument("--launcher", help='e.g. "deepspeed --num_gpus 2 --module" (default: python -m)')
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("bench", help="throughput benchmark of the real trainer step")
+    p.add_argument("--preset", default="cpu-tiny")
+    p.add_argument("--modes", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `llava-train` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args.fn(args, extra)
+    except ConfigError as e:
+        print(f"llava-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

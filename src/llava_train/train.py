@@ -1,0 +1,221 @@
+"""Training entry point: `python -m llava_train.train CONFIG.yaml [key=value ...]` (what deepspeed/torchrun launch)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llava_train.config import CONFIG_FILENAME, ConfigError, RunConfig, dump_config, load_config
+from llava_train.utils.logging import get_logger, is_main_process
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: str
+    global_step: int
+    log_history: list[dict[str, Any]]
+
+
+def run(cfg: RunConfig) -> TrainResult:
+    """Run one stage. Reads as the table of contents of a training run."""
+    out = prepare_run_dir(cfg)
+    args = build_training_arguments(cfg)  # before the model: under ZeRO-3 it enables zero.Init
+    model, processor, tokenizer = build_model(cfg)
+    model = apply_adapters(model, cfg)
+    apply_stage_to_model(model, cfg)
+    train_ds, eval_ds = build_data(cfg, processor, tokenizer, model, args)
+    trainer = build_trainer(cfg, args, model, processor, tokenizer, train_ds, eval_ds)
+    resume = resolve_resume(cfg, out)
+    log.info("training: %d samples, resume from %s", len(train_ds), resume or "scratch")
+    result = trainer.train(resume_from_checkpoint=resume)
+    save_final(cfg, trainer, processor)
+    return TrainResult(str(out), int(result.global_step), list(trainer.state.log_history))
+
+
+# -- steps ------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create the run folder and write the resolved config there."""
+    out = Path(cfg.output_dir)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / CONFIG_FILENAME)
+    log.info("run folder %s (stage %s)", out, cfg.stage)
+    return out
+
+
+def build_training_arguments(cfg: RunConfig) -> Any:
+    """TrainingArguments from `train:` untouched, plus what our runs need (distributed set-up, wandb env)."""
+    from transformers import TrainingArguments
+
+    from llava_train.training.callbacks import wandb_env
+    from llava_train.utils.distributed import prepare_distributed
+
+    kwargs = {k: v for k, v in cfg.train.items() if k != "resume_from_checkpoint"}
+    # Our collator consumes dataset columns the model does not take (ids, num_images); keep them.
+    kwargs.setdefault("remove_unused_columns", False)
+    kwargs.setdefault("report_to", [])
+    wandb_env(cfg)
+    kwargs = prepare_distributed(kwargs)
+    try:
+        args = TrainingArguments(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"train: {e}") from e
+    log.info("training arguments ready (world size %d, deepspeed %s)", args.world_size, bool(args.deepspeed))
+    return args
+
+
+def build_model(cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """Model, processor and tokenizer (from the base models, or from `model.init_from`)."""
+    from llava_train.model.builder import load_components
+
+    model, processor, tokenizer = load_components(cfg)
+    log.info("model built: %s params", f"{sum(p.numel() for p in model.parameters()):,}")
+    return model, processor, tokenizer
+
+
+def apply_adapters(model: Any, cfg: RunConfig) -> Any:
+    """LoRA/QLoRA on the language model when enabled."""
+    if not cfg.lora.enabled:
+        return model
+    from llava_train.model.lora import apply_lora
+
+    model = apply_lora(model, cfg)
+    log.info("LoRA applied: r=%d alpha=%d dropout=%g", cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    return model
+
+
+def apply_stage_to_model(model: Any, cfg: RunConfig) -> None:
+    """Freeze/unfreeze module groups for the stage and log the parameter table."""
+    from llava_train.stages import apply_stage
+
+    apply_stage(model, cfg)
+
+
+def build_data(cfg: RunConfig, processor: Any, tokenizer: Any, model: Any, args: Any) -> tuple[Any, Any]:
+    """Training (and optional eval) datasets with exact lengths."""
+    from llava_train.data.dataset import build_dataset
+    from llava_train.data.images import num_image_tokens
+
+    n_img = num_image_tokens(model.config.vision_config, cfg.model.vision_feature_select)
+    image_token_id = model.config.image_token_id
+    common = dict(tokenizer=tokenizer, image_processor=processor.image_processor, num_image_tokens=n_img,
+                  image_token_id=image_token_id, seed=args.data_seed if args.data_seed is not None else args.seed)
+    train_ds = build_dataset(cfg.data, split="train", **common)
+    eval_ds = build_dataset(cfg.data, split="eval", **common) if cfg.data.eval else None
+    log.info("data: %d train samples, %s eval samples, %d tokens per image", len(train_ds),
+             len(eval_ds) if eval_ds is not None else 0, n_img)
+    return train_ds, eval_ds
+
+
+def build_trainer(cfg: RunConfig, args: Any, model: Any, processor: Any, tokenizer: Any, train_ds: Any,
+                  eval_ds: Any) -> Any:
+    """LLaVATrainer with our collator, sampler, lr groups and callbacks."""
+    from llava_train.data.collator import PaddingCollator
+    from llava_train.training.artifacts import CheckpointArtifactsCallback
+    from llava_train.training.callbacks import build_callbacks
+    from llava_train.training.metrics import ThroughputTracker
+    from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
+
+    tracker = ThroughputTracker.for_model(model, args)
+    trainer = LLaVATrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=processor,
+        lr_overrides={"projector": cfg.optim.projector_lr, "vision_tower": cfg.optim.vision_tower_lr},
+        modality_lengths=train_ds.modality_lengths,
+        group_by_modality_length=cfg.data.group_by_modality_length,
+        tracker=tracker,
+        partial_checkpoints=_partial_checkpoints(cfg),
+        frozen_from={"language_model": cfg.model.language_model, "vision_tower": cfg.model.vision_tower,
+                     "init_from": cfg.model.init_from},
+    )
+    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    trainer.add_callback(LrCheckCallback(trainer))
+    trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml))
+    for cb in build_callbacks(cfg, tracker):
+        trainer.add_callback(cb)
+    return trainer
+
+
+def _partial_checkpoints(cfg: RunConfig) -> bool:
+    # Stage 1 trains only the projector: checkpoints hold the trainable weights (tens of MB for 7B),
+    # the frozen rest is rebuilt from the named base models on resume.
+    return cfg.stage == "pretrain" and not cfg.model.train_vision_tower
+
+
+def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
+    """`train.resume_from_checkpoint`: a path, or `auto`/true for the last complete checkpoint (opt-in)."""
+    value = cfg.train.get("resume_from_checkpoint")
+    if value in (None, False, "", "false"):
+        return None
+    if value in (True, "auto", "true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            log.info("resume requested but no checkpoint in %s: starting from scratch", out)
+            return None
+        if not (Path(last) / "trainer_state.json").is_file():
+            raise ConfigError(f"last checkpoint {last} is incomplete (no trainer_state.json)")
+        return last
+    path = Path(str(value))
+    if not path.is_dir():
+        raise ConfigError(f"train.resume_from_checkpoint: no checkpoint folder at {path}")
+    return str(path)
+
+
+def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
+    """The final HF-native folder (+ projector.safetensors, resolved config)."""
+    from llava_train.model.builder import save_projector
+    from llava_train.training.artifacts import PROJECTOR_FILE
+
+    out = Path(cfg.output_dir)
+    model = trainer.model
+    save_projector(model, out / PROJECTOR_FILE)
+    if cfg.lora.enabled:
+        from llava_train.model.lora import save_lora_final
+
+        save_lora_final(trainer, cfg, out)
+    else:
+        trainer.save_model(str(out))
+    if trainer.args.should_save:
+        processor.save_pretrained(str(out))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(out))
+        dump_config(cfg, out / CONFIG_FILENAME)
+    log.info("saved final model to %s", out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llava_train.train CONFIG.yaml [key=value | --key=value ...]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher appends --local_rank=N; the environment already carries it.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main.__doc__)
+        return 0 if argv else 2
+    config_path, overrides = (argv[0], argv[1:]) if not argv[0].startswith("-") and "=" not in argv[0] else (
+        None, argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = load_config(config_path, overrides)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

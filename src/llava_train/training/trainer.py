@@ -1,0 +1,222 @@
+"""LLaVATrainer: HF Trainer with per-module learning rates, LLaVA's grouped sampler and rank-safe vision calls."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from llava_train.data.sampler import ModalityLengthGroupedSampler
+from llava_train.model.freeze import group_of
+from llava_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+# Module group -> optimizer group name. lm_head learns at the language model's rate.
+LR_GROUP = {
+    "vision_tower": "vision_tower",
+    "multi_modal_projector": "projector",
+    "language_model": "language_model",
+    "lm_head": "language_model",
+}
+
+
+class OptimizerGroupError(RuntimeError):
+    """The optimizer does not carry the learning rates the config asked for."""
+
+
+def build_param_groups(model: nn.Module, decay_names: set[str], weight_decay: float, base_lr: float,
+                       lr_overrides: dict[str, float | None]) -> list[dict[str, Any]]:
+    """{decay, no_decay} x {projector, vision_tower, language_model} groups of trainable parameters.
+
+    Each group carries a `name` ("projector/decay", ...) so logging and the start-up check can
+    find it; empty groups are dropped.
+    """
+    buckets: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr_group = LR_GROUP[group_of(name)]
+        kind = "decay" if name in decay_names else "no_decay"
+        buckets.setdefault(f"{lr_group}/{kind}", []).append(param)
+    groups = []
+    for key in sorted(buckets):
+        lr_group, kind = key.split("/")
+        lr = lr_overrides.get(lr_group)
+        groups.append({
+            "name": key,
+            "params": buckets[key],
+            "weight_decay": weight_decay if kind == "decay" else 0.0,
+            "lr": base_lr if lr is None else lr,
+        })
+    return groups
+
+
+def expected_group_lrs(base_lr: float, lr_overrides: dict[str, float | None]) -> dict[str, float]:
+    """The learning rate each optimizer group must carry, by lr-group name."""
+    return {g: (base_lr if lr_overrides.get(g) is None else float(lr_overrides[g]))
+            for g in ("projector", "vision_tower", "language_model")}
+
+
+def verify_group_lrs(optimizer: Any, expected: dict[str, float]) -> list[tuple[str, float]]:
+    """Check every named param group's configured lr; raise OptimizerGroupError on any mismatch.
+
+    Uses `initial_lr` when a scheduler has already scaled `lr` (warmup starts at 0). A DeepSpeed
+    JSON with its own `optimizer` block builds groups without our names: that is an error too,
+    because the per-module learning rates would be silently lost.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        raise OptimizerGroupError("optimizer has no param_groups; cannot verify per-module learning rates")
+    seen = []
+    for g in groups:
+        name = g.get("name")
+        if name is None:
+            raise OptimizerGroupError(
+                "optimizer param group without a name: the optimizer was not built by LLaVATrainer "
+                "(a DeepSpeed JSON `optimizer` block replaces our groups and drops per-module learning rates; "
+                "remove the block and set train.optim / learning rates in the config instead)"
+            )
+        lr = float(g.get("initial_lr", g["lr"]))
+        want = expected[name.split("/")[0]]
+        if not math.isclose(lr, want, rel_tol=1e-6, abs_tol=0.0):
+            raise OptimizerGroupError(f"optimizer group {name} has lr {lr:g}, config asks for {want:g}")
+        seen.append((name, lr))
+    return seen
+
+
+class LLaVATrainer(Trainer):
+    """HF Trainer for LLaVA stages.
+
+    Extra arguments: `lr_overrides` ({"projector": lr, "vision_tower": lr}, None = main lr),
+    `modality_lengths` (signed exact lengths from the dataset) with `group_by_modality_length`,
+    `tracker` (throughput statistics fed with every micro-batch), `partial_checkpoints` (checkpoints
+    hold only the trainable weights; `frozen_from` records where the frozen rest comes from).
+    """
+
+    def __init__(self, *args: Any, lr_overrides: dict[str, float | None] | None = None,
+                 modality_lengths: Sequence[int] | None = None, group_by_modality_length: bool = False,
+                 tracker: Any = None, partial_checkpoints: bool = False, frozen_from: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.partial_checkpoints = partial_checkpoints
+        self.frozen_from = dict(frozen_from or {})
+        self.lr_overrides = dict(lr_overrides or {})
+        self.modality_lengths = list(modality_lengths) if modality_lengths is not None else None
+        self.group_by_modality_length = group_by_modality_length
+        self.tracker = tracker
+        self._text_only_batch = False
+        if self.args.world_size > 1:
+            _install_vision_keepalive(self)
+
+    # -- optimizer ---------------------------------------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Per-module learning rates: projector / vision tower / language model, decay / no decay."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups = build_param_groups(opt_model, decay, self.args.weight_decay, self.args.learning_rate,
+                                        self.lr_overrides)
+            if not groups:
+                raise OptimizerGroupError("no trainable parameters: check the stage and LoRA settings")
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)  # each group carries its own lr
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+            for g in groups:
+                log.info("optimizer group %-26s lr %-9g weight_decay %-6g params %d", g["name"], g["lr"],
+                         g["weight_decay"], sum(p.numel() for p in g["params"]))
+        return self.optimizer
+
+    def expected_lrs(self) -> dict[str, float]:
+        """The lr each optimizer group must have."""
+        return expected_group_lrs(self.args.learning_rate, self.lr_overrides)
+
+    # -- sampler (the one tolerated private hook) --------------------------------------------
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        if self.group_by_modality_length and self.modality_lengths is not None:
+            return ModalityLengthGroupedSampler(
+                self.modality_lengths,
+                per_device_batch=self.args.per_device_train_batch_size,
+                world_size=self.args.world_size,
+                grad_accum=self.args.gradient_accumulation_steps,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints of partial stages hold only what trains; final saves are full HF-native folders."""
+        if _internal_call and self.partial_checkpoints and not self.is_deepspeed_enabled:
+            from llava_train.training.artifacts import save_trainable_checkpoint
+
+            save_trainable_checkpoint(self.model, output_dir or self.args.output_dir, self.frozen_from)
+            if self.args.should_save and self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+            return
+        super().save_model(output_dir, _internal_call)
+
+    # -- step -------------------------------------------------------------------------------
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """Record throughput statistics (no host sync) and mark text-only micro-batches."""
+        if self.tracker is not None:
+            self.tracker.observe(inputs)
+        self._text_only_batch = "pixel_values" not in inputs
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
+    """Keep ranks in step when a micro-batch has no image.
+
+    Under ZeRO-3 every module's parameters are all-gathered when it runs, and under ZeRO-2/DDP the
+    projector's gradients are reduced across ranks; a rank that skipped the vision tower would
+    issue a different sequence of collectives and hang the others. LlavaModel runs, in order:
+    input embeddings -> vision tower + projector (only when pixel_values is given) -> language
+    model. This hook fires right after the input embeddings on a text-only micro-batch and runs one
+    blank image through the same vision tower + projector, adding 0 x its output to the embeddings,
+    so every rank gathers the same parameters in the same order and produces (zero) projector
+    gradients at the same point of the backward pass. The cost is one image per text-only
+    micro-batch, not one per text-only sample as in the original.
+    """
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    llava = base.model
+    vision_cfg = base.config.vision_config
+    size = vision_cfg.image_size
+    size = size if isinstance(size, int) else size[0]
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not (module.training and trainer._text_only_batch):
+            return output
+        blank = torch.zeros(1, vision_cfg.num_channels, size, size, device=output.device,
+                            dtype=next(llava.multi_modal_projector.parameters()).dtype)
+        feats = llava.get_image_features(
+            pixel_values=blank,
+            vision_feature_layer=base.config.vision_feature_layer,
+            vision_feature_select_strategy=base.config.vision_feature_select_strategy,
+        )
+        feats = getattr(feats, "pooler_output", feats)
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat(list(feats), dim=0)
+        return output + 0.0 * feats.sum().to(output.dtype)
+
+    base.get_input_embeddings().register_forward_hook(hook)
+
+
+class LrCheckCallback(TrainerCallback):
+    """At train start, verify the optimizer carries the configured per-module learning rates."""
+
+    def __init__(self, trainer: LLaVATrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        opt = optimizer if optimizer is not None else self.trainer.optimizer
+        seen = verify_group_lrs(opt, self.trainer.expected_lrs())
+        log.info("optimizer learning rates verified: %s", ", ".join(f"{n}={lr:g}" for n, lr in seen))
