@@ -1,0 +1,99 @@
+"""Config system: every shipped YAML parses, overrides (both forms), clear errors, resolved dump."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_train.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    describe,
+    dump_config,
+    from_dict,
+    load_config,
+    parse_override,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in glob.glob(str(REPO / "configs/**/*.yaml"), recursive=True) if "/sweeps/" not in p)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(Path(p).relative_to(REPO)))
+def test_every_shipped_config_parses_and_validates(path: str) -> None:
+    text = Path(path).read_text()
+    assert text.startswith("# "), "each recipe is headed by the command that launches it"
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    if cfg.train.get("deepspeed"):
+        assert (REPO / cfg.train["deepspeed"]).is_file(), cfg.train["deepspeed"]
+
+
+def test_llava_7b_recipes_match_reference() -> None:
+    pre = load_config(REPO / "configs/llava-1.5-7b/pretrain.yaml")
+    ft = load_config(REPO / "configs/llava-1.5-7b/finetune.yaml")
+    lora = load_config(REPO / "configs/llava-1.5-7b/finetune_lora.yaml")
+    assert (pre.stage, pre.data.template, pre.train["learning_rate"]) == ("pretrain", "plain", 1e-3)
+    assert pre.train["per_device_train_batch_size"] * pre.train["gradient_accumulation_steps"] * 8 == 256
+    assert pre.train["deepspeed"].endswith("zero2.json")
+    assert (ft.stage, ft.data.template, ft.train["learning_rate"]) == ("finetune", "vicuna_v1", 2e-5)
+    assert ft.train["per_device_train_batch_size"] * ft.train["gradient_accumulation_steps"] * 8 == 128
+    assert ft.train["deepspeed"].endswith("zero3.json") and ft.data.group_by_modality_length
+    assert ft.model.init_from == pre.train["output_dir"]
+    assert ft.data.image_aspect_ratio == "pad" and ft.data.model_max_length == 2048
+    assert (lora.lora.enabled, lora.lora.r, lora.lora.alpha, lora.lora.dropout) == (True, 128, 256, 0.05)
+    assert (lora.train["learning_rate"], lora.optim.projector_lr) == (2e-4, 2e-5)
+    for c in (pre, ft, lora):
+        assert c.train["warmup_steps"] == 0.03 and c.train["lr_scheduler_type"] == "cosine"
+        assert c.train["weight_decay"] == 0.0 and c.train["bf16"] and c.train["gradient_checkpointing"]
+
+
+def test_overrides_dotted_and_sweep_forms() -> None:
+    cfg = load_config(None, ["train.output_dir=runs/x", "data.model_max_length=1024", "--optim.projector_lr=2e-5",
+                             "--train.learning_rate=1e-3", "data.train=[{path: a.json, image_folder: img}]"])
+    assert cfg.data.model_max_length == 1024
+    assert cfg.optim.projector_lr == 2e-5 and cfg.train["learning_rate"] == 1e-3
+    assert cfg.data.train[0].path == "a.json" and cfg.data.train[0].image_folder == "img"
+    assert parse_override("--a.b=true") == (["a", "b"], True)
+    assert parse_override("x=null") == (["x"], None)
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) data\.max_len; valid keys in data: .*model_max_length"):
+        from_dict({"data": {"max_len": 3}})
+    with pytest.raises(ConfigError, match="valid keys in the top level: .*stage"):
+        from_dict({"stages": "pretrain"})
+
+
+def test_invalid_values_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="stage='align' is not valid; choose one of: pretrain, finetune"):
+        from_dict({"stage": "align"})
+    with pytest.raises(ConfigError, match="data.template='vicuna' is not valid"):
+        from_dict({"data": {"template": "vicuna"}})
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(None, ["data.model_max_length"])
+    with pytest.raises(ConfigError, match="lora.enabled is only valid with stage: finetune"):
+        from_dict({"lora": {"enabled": True}})
+    with pytest.raises(ConfigError, match="train.output_dir is required"):
+        _ = from_dict({}).output_dir
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs/llava-1.5-7b/finetune_lora.yaml", ["data.model_max_length=1024"])
+    path = dump_config(cfg, tmp_path / "run" / "llava_train_config.yaml")
+    again = from_dict(yaml.safe_load(path.read_text()))
+    assert again == cfg and again.data.model_max_length == 1024
+
+
+def test_reference_documents_every_key() -> None:
+    rows = {key: doc for key, _, doc in describe()}
+    for key in ("stage", "model.language_model", "model.vision_feature_select", "data.template",
+                "data.on_bad_sample", "data.train[].image_folder", "optim.projector_lr", "lora.r", "train"):
+        assert rows.get(key), f"{key} has no documentation"
