@@ -74,8 +74,9 @@ class ModelConfig:
     projector: projector type; `mlp2x_gelu` = transformers' LlavaMultiModalProjector.
     vision_feature_layer: hidden layer of the vision tower whose features are projected.
     vision_feature_select: `patch` drops the CLS token (LLaVA-1.5), `cls_patch` keeps it.
-    preset: `tiny` writes a tiny random-init LM (+ trained tokenizer) and vision tower into the
-        `language_model` / `vision_tower` folders when they do not exist yet (tests, demo, bench).
+    preset: `tiny` (Llama-style LM + CLIP) or `tiny_chatml` (Qwen2-style LM + SigLIP) writes a tiny
+        random-init LM (+ trained tokenizer) and vision tower into the `language_model` /
+        `vision_tower` folders when they do not exist yet (tests, demo, bench).
     init_from: start from a previous stage's output folder: a full HF-native LLaVA folder, or a
         stage-1 folder holding `projector.safetensors` (LM and vision tower then come from
         `language_model` / `vision_tower`).
@@ -107,7 +108,7 @@ class ModelConfig:
         _choice("model.attn_implementation", self.attn_implementation,
                 ("sdpa", "eager", "flex_attention", "flash_attention_2"))
         if self.preset is not None:
-            _choice("model.preset", self.preset, ("tiny",))
+            _choice("model.preset", self.preset, ("tiny", "tiny_chatml"))
 
 
 @dataclass
