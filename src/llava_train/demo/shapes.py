@@ -1,0 +1,318 @@
+"""Synthetic shapes data in LLaVA format: PNG images, stage-1 captions, stage-2 Q&A, and a held-out eval split.
+
+Every image holds 1-3 coloured shapes on a 3x3 grid. The eval split uses only colour x shape pairs
+that never appear in training (`HELD_OUT`), so a model that answers them has learned colour and
+shape separately rather than memorised pairs. Everything is drawn from one seeded RNG: the same
+arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+# Saturated, well-separated RGB centres; each drawn shape jitters around its centre so colour is a
+# region of colour space, not one exact value.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("circle", "square", "triangle")
+# Row-major 3x3 grid cells.
+POSITIONS = (
+    "top left",
+    "top center",
+    "top right",
+    "middle left",
+    "center",
+    "middle right",
+    "bottom left",
+    "bottom center",
+    "bottom right",
+)
+SIZES = ("small", "large")
+COUNTS = (1, 2, 3)
+# One held-out shape per colour, two colours per shape: every colour and every shape is still seen
+# in training, only these pairings are new at eval time.
+HELD_OUT: tuple[tuple[str, str], ...] = tuple((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLORS))
+QUESTION_TYPES = ("colour", "shape", "position", "count")
+# Uniform-guess rate per eval question type (one answer drawn from the answer set).
+CHANCE: dict[str, float] = {
+    "colour": 1 / len(COLORS),
+    "shape": 1 / len(SHAPES),
+    "position": 1 / len(POSITIONS),
+    "count": 1 / len(COUNTS),
+}
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+CAPTION_INSTRUCTIONS = (
+    "Describe the image briefly.",
+    "Give a short caption of the image.",
+    "Write a terse but informative summary of the picture.",
+    "Share a concise interpretation of the image provided.",
+    "Provide a brief description of the given image.",
+    "Summarize the visual content of the image.",
+    "Render a clear and concise summary of the photo.",
+)
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "colour": ("What color is the shape?", "What is the color of the object?", "Which color is the shape?"),
+    "shape": ("What shape is shown?", "What is the shape of the object?", "Which shape is in the image?"),
+    "position": (
+        "Where is the shape?",
+        "Where is the object in the image?",
+        "In which part of the image is the shape?",
+    ),
+    "size": ("Is the shape small or large?", "What size is the object?"),
+    "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes in the image."),
+    "describe": ("Describe the image.", "What do you see in the image?", "Describe the shapes in the image."),
+}
+# Text-only rows (as ShareGPT rows in LLaVA's 665K mix): no image key, answers from general knowledge.
+TEXT_ONLY: tuple[tuple[str, str], ...] = (
+    ("How many sides does a triangle have?", "3"),
+    ("How many corners does a square have?", "4"),
+    ("What color do you get when you mix red and yellow?", "orange"),
+    ("What color do you get when you mix blue and yellow?", "green"),
+    ("What color do you get when you mix red and blue?", "purple"),
+    ("Which shape has no corners?", "circle"),
+    ("Which shape has three corners?", "triangle"),
+    ("Which shape has four equal sides?", "square"),
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One drawn shape."""
+
+    color: str
+    shape: str
+    position: str
+    size: str
+
+    def phrase(self) -> str:
+        """`a large red circle at the top left`."""
+        where = "the center" if self.position == "center" else f"the {self.position}"
+        return f"a {self.size} {self.color} {self.shape} at {where}"
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """Paths of a generated demo data set (all JSON files are LLaVA-format lists)."""
+
+    root: Path
+    image_folder: Path
+    pretrain: Path
+    finetune: Path
+    eval: Path
+    meta: Path
+
+
+def caption(items: list[Item]) -> str:
+    """The stage-1 caption: shapes in reading order joined by `and`."""
+    return " and ".join(i.phrase() for i in sorted(items, key=lambda i: POSITIONS.index(i.position)))
+
+
+def describe(items: list[Item]) -> str:
+    """The free-form stage-2 description: `There is a ... .` / `There are 2 shapes: ... .`"""
+    if len(items) == 1:
+        return f"There is {caption(items)}."
+    return f"There are {len(items)} shapes: {caption(items)}."
+
+
+def draw(items: list[Item], image_size: int, rng: random.Random) -> Image.Image:
+    """Render shapes on a light, slightly noisy background (noise keeps the task from being trivially linear)."""
+    base = 235 + rng.randrange(16)
+    img = Image.new("RGB", (image_size, image_size), (base, base, base))
+    px = img.load()
+    for _ in range(image_size * image_size // 8):
+        x, y = rng.randrange(image_size), rng.randrange(image_size)
+        v = base - rng.randrange(20)
+        px[x, y] = (v, v, v)
+    canvas = ImageDraw.Draw(img)
+    cell = image_size / 3
+    for it in items:
+        row, col = divmod(POSITIONS.index(it.position), 3)
+        cx = (col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+        cy = (row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+        r = cell * (0.42 if it.size == "large" else 0.24)
+        fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLORS[it.color])
+        if it.shape == "circle":
+            canvas.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif it.shape == "square":
+            s = r * 0.9
+            canvas.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+        else:
+            canvas.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    return img
+
+
+def _pairs(held_out: bool) -> list[tuple[str, str]]:
+    return [(c, s) for c in COLORS for s in SHAPES if ((c, s) in HELD_OUT) == held_out]
+
+
+def _items(rng: random.Random, count: int, held_out: bool) -> list[Item]:
+    """`count` shapes in distinct cells; with `held_out`, at least the first uses a held-out pair."""
+    cells = rng.sample(POSITIONS, count)
+    items = []
+    for k, pos in enumerate(cells):
+        color, shape = rng.choice(_pairs(held_out and k == 0))
+        items.append(Item(color, shape, pos, rng.choice(SIZES)))
+    return items
+
+
+def _with_image(question: str, rng: random.Random, after_share: float = 0.1) -> str:
+    # As in LLaVA's data, the image tag usually leads the first turn, sometimes trails it.
+    return f"{question}\n<image>" if rng.random() < after_share else f"<image>\n{question}"
+
+
+def _answer(kind: str, items: list[Item]) -> str:
+    first = items[0]
+    return {
+        "colour": first.color,
+        "shape": first.shape,
+        "position": first.position,
+        "size": first.size,
+        "count": str(len(items)),
+        "describe": describe(items),
+    }[kind]
+
+
+def _question(kind: str, rng: random.Random) -> str:
+    q = rng.choice(QUESTIONS[kind])
+    return q if kind == "describe" else f"{q}\n{SHORT_ANSWER}"
+
+
+def _save(img: Image.Image, image_folder: Path, rel: str) -> None:
+    path = image_folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG", optimize=False)
+
+
+def _pretrain_rows(n: int, rng: random.Random, image_folder: Path, image_size: int) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(n):
+        items = _items(rng, rng.choice(COUNTS), held_out=False)
+        rel = f"pretrain/{i:06d}.png"
+        _save(draw(items, image_size, rng), image_folder, rel)
+        human = _with_image(rng.choice(CAPTION_INSTRUCTIONS), rng, after_share=0.5)
+        rows.append(
+            {
+                "id": f"pretrain-{i:06d}",
+                "image": rel,
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption(items)}],
+            }
+        )
+    return rows
+
+
+def _finetune_rows(n: int, rng: random.Random, image_folder: Path, image_size: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    n_text = max(1, n // 40) if n >= 10 else 0
+    for i in range(n - n_text):
+        # Half the images hold one shape: colour/shape/position/size questions need a single subject.
+        count = 1 if rng.random() < 0.5 else rng.choice(COUNTS[1:])
+        items = _items(rng, count, held_out=False)
+        rel = f"finetune/{i:06d}.png"
+        _save(draw(items, image_size, rng), image_folder, rel)
+        kinds = ["colour", "shape", "position", "size", "count", "describe"] if count == 1 else ["count", "describe"]
+        rng.shuffle(kinds)
+        kinds = kinds[: rng.randint(1, min(3, len(kinds)))]
+        conv = []
+        for t, kind in enumerate(kinds):
+            q = _question(kind, rng)
+            conv.append({"from": "human", "value": _with_image(q, rng) if t == 0 else q})
+            conv.append({"from": "gpt", "value": _answer(kind, items)})
+        # `type` scores the last turn (the reference eval uses); `types` lists every turn's type.
+        rows.append(
+            {"id": f"finetune-{i:06d}", "image": rel, "type": kinds[-1], "types": kinds, "conversations": conv}
+        )
+    for j in range(n_text):
+        q, a = TEXT_ONLY[j % len(TEXT_ONLY)]
+        conv = [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        rows.append({"id": f"text-{j:06d}", "type": "text", "types": ["text"], "conversations": conv})
+    rng.shuffle(rows)
+    return rows
+
+
+def _eval_rows(n: int, rng: random.Random, image_folder: Path, image_size: int) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(n):
+        kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        # Counts are balanced in eval so the majority answer is not a shortcut.
+        count = COUNTS[(i // len(QUESTION_TYPES)) % len(COUNTS)] if kind == "count" else 1
+        items = _items(rng, count, held_out=True)
+        rel = f"eval/{i:06d}.png"
+        _save(draw(items, image_size, rng), image_folder, rel)
+        conv = [
+            {"from": "human", "value": _with_image(_question(kind, rng), rng, after_share=0.0)},
+            {"from": "gpt", "value": _answer(kind, items)},
+        ]
+        rows.append({"id": f"eval-{i:06d}", "image": rel, "type": kind, "conversations": conv})
+    return rows
+
+
+def generate(
+    out_dir: str | Path,
+    n_pretrain: int = 2000,
+    n_finetune: int = 3000,
+    n_eval: int = 200,
+    image_size: int = 64,
+    seed: int = 0,
+) -> DemoData:
+    """Write the demo data set under `out_dir` and return its paths.
+
+    Layout: `images/{pretrain,finetune,eval}/NNNNNN.png`, `pretrain.json` (stage-1 captions),
+    `finetune.json` (stage-2 multi-turn Q&A, ~2.5% text-only rows), `eval.json` (single-question,
+    held-out colour x shape pairs, question types cycling colour/shape/position/count) and
+    `meta.json` (vocabulary, held-out pairs, chance rate per type, sizes). Each split draws from its
+    own RNG stream, so changing one split's size leaves the others unchanged.
+    """
+    if min(n_pretrain, n_finetune, n_eval) < 0:
+        raise ValueError(f"sample counts must be >= 0, got {n_pretrain}, {n_finetune}, {n_eval}")
+    if image_size < 24:
+        raise ValueError(f"image_size must be >= 24 pixels to draw a 3x3 grid, got {image_size}")
+    root = Path(out_dir)
+    image_folder = root / "images"
+    image_folder.mkdir(parents=True, exist_ok=True)
+    splits = {
+        "pretrain": _pretrain_rows(n_pretrain, random.Random(f"{seed}-pretrain"), image_folder, image_size),
+        "finetune": _finetune_rows(n_finetune, random.Random(f"{seed}-finetune"), image_folder, image_size),
+        "eval": _eval_rows(n_eval, random.Random(f"{seed}-eval"), image_folder, image_size),
+    }
+    for name, rows in splits.items():
+        (root / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    meta = {
+        "seed": seed,
+        "image_size": image_size,
+        "counts": {k: len(v) for k, v in splits.items()},
+        "colors": list(COLORS),
+        "shapes": list(SHAPES),
+        "positions": list(POSITIONS),
+        "sizes": list(SIZES),
+        "held_out_pairs": [list(p) for p in HELD_OUT],
+        "question_types": list(QUESTION_TYPES),
+        "chance": CHANCE,
+    }
+    (root / "meta.json").write_text(json.dumps(meta, indent=1))
+    return DemoData(
+        root, image_folder, root / "pretrain.json", root / "finetune.json", root / "eval.json", root / "meta.json"
+    )
+
+
+def corpus(paths: list[str | Path]) -> list[str]:
+    """Every human/gpt text of the given LLaVA JSON files, `<image>` removed: the tiny tokenizer's training text."""
+    lines: list[str] = []
+    for p in paths:
+        for row in json.loads(Path(p).read_text()):
+            for turn in row["conversations"]:
+                text = turn["value"].replace("<image>", "").strip()
+                lines.extend(line for line in text.split("\n") if line.strip())
+    return lines
