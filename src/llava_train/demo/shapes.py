@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,11 @@ def _question(kind: str, rng: random.Random) -> str:
     return q if kind == "describe" else f"{q}\n{SHORT_ANSWER}"
 
 
+def _objects(items: list[Item]) -> list[dict[str, str]]:
+    # Ground truth per record (ignored by training, which reads only id/image/conversations).
+    return [asdict(i) for i in items]
+
+
 def _save(img: Image.Image, image_folder: Path, rel: str) -> None:
     path = image_folder / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +212,7 @@ def _pretrain_rows(n: int, rng: random.Random, image_folder: Path, image_size: i
             {
                 "id": f"pretrain-{i:06d}",
                 "image": rel,
+                "objects": _objects(items),
                 "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption(items)}],
             }
         )
@@ -232,7 +238,14 @@ def _finetune_rows(n: int, rng: random.Random, image_folder: Path, image_size: i
             conv.append({"from": "gpt", "value": _answer(kind, items)})
         # `type` scores the last turn (the reference eval uses); `types` lists every turn's type.
         rows.append(
-            {"id": f"finetune-{i:06d}", "image": rel, "type": kinds[-1], "types": kinds, "conversations": conv}
+            {
+                "id": f"finetune-{i:06d}",
+                "image": rel,
+                "type": kinds[-1],
+                "types": kinds,
+                "objects": _objects(items),
+                "conversations": conv,
+            }
         )
     for j in range(n_text):
         q, a = TEXT_ONLY[j % len(TEXT_ONLY)]
@@ -255,7 +268,9 @@ def _eval_rows(n: int, rng: random.Random, image_folder: Path, image_size: int) 
             {"from": "human", "value": _with_image(_question(kind, rng), rng, after_share=0.0)},
             {"from": "gpt", "value": _answer(kind, items)},
         ]
-        rows.append({"id": f"eval-{i:06d}", "image": rel, "type": kind, "conversations": conv})
+        rows.append(
+            {"id": f"eval-{i:06d}", "image": rel, "type": kind, "objects": _objects(items), "conversations": conv}
+        )
     return rows
 
 
@@ -272,7 +287,8 @@ def generate(
     Layout: `images/{pretrain,finetune,eval}/NNNNNN.png`, `pretrain.json` (stage-1 captions),
     `finetune.json` (stage-2 multi-turn Q&A, ~2.5% text-only rows), `eval.json` (single-question,
     held-out colour x shape pairs, question types cycling colour/shape/position/count) and
-    `meta.json` (vocabulary, held-out pairs, chance rate per type, sizes). Each split draws from its
+    `meta.json` (vocabulary, held-out pairs, chance rate per type, sizes). Every image row carries
+    its ground truth in `objects` (colour, shape, position, size of each shape). Each split draws from its
     own RNG stream, so changing one split's size leaves the others unchanged.
     """
     if min(n_pretrain, n_finetune, n_eval) < 0:

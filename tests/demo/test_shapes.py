@@ -1,0 +1,166 @@
+"""Tests of the synthetic shapes data generator: format, ground truth, held-out split, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_train.demo import shapes
+from llava_train.demo.shapes import COLORS, HELD_OUT, POSITIONS, SHAPES, Item, caption, corpus, describe, generate
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> shapes.DemoData:
+    return generate(tmp_path_factory.mktemp("shapes"), n_pretrain=40, n_finetune=80, n_eval=24, seed=3)
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+def test_layout_and_counts(data: shapes.DemoData) -> None:
+    assert len(_rows(data.pretrain)) == 40
+    assert len(_rows(data.finetune)) == 80
+    assert len(_rows(data.eval)) == 24
+    meta = json.loads(data.meta.read_text())
+    assert meta["counts"] == {"pretrain": 40, "finetune": 80, "eval": 24}
+    assert meta["held_out_pairs"] == [
+        ["red", "circle"],
+        ["green", "square"],
+        ["blue", "triangle"],
+        ["yellow", "circle"],
+        ["purple", "square"],
+        ["orange", "triangle"],
+    ]
+    assert meta["chance"] == {"colour": 1 / 6, "shape": 1 / 3, "position": 1 / 9, "count": 1 / 3}
+    for split in ("pretrain", "finetune", "eval"):
+        for row in _rows(data.root / f"{split}.json"):
+            if "image" not in row:
+                continue
+            assert row["image"].startswith(f"{split}/")
+            with Image.open(data.image_folder / row["image"]) as img:
+                assert (img.format, img.mode, img.size) == ("PNG", "RGB", (64, 64))
+
+
+def test_phrases() -> None:
+    a = Item("red", "circle", "top left", "large")
+    b = Item("blue", "square", "center", "small")
+    assert a.phrase() == "a large red circle at the top left"
+    assert caption([b, a]) == "a large red circle at the top left and a small blue square at the center"
+    assert describe([a]) == "There is a large red circle at the top left."
+    assert describe([b, a]) == (
+        "There are 2 shapes: a large red circle at the top left and a small blue square at the center."
+    )
+
+
+def test_pretrain_rows_are_captions(data: shapes.DemoData) -> None:
+    afters = 0
+    for row in _rows(data.pretrain):
+        human, gpt = row["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        assert human["value"].count("<image>") == 1
+        assert human["value"].startswith("<image>\n") or human["value"].endswith("\n<image>")
+        afters += human["value"].endswith("\n<image>")
+        assert human["value"].replace("<image>", "").strip() in shapes.CAPTION_INSTRUCTIONS
+        items = [Item(**o) for o in row["objects"]]
+        assert gpt["value"] == caption(items)
+        assert 1 <= len(items) <= 3
+        assert len({i.position for i in items}) == len(items)
+    # Both placements of the image tag occur, as in the 558K captions.
+    assert 0 < afters < 40
+
+
+def test_finetune_rows(data: shapes.DemoData) -> None:
+    rows = _rows(data.finetune)
+    text_only = [r for r in rows if "image" not in r]
+    assert len(text_only) == 2  # 80 // 40
+    for row in text_only:
+        assert row["type"] == "text"
+        assert all("<image>" not in t["value"] for t in row["conversations"])
+    for row in rows:
+        conv = row["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert len(conv) // 2 == len(row["types"])
+        assert row["type"] == row["types"][-1]
+        if "image" not in row:
+            continue
+        items = [Item(**o) for o in row["objects"]]
+        assert sum(t["value"].count("<image>") for t in conv) == 1
+        assert "<image>" in conv[0]["value"]
+        for kind, answer in zip(row["types"], conv[1::2]):
+            expected = {
+                "colour": items[0].color,
+                "shape": items[0].shape,
+                "position": items[0].position,
+                "size": items[0].size,
+                "count": str(len(items)),
+                "describe": describe(items),
+            }[kind]
+            assert answer["value"] == expected
+            if kind in ("colour", "shape", "position", "size"):
+                assert len(items) == 1
+
+
+def test_held_out_pairs_split(data: shapes.DemoData) -> None:
+    for split in (data.pretrain, data.finetune):
+        for row in _rows(split):
+            for o in row.get("objects", []):
+                assert (o["color"], o["shape"]) not in HELD_OUT
+    rows = _rows(data.eval)
+    assert [r["type"] for r in rows[:8]] == ["colour", "shape", "position", "count"] * 2
+    for row in rows:
+        assert (row["objects"][0]["color"], row["objects"][0]["shape"]) in HELD_OUT
+        human, gpt = row["conversations"]
+        assert human["value"].startswith("<image>\n")
+        if row["type"] != "count":
+            assert len(row["objects"]) == 1
+    # Eval counts are balanced 1/2/3.
+    counts = [r["conversations"][1]["value"] for r in rows if r["type"] == "count"]
+    assert counts == ["1", "2", "3", "1", "2", "3"]
+
+
+def test_drawn_colour_at_shape_centre(data: shapes.DemoData) -> None:
+    checked = 0
+    for row in _rows(data.eval):
+        (o,) = row["objects"][:1]
+        if len(row["objects"]) != 1 or o["size"] != "large":
+            continue
+        r, c = divmod(POSITIONS.index(o["position"]), 3)
+        with Image.open(data.image_folder / row["image"]) as img:
+            # The centre jitters by <= 8% of a cell; a large shape covers the cell centre +-4 px.
+            px = img.getpixel((int((c + 0.5) * 64 / 3), int((r + 0.5) * 64 / 3 + 2)))
+        assert all(abs(a - b) <= 15 for a, b in zip(px, COLORS[o["color"]])), (row["id"], px, o)
+        checked += 1
+    assert checked >= 3
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    a = generate(tmp_path / "a", 5, 10, 4, seed=7)
+    b = generate(tmp_path / "b", 5, 10, 4, seed=7)
+    c = generate(tmp_path / "c", 5, 10, 4, seed=8)
+    for name in ("pretrain.json", "finetune.json", "eval.json", "meta.json"):
+        assert (a.root / name).read_bytes() == (b.root / name).read_bytes()
+    assert (a.image_folder / "eval/000003.png").read_bytes() == (b.image_folder / "eval/000003.png").read_bytes()
+    assert a.pretrain.read_text() != c.pretrain.read_text()
+    # Splits draw from independent streams: a bigger eval split leaves the training data unchanged.
+    d = generate(tmp_path / "d", 5, 10, 8, seed=7)
+    assert d.pretrain.read_bytes() == a.pretrain.read_bytes()
+    assert d.finetune.read_bytes() == a.finetune.read_bytes()
+
+
+def test_corpus(data: shapes.DemoData) -> None:
+    lines = corpus([data.pretrain, data.finetune])
+    assert all("<image>" not in line and line.strip() for line in lines)
+    assert shapes.SHORT_ANSWER in lines
+    assert caption([Item(**o) for o in _rows(data.pretrain)[0]["objects"]]) in lines
+
+
+def test_generate_rejects_bad_sizes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"sample counts must be >= 0, got 1, -1, 1"):
+        generate(tmp_path, 1, -1, 1)
+    with pytest.raises(ValueError, match="image_size must be >= 24 pixels to draw a 3x3 grid, got 16"):
+        generate(tmp_path, 1, 1, 1, image_size=16)
+    assert SHAPES == ("circle", "square", "triangle")
