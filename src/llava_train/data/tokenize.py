@@ -1,10 +1,31 @@
-"""Conversation + template + tokenizer -> input_ids and exact labels (one whole-string tokenization)."""
+"""Conversation + template + tokenizer -> input_ids and exact labels (one whole-string tokenization).
+
+THE RULE. A conversation is normalised (`normalize_conversation`), rendered by its template into
+ordered segments marked trained or not, and the whole rendered prompt is tokenized ONCE with
+`return_offsets_mapping=True` and `add_special_tokens=template.add_special_tokens` (the call the
+processor makes at inference, so training and inference ids are identical). Each token takes the
+trained flag of the segment holding its first non-whitespace character; whitespace-only or
+zero-width tokens (an added BOS) take the flag of the segment of their first character. A token
+whose non-whitespace characters lie in both a trained and an untrained segment is an error
+(`straddling_token`, naming the template, row and character position). Labels are the ids of
+trained tokens and -100 elsewhere; then every image token expands to exactly `num_image_tokens`
+copies (labels -100). No length arithmetic and no re-tokenised substrings.
+
+`check_template_consistency` additionally compares segment-by-segment tokenization with the
+whole-string one once per (template, tokenizer): a difference is logged as a warning (labels come
+from the whole string); it is an error only when it would change the trained tokens.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
+from llava_train.data.templates import ASSISTANT, IMAGE_PLACEHOLDER, USER, Segment, Template, Turn
+
 IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str, image_token: str = "<image>") -> Any:
@@ -27,3 +48,294 @@ def load_tokenizer(path: str, image_token: str = "<image>") -> Any:
         else:
             raise ValueError(f"tokenizer {path} has no pad, unk or eos token to pad with")
     return tokenizer
+
+
+# -- bad samples -------------------------------------------------------------------------------
+
+BAD_REASONS: dict[str, str] = {
+    "missing_image": "an image file does not exist",
+    "corrupt_image": "an image file cannot be decoded",
+    "image_count_mismatch": "number of <image> tags differs from the number of images",
+    "image_in_assistant_turn": "an assistant turn holds an <image> tag",
+    "bad_roles": "roles are unknown or do not alternate user/assistant",
+    "empty_conversation": "the conversation has no turns",
+    "empty_reply": "an assistant reply is empty",
+    "too_long": "longer than model_max_length and truncation would cut an image or leave no trained token",
+    "no_trained_tokens": "no token of the sample is trained",
+    "malformed_json": "the row is not valid JSON or not a LLaVA record",
+    "image_path_escapes": "an image path is absolute or leaves image_folder",
+    "straddling_token": "a token spans a trained and an untrained part of the prompt",
+}
+
+
+class BadSample(ValueError):
+    """A row that cannot become a training sample; `reason` is a key of BAD_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in BAD_REASONS:
+            raise KeyError(f"unknown bad-sample reason {reason!r}; valid reasons: {', '.join(BAD_REASONS)}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class BadSampleError(ValueError):
+    """A bad row met with `on_bad_sample: error`: the message names the source, row, id and reason."""
+
+    def __init__(self, source: str, row: int, sample_id: Any, reason: str, detail: str) -> None:
+        super().__init__(f"bad sample in {source} row {row} (id {sample_id!r}): {reason}: {detail}")
+        self.source, self.row, self.sample_id, self.reason, self.detail = source, row, sample_id, reason, detail
+
+
+# -- conversations -----------------------------------------------------------------------------
+
+_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
+
+
+def normalize_conversation(conversations: Any, image_token: str = IMAGE_PLACEHOLDER) -> list[Turn]:
+    """LLaVA records (`[{"from": "human"|"gpt", "value": ...}]`) -> alternating user/assistant turns.
+
+    Conventions of the original: roles human/gpt (user/assistant also accepted, as `from` or
+    `role`, text as `value` or `content`); one leading gpt turn is dropped; roles must alternate
+    and the conversation must end with a reply. Every `<image>` of a user turn moves to the front:
+    the turn becomes `("<image>\\n" * k + text_without_tags.strip()).strip()`, which for k=1 is the
+    original's `"<image>\\n" + text` and puts one `<image>\\n` per image as llava-hf's chat template
+    does. Raises BadSample (bad_roles, empty_conversation, empty_reply, image_in_assistant_turn,
+    malformed_json).
+    """
+    if not isinstance(conversations, list):
+        raise BadSample("malformed_json", f"`conversations` must be a list, got {type(conversations).__name__}")
+    raw: list[tuple[str, str]] = []
+    for i, msg in enumerate(conversations):
+        if not isinstance(msg, dict):
+            raise BadSample("malformed_json", f"turn {i} is not an object")
+        role = msg.get("from", msg.get("role"))
+        text = msg.get("value", msg.get("content"))
+        if role not in _ROLES:
+            raise BadSample("bad_roles", f"turn {i} has unknown role {role!r}; valid roles: {', '.join(_ROLES)}")
+        if not isinstance(text, str):
+            raise BadSample("malformed_json", f"turn {i} text must be a string, got {type(text).__name__}")
+        raw.append((_ROLES[role], text))
+    if raw and raw[0][0] == ASSISTANT:
+        raw = raw[1:]
+    if not raw:
+        raise BadSample("empty_conversation", "the conversation has no user/assistant turns")
+    turns: list[Turn] = []
+    for i, (role, text) in enumerate(raw):
+        expected = USER if i % 2 == 0 else ASSISTANT
+        if role != expected:
+            raise BadSample("bad_roles", f"turn {i} is {role}, expected {expected} (roles must alternate)")
+        if role == ASSISTANT:
+            if image_token in text:
+                raise BadSample("image_in_assistant_turn", f"assistant turn {i} holds {image_token}")
+            if not text.strip():
+                raise BadSample("empty_reply", f"assistant turn {i} is empty")
+        else:
+            k = text.count(image_token)
+            if k:
+                text = ((image_token + "\n") * k + text.replace(image_token, "").strip()).strip()
+        turns.append(Turn(role, text))
+    if turns[-1].role != ASSISTANT:
+        raise BadSample("bad_roles", "the conversation ends with a user turn (no reply to train on)")
+    return turns
+
+
+# -- tokenization ------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedSample:
+    """A tokenized training sample (image blocks expanded); labels are IGNORE_INDEX where untrained.
+
+    truncated: the sample was cut at model_max_length (only text after the last image was cut).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+    truncated: bool = False
+
+
+def _segment_of_chars(segments: list[Segment]) -> tuple[list[int], list[bool]]:
+    """Per character of the prompt: the index of its segment; and each segment's trained flag."""
+    owner: list[int] = []
+    for k, seg in enumerate(segments):
+        owner.extend([k] * len(seg.text))
+    return owner, [s.trained for s in segments]
+
+
+def label_tokens(
+    prompt: str,
+    segments: list[Segment],
+    offsets: list[tuple[int, int]],
+    template_name: str = "",
+    row: Any = None,
+) -> list[bool]:
+    """The trained flag of each token from its character offsets (THE RULE, see the module docstring).
+
+    A token takes the flag of the segment holding its first non-whitespace character; a token with
+    no non-whitespace character (or zero width, e.g. an added BOS) takes the flag of the segment of
+    its first character (untrained when it lies past the end). A token whose non-whitespace
+    characters lie in a trained and an untrained segment raises BadSample(straddling_token).
+    """
+    owner, trained = _segment_of_chars(segments)
+    n = len(prompt)
+    flags: list[bool] = []
+    for t, (start, end) in enumerate(offsets):
+        if start >= n:
+            flags.append(False)
+            continue
+        chars = [c for c in range(start, min(end, n)) if not prompt[c].isspace()]
+        if not chars:
+            flags.append(trained[owner[start]])
+            continue
+        kinds = {trained[owner[c]] for c in chars}
+        if len(kinds) > 1:
+            raise BadSample(
+                "straddling_token",
+                f"template {template_name!r}, row {row}: token {t} covers characters {start}..{end} "
+                f"({prompt[start:end]!r}) of a trained and an untrained segment (first at char {chars[0]})",
+            )
+        flags.append(trained[owner[chars[0]]])
+    return flags
+
+
+def tokenize_conversation(
+    turns: list[Turn],
+    template: Template,
+    tokenizer: Any,
+    image_token_id: int,
+    num_image_tokens: int,
+    num_images: int | None = None,
+    max_length: int | None = None,
+    row: Any = None,
+) -> TokenizedSample:
+    """Render, tokenize once as a whole string, label by character offsets, expand image blocks.
+
+    `num_images` (the record's image count) must equal the number of `<image>` tokens in the ids
+    (image_count_mismatch otherwise; None skips the check). Over `max_length` the sample is cut at
+    the end when that cuts no image block and keeps a trained token (`truncated=True`), otherwise
+    BadSample(too_long). A sample with no trained token is BadSample(no_trained_tokens).
+    """
+    segments = template.render(turns, tokenizer)
+    prompt = "".join(s.text for s in segments)
+    enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=template.add_special_tokens)
+    ids: list[int] = list(enc["input_ids"])
+    flags = label_tokens(prompt, segments, [tuple(o) for o in enc["offset_mapping"]], template.name, row)
+    found = ids.count(image_token_id)
+    if num_images is not None and found != num_images:
+        raise BadSample("image_count_mismatch", f"{found} <image> tag(s) in the text but {num_images} image(s)")
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for tok_id, trained in zip(ids, flags):
+        if tok_id == image_token_id:
+            input_ids.extend([image_token_id] * num_image_tokens)
+            labels.extend([IGNORE_INDEX] * num_image_tokens)
+        else:
+            input_ids.append(tok_id)
+            labels.append(tok_id if trained else IGNORE_INDEX)
+    if all(label == IGNORE_INDEX for label in labels):
+        raise BadSample("no_trained_tokens", "no token of the rendered prompt is trained")
+    truncated = False
+    if max_length is not None and len(input_ids) > max_length:
+        last_image_end = max((i + 1 for i, t in enumerate(input_ids) if t == image_token_id), default=0)
+        if last_image_end > max_length:
+            raise BadSample("too_long", f"{len(input_ids)} tokens > {max_length} and the cut would fall in an image")
+        if all(label == IGNORE_INDEX for label in labels[:max_length]):
+            raise BadSample("too_long", f"{len(input_ids)} tokens > {max_length} and the cut leaves no trained token")
+        input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], True
+    return TokenizedSample(input_ids, labels, found, truncated)
+
+
+def trained_spans(labels: list[int]) -> list[list[int]]:
+    """The ids of each maximal run of trained labels (decode them to check what a sample trains on)."""
+    spans: list[list[int]] = []
+    current: list[int] = []
+    for label in labels:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    return spans
+
+
+def check_trained_text(sample: TokenizedSample, segments: list[Segment], tokenizer: Any) -> None:
+    """Assert that the trained spans decode back to the trained segments (replies + end markers).
+
+    Compared modulo surrounding whitespace: SentencePiece decoding drops the leading space of a
+    span's first piece. Raises ValueError naming the first span that differs.
+    """
+    want = [s.text.strip() for s in segments if s.trained]
+    got = [tokenizer.decode(span, skip_special_tokens=False).strip() for span in trained_spans(sample.labels)]
+    if got != want:
+        for k, (g, w) in enumerate(zip(got, want)):
+            if g != w:
+                raise ValueError(f"trained span {k} decodes to {g!r}, expected {w!r}")
+        raise ValueError(f"{len(got)} trained spans decoded, expected {len(want)}: {got!r} vs {want!r}")
+
+
+# -- template / tokenizer consistency ------------------------------------------------------------
+
+PROBE_CONVERSATION = (
+    Turn(USER, "<image>\nWhat is in the image?"),
+    Turn(ASSISTANT, "A red car near the house."),
+    Turn(USER, "How many people are there?"),
+    Turn(ASSISTANT, "There are 2 people."),
+)
+
+
+@dataclass
+class ConsistencyReport:
+    """Result of `check_template_consistency`.
+
+    consistent: segment-by-segment tokenization gave exactly the whole-string ids.
+    first_diff: first differing token position (None when consistent).
+    detail: human-readable description of the difference.
+    """
+
+    template: str
+    consistent: bool
+    first_diff: int | None
+    detail: str
+
+
+def check_template_consistency(
+    template: Template, tokenizer: Any, turns: list[Turn] | None = None
+) -> ConsistencyReport:
+    """Compare turn-wise (segment by segment) tokenization with the whole-string tokenization.
+
+    Labels always come from the whole-string tokenization (the ids the processor produces at
+    inference), so an id difference is only a WARNING (logged, with the first differing position):
+    e.g. SentencePiece's dummy prefix makes every separately tokenized segment start with an extra
+    piece. It is an ERROR (ValueError naming the template and position) when the difference would
+    change what is trained: a token straddles a trained/untrained boundary, or the trained spans of
+    the whole-string labels do not decode to the trained segments.
+    """
+    turns = list(turns if turns is not None else PROBE_CONVERSATION)
+    segments = template.render(turns, tokenizer)
+    prompt = "".join(s.text for s in segments)
+    whole = list(tokenizer(prompt, add_special_tokens=template.add_special_tokens)["input_ids"])
+    pieces: list[int] = []
+    for k, seg in enumerate(segments):
+        add = template.add_special_tokens and k == 0
+        pieces.extend(tokenizer(seg.text, add_special_tokens=add)["input_ids"])
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    try:
+        sample = tokenize_conversation(turns, template, tokenizer, image_id, 1, row="probe")
+        check_trained_text(sample, segments, tokenizer)
+    except (BadSample, ValueError) as e:
+        raise ValueError(f"template {template.name!r} cannot label the probe conversation exactly: {e}") from e
+    if whole == pieces:
+        return ConsistencyReport(template.name, True, None, "turn-wise tokenization equals whole-string tokenization")
+    pos = next((i for i, (a, b) in enumerate(zip(whole, pieces)) if a != b), min(len(whole), len(pieces)))
+    near = lambda ids: tokenizer.convert_ids_to_tokens(ids[max(0, pos - 2) : pos + 3])  # noqa: E731
+    detail = (
+        f"template {template.name!r}: turn-wise tokenization differs from whole-string tokenization at token "
+        f"{pos} (whole: {near(whole)}, turn-wise: {near(pieces)}); labels use the whole-string ids, which match "
+        "inference, and the trained spans were verified"
+    )
+    logger.warning(detail)
+    return ConsistencyReport(template.name, False, pos, detail)

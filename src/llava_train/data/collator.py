@@ -1,0 +1,58 @@
+"""Collators: right padding with attention mask and -100 labels, images concatenated (none for text-only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llava_train.data.tokenize import IGNORE_INDEX
+
+
+class PaddingCollator:
+    """Pad a list of dataset items into a batch.
+
+    Output: input_ids LongTensor [B, L] (right-padded with `pad_token_id`), attention_mask [B, L],
+    labels [B, L] (padding = -100), pixel_values [N, 3, H, W] = the batch's images in order (key
+    absent when the batch has none: text-only samples never add a zero image), num_images
+    LongTensor [B], ids list. L is the longest sample, rounded up to `pad_to_multiple_of`.
+    A batch with no trained token raises ValueError naming the sample ids.
+
+    Subclasses (e.g. a packing collator) override `collate_tokens` and keep the image and check logic.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("empty batch")
+        batch = self.collate_tokens(items)
+        if not bool((batch["labels"] != IGNORE_INDEX).any()):
+            ids = [it.get("id") for it in items]
+            raise ValueError(f"batch has no trained token (every label is {IGNORE_INDEX}); sample ids: {ids}")
+        images = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
+        if images:
+            batch["pixel_values"] = torch.cat(images, dim=0)  # [N, 3, H, W]
+        batch["num_images"] = torch.tensor([int(it.get("num_images", 0)) for it in items], dtype=torch.long)
+        batch["ids"] = [it.get("id") for it in items]
+        return batch
+
+    def padded_length(self, longest: int) -> int:
+        """`longest` rounded up to a multiple of `pad_to_multiple_of`."""
+        m = self.pad_to_multiple_of
+        return longest if not m else -(-longest // m) * m
+
+    def collate_tokens(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """input_ids / attention_mask / labels, right-padded to a common length."""
+        length = self.padded_length(max(len(it["input_ids"]) for it in items))
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)  # [B, L]
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)  # [B, L]
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[b, :n] = torch.as_tensor(it["input_ids"], dtype=torch.long)
+            labels[b, :n] = torch.as_tensor(it["labels"], dtype=torch.long)
+            attention_mask[b, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
