@@ -1,0 +1,151 @@
+"""Module groups of LlavaForConditionalGeneration, setting what trains, and the trainable/frozen parameter table."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# Group -> exact name prefix in transformers' LlavaForConditionalGeneration (v5 layout).
+MODULE_GROUPS: dict[str, str] = {
+    "vision_tower": "model.vision_tower.",
+    "multi_modal_projector": "model.multi_modal_projector.",
+    "language_model": "model.language_model.",
+    "lm_head": "lm_head.",
+}
+# Prefixes that wrappers put in front of the model's own names (peft, DDP/DeepSpeed engines).
+_WRAPPER_PREFIXES = ("module.", "base_model.model.")
+_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+_VISION_STEM = re.compile(r"(?:^|\.)(?:embeddings|pre_layrnorm)\.")
+
+
+def strip_wrappers(name: str) -> str:
+    """A parameter name without peft's `base_model.model.` or an engine's `module.` prefix."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
+
+
+def group_of(param_name: str) -> str:
+    """The module group of a parameter name (plain, peft-wrapped or engine-wrapped); unknown names raise KeyError."""
+    name = strip_wrappers(param_name)
+    for group, prefix in MODULE_GROUPS.items():
+        if name.startswith(prefix):
+            return group
+    raise KeyError(
+        f"parameter {param_name!r} is in no module group; groups and their prefixes: "
+        + ", ".join(f"{g}={p}" for g, p in MODULE_GROUPS.items())
+    )
+
+
+def _check_groups(groups: list[str] | tuple[str, ...] | set[str]) -> None:
+    unknown = sorted(set(groups) - set(MODULE_GROUPS))
+    if unknown:
+        raise KeyError(f"unknown module group(s) {', '.join(unknown)}; valid groups: {', '.join(MODULE_GROUPS)}")
+
+
+def is_peft_model(model: Any) -> bool:
+    """True when LoRA adapters have been added (any parameter named `lora_`)."""
+    return any(".lora_" in n for n, _ in model.named_parameters())
+
+
+def last_used_vision_layer(model: Any) -> int:
+    """Index of the deepest vision encoder layer whose output reaches the projector (vision_feature_layer)."""
+    config = getattr(model, "config", None)
+    vision = config.vision_config
+    n_layers = int(vision.num_hidden_layers)
+    feature_layer = config.vision_feature_layer
+    layers = feature_layer if isinstance(feature_layer, list) else [feature_layer]
+    # hidden_states[0] is the embedding output and hidden_states[k] the output of layer k - 1.
+    return max((k if k >= 0 else n_layers + 1 + k) - 1 for k in layers)
+
+
+def vision_param_trainable(within_tower: str, from_layer: int, last_layer: int) -> bool:
+    """Whether a vision-tower parameter trains when the tower trains from `from_layer` on.
+
+    Encoder layers from_layer..last_layer train; the patch embedding and pre-layernorm only with
+    from_layer == 0. Layers after the feature layer, the post-layernorm and SigLIP's pooling head
+    never reach the projector, so they stay frozen (they would get no gradient).
+    """
+    match = _LAYER.search(within_tower)
+    if match:
+        return from_layer <= int(match.group(1)) <= last_layer
+    return from_layer == 0 and bool(_VISION_STEM.search(within_tower))
+
+
+def set_trainable(model: Any, groups: list[str] | tuple[str, ...], vision_from_layer: int | None = None) -> None:
+    """Train exactly the parameters of `groups`; freeze everything else.
+
+    vision_from_layer: with `vision_tower` in groups, train only from that encoder layer on (see
+    `vision_param_trainable`); None trains the whole tower up to the feature layer. With LoRA applied,
+    `language_model` means its adapters only (base weights stay frozen) and peft's frozen copies
+    (`original_module`) stay frozen.
+    """
+    _check_groups(groups)
+    lora = is_peft_model(model)
+    last_layer = last_used_vision_layer(_unwrapped(model)) if "vision_tower" in groups else -1
+    from_layer = vision_from_layer or 0
+    if "vision_tower" in groups and not 0 <= from_layer <= last_layer:
+        raise ValueError(
+            f"vision_tower_train_from_layer={from_layer} is outside the layers feeding the projector (0..{last_layer})"
+        )
+    for name, param in model.named_parameters():
+        group = group_of(name)
+        plain = strip_wrappers(name)
+        train = group in groups and ".original_module." not in plain
+        if train and group == "language_model" and lora:
+            train = ".lora_" in plain
+        if train and group == "vision_tower":
+            train = vision_param_trainable(plain[len(MODULE_GROUPS["vision_tower"]) :], from_layer, last_layer)
+        param.requires_grad_(train)
+
+
+def _unwrapped(model: Any) -> Any:
+    # peft's PeftModel keeps the LLaVA model (and its config) at base_model.model.
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None)
+    if inner is not None and hasattr(inner, "config") and hasattr(inner.config, "vision_config"):
+        return inner
+    return model
+
+
+def _numel(param: Any) -> int:
+    # Under ZeRO-3 `numel()` is the local shard's size; ds_numel is the full parameter's.
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def parameter_table(model: Any) -> list[dict[str, Any]]:
+    """One row per module group (in MODULE_GROUPS order) plus `total`: group, trainable and frozen parameter counts.
+
+    Tied parameters are counted once (under the group that owns them first in `named_parameters`).
+    """
+    rows = {g: {"group": g, "trainable": 0, "frozen": 0} for g in MODULE_GROUPS}
+    for name, param in model.named_parameters():
+        rows[group_of(name)]["trainable" if param.requires_grad else "frozen"] += _numel(param)
+    table = list(rows.values())
+    table.append(
+        {"group": "total", "trainable": sum(r["trainable"] for r in table), "frozen": sum(r["frozen"] for r in table)}
+    )
+    return table
+
+
+def trainable_names(model: Any, group: str | None = None) -> list[str]:
+    """Names (wrappers stripped) of the parameters that train, optionally of one group only, in model order."""
+    if group is not None:
+        _check_groups([group])
+    return [
+        strip_wrappers(n)
+        for n, p in model.named_parameters()
+        if p.requires_grad and (group is None or group_of(n) == group)
+    ]
+
+
+def format_parameter_table(table: list[dict[str, Any]]) -> str:
+    """The table as aligned text: `group  trainable  frozen` with thousands separators."""
+    lines = [f"{'module group':<24}{'trainable':>16}{'frozen':>16}"]
+    for row in table:
+        lines.append(f"{row['group']:<24}{row['trainable']:>16,}{row['frozen']:>16,}")
+    return "\n".join(lines)
