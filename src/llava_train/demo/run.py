@@ -1,0 +1,318 @@
+"""`llava-train demo`: generate shapes data, build tiny models, validate, train both stages, evaluate, report.
+
+Every step uses the same library code and config format as a real recipe (`configs/demo/*.yaml`);
+only the paths are moved under the work dir and the step counts may be overridden.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from llava_train import infer
+from llava_train.config import RunConfig, apply_overrides, from_dict, load_yaml
+from llava_train.demo import shapes
+from llava_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
+TABLE_MD, TABLE_JSON, LOSS_PNG, SUMMARY_JSON = (
+    "eval_table.md",
+    "eval_table.json",
+    "loss_curve.png",
+    "demo_summary.json",
+)
+# The eval rows the demo reports on, in table order.
+EVAL_TYPES = shapes.QUESTION_TYPES
+
+
+@dataclass
+class DemoSize:
+    """Sizes of the demo's data and tiny models (defaults: tuned to finish in minutes on 2 CPU cores).
+
+    n_pretrain, n_finetune, n_eval: rows of each generated split.
+    image_size, patch_size: vision input (64 px / 8 = 64 image tokens per image).
+    lm_hidden, lm_layers, lm_heads: tiny Llama-style language model.
+    vision_hidden, vision_layers: tiny CLIP vision tower.
+    vocab_size: target size of the tokenizer trained on the demo text.
+    """
+
+    n_pretrain: int = 2000
+    n_finetune: int = 3000
+    n_eval: int = 200
+    image_size: int = 64
+    patch_size: int = 8
+    lm_hidden: int = 128
+    lm_layers: int = 2
+    lm_heads: int = 4
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vocab_size: int = 512
+
+
+@dataclass
+class DemoResult:
+    """What a demo run produced: the final model folder, the eval table and where the artifacts are."""
+
+    workdir: Path
+    model_dir: Path
+    table: dict[str, Any]
+    loss_png: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def stage_config(
+    stage: str, workdir: Path, steps: int | None = None, init_from: str | None = "stage1", overrides: list[str] = ()
+) -> RunConfig:
+    """The demo YAML for `stage` (`pretrain` / `finetune`) with every path moved under `workdir`.
+
+    `init_from` names the work-dir folder stage 2 starts from (None: straight from the base models).
+    """
+    data = load_yaml(CONFIG_DIR / f"{stage}.yaml")
+    w = workdir
+    split = "pretrain" if stage == "pretrain" else "finetune"
+    data["model"]["language_model"] = str(w / "models" / "lm")
+    data["model"]["vision_tower"] = str(w / "models" / "vision")
+    data["data"]["train"] = [{"path": str(w / "data" / f"{split}.json"), "image_folder": str(w / "data" / "images")}]
+    data["train"]["output_dir"] = str(w / ("stage1" if stage == "pretrain" else "model"))
+    if stage == "finetune":
+        data["model"]["init_from"] = str(w / init_from) if init_from else None
+    if steps is not None:
+        data["train"]["max_steps"] = steps
+    apply_overrides(data, list(overrides))
+    return from_dict(data)
+
+
+def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
+    t0 = time.perf_counter()
+    out = fn()
+    timings[name] = round(time.perf_counter() - t0, 1)
+    log.info("demo: %s done in %.1f s", name, timings[name])
+    return out
+
+
+def _tokenizer_corpus(data: shapes.DemoData) -> list[str]:
+    from llava_train.data.templates import TEMPLATES
+
+    # The tokenizer must see the template's fixed strings too, or the vicuna system prompt costs ~150
+    # byte-fallback tokens per sample.
+    fixed = [TEMPLATES["vicuna_v1"].system, "USER: ASSISTANT:"]
+    return fixed * 20 + shapes.corpus([data.pretrain, data.finetune])
+
+
+def build_models(workdir: Path, data: shapes.DemoData, size: DemoSize, seed: int = 0) -> tuple[str, str]:
+    """Write the tiny LM (tokenizer trained on the demo text) and the tiny CLIP tower; returns their folders."""
+    from llava_train.model.tiny import write_tiny_language_model, write_tiny_vision_tower
+
+    lm, vision = workdir / "models" / "lm", workdir / "models" / "vision"
+    for folder in (lm, vision):
+        # Rewritten every run: the tokenizer depends on the generated text.
+        shutil.rmtree(folder, ignore_errors=True)
+    write_tiny_language_model(
+        lm,
+        corpus=_tokenizer_corpus(data),
+        hidden_size=size.lm_hidden,
+        layers=size.lm_layers,
+        heads=size.lm_heads,
+        seed=seed,
+    )
+    write_tiny_vision_tower(
+        vision,
+        kind="clip",
+        image_size=size.image_size,
+        patch_size=size.patch_size,
+        hidden_size=size.vision_hidden,
+        layers=size.vision_layers,
+        seed=seed,
+    )
+    return str(lm), str(vision)
+
+
+def validate_data(cfg: RunConfig, report_path: Path) -> dict[str, Any]:
+    """`llava-train data validate` on the stage's sources; raises if any row is bad."""
+    try:
+        from llava_train.data.validate import run_validate
+    except ImportError:
+        log.warning("demo: llava_train.data.validate is not available yet; skipping data validate")
+        return {}
+    report = run_validate(cfg, report_path=str(report_path), num_workers=1)
+    if report["num_bad_rows"]:
+        raise RuntimeError(f"demo data has {report['num_bad_rows']} bad rows; see {report_path}")
+    return report
+
+
+def save_untrained(cfg: RunConfig, out: Path) -> Path:
+    """The stage-2 model as built before any training, saved HF-native (the "before" row of the table)."""
+    from llava_train.data.templates import get_template
+    from llava_train.model.builder import load_components
+
+    model, processor, tokenizer = load_components(cfg)
+    if not getattr(processor, "chat_template", None):
+        processor.chat_template = get_template(cfg.data.template, cfg.data.system_prompt).chat_template(tokenizer)
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out
+
+
+def evaluate_model(model_dir: Path, data: shapes.DemoData, out_dir: Path, limit: int | None, plain: bool) -> dict:
+    """Greedy eval on the held-out split; a `plain` (stage-1) model writes a caption and stops at the newline."""
+    options = infer.GenerationOptions(max_new_tokens=24 if plain else 8, batch_size=32, stop=["\n"] if plain else [])
+    return infer.evaluate(model_dir, data.eval, data.image_folder, out_dir, options=options, limit=limit)
+
+
+def build_table(reports: dict[str, dict[str, Any]], chance: dict[str, float]) -> dict[str, Any]:
+    """Per question type: chance rate, then exact / contains match after each phase."""
+    rows = {}
+    for qtype in EVAL_TYPES:
+        row: dict[str, Any] = {"chance": chance[qtype]}
+        for phase, report in reports.items():
+            s = report["per_type"].get(qtype)
+            row[phase] = None if s is None else {"exact": s["exact_match"], "contains": s["contains_match"]}
+        rows[qtype] = row
+    return {"phases": list(reports), "rows": rows}
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """Markdown: one row per question type, `exact (contains)` per phase, then the chance rate."""
+    phases = table["phases"]
+    head = "| question type | " + " | ".join(phases) + " | chance |"
+    lines = [head, "| --- |" + " --- |" * (len(phases) + 1)]
+    for qtype, row in table["rows"].items():
+        cells = []
+        for phase in phases:
+            c = row[phase]
+            cells.append("n/a" if c is None else f"{c['exact']:.0%} ({c['contains']:.0%})")
+        lines.append(f"| {qtype} | " + " | ".join(cells) + f" | {row['chance']:.0%} |")
+    lines.append("")
+    lines.append("Cells: exact match (contains match) on the held-out split (unseen colour x shape pairs).")
+    return "\n".join(lines)
+
+
+def plot_losses(histories: dict[str, list[dict[str, Any]]], out: Path) -> Path:
+    """One panel per stage: training loss against optimizer step, from the trainer's log history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
+    for ax, (name, history) in zip(axes[0], histories.items()):
+        points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker=".")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def sample_chat(model_dir: Path, image_size: int, seed: int, out_dir: Path) -> dict[str, str]:
+    """Draw a new held-out image, ask its colour through the exported folder; returns question/answer/truth."""
+    rng = random.Random(f"{seed}-chat")
+    color, shape = rng.choice(shapes.HELD_OUT)
+    item = shapes.Item(color, shape, rng.choice(shapes.POSITIONS), "large")
+    path = out_dir / "chat_image.png"
+    shapes.draw([item], image_size, rng).save(path)
+    question = f"What color is the shape?\n{shapes.SHORT_ANSWER}"
+    answer = infer.predict(model_dir, [path], question, max_new_tokens=8)
+    return {"image": str(path), "question": question, "answer": answer, "truth": color}
+
+
+def run_demo(
+    workdir: str | Path = "runs/demo",
+    pretrain_steps: int | None = None,
+    finetune_steps: int | None = None,
+    size: DemoSize | None = None,
+    seed: int = 0,
+    eval_limit: int | None = None,
+    without_stage1: bool = False,
+    overrides: Sequence[str] = (),
+) -> DemoResult:
+    """Run the whole demo in `workdir` and return the final model folder, eval table and artifact paths.
+
+    Steps: generate data -> tiny tokenizer + models -> data validate -> eval (untrained) -> stage 1
+    -> eval -> stage 2 -> eval -> table, loss curves, a sample chat. `pretrain_steps` /
+    `finetune_steps` override the YAML's `max_steps`; `without_stage1` also trains stage 2 straight
+    from the base models (same steps) to measure what stage 1 buys; `overrides` (`key=value`) apply
+    to both stages' configs (e.g. `train.learning_rate=1e-3`).
+    """
+    from llava_train.train import run as train_run
+
+    size = size or DemoSize()
+    w = Path(workdir).resolve()
+    w.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    data = _timed(
+        timings,
+        "generate data",
+        lambda: shapes.generate(w / "data", size.n_pretrain, size.n_finetune, size.n_eval, size.image_size, seed),
+    )
+    _timed(timings, "tiny tokenizer + models", lambda: build_models(w, data, size, seed))
+    cfg1 = stage_config("pretrain", w, pretrain_steps, overrides=overrides)
+    cfg2 = stage_config("finetune", w, finetune_steps, overrides=overrides)
+    _timed(
+        timings, "data validate", lambda: [validate_data(c, w / f"data_report_{c.stage}.json") for c in (cfg1, cfg2)]
+    )
+
+    reports: dict[str, dict[str, Any]] = {}
+    untrained = _timed(
+        timings,
+        "build untrained",
+        lambda: save_untrained(stage_config("finetune", w, init_from=None), w / "untrained"),
+    )
+    reports["untrained"] = _timed(
+        timings, "eval untrained", lambda: evaluate_model(untrained, data, w / "eval" / "untrained", eval_limit, False)
+    )
+    stage1 = _timed(timings, "stage 1", lambda: train_run(cfg1))
+    reports["after stage 1"] = _timed(
+        timings, "eval stage 1", lambda: evaluate_model(w / "stage1", data, w / "eval" / "stage1", eval_limit, True)
+    )
+    stage2 = _timed(timings, "stage 2", lambda: train_run(cfg2))
+    reports["after stage 2"] = _timed(
+        timings, "eval stage 2", lambda: evaluate_model(w / "model", data, w / "eval" / "stage2", eval_limit, False)
+    )
+    histories = {"stage 1 (pretrain, projector only)": stage1.log_history, "stage 2 (finetune)": stage2.log_history}
+    if without_stage1:
+        cfg_ablation = stage_config("finetune", w, finetune_steps, init_from=None, overrides=overrides)
+        cfg_ablation.train["output_dir"] = str(w / "model_without_stage1")
+        ablation = _timed(timings, "stage 2 without stage 1", lambda: train_run(cfg_ablation))
+        reports["stage 2 without stage 1"] = _timed(
+            timings,
+            "eval without stage 1",
+            lambda: evaluate_model(w / "model_without_stage1", data, w / "eval" / "without_stage1", eval_limit, False),
+        )
+        histories["stage 2 without stage 1"] = ablation.log_history
+
+    chance = json.loads(data.meta.read_text())["chance"]
+    table = build_table(reports, chance)
+    text = format_table(table)
+    (w / TABLE_MD).write_text(text + "\n")
+    (w / TABLE_JSON).write_text(json.dumps(table, indent=2))
+    for name, history in histories.items():
+        slug = name.split(" (")[0].replace(" ", "_")
+        (w / f"log_history_{slug}.json").write_text(json.dumps(history, indent=1))
+    loss_png = plot_losses(histories, w / LOSS_PNG)
+    chat = sample_chat(w / "model", size.image_size, seed, w)
+    timings["total"] = round(time.perf_counter() - start, 1)
+    summary = {"timings_s": timings, "table": table, "chat": chat, "model_dir": str(w / "model")}
+    (w / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+
+    print(text)
+    print(f"\nchat: {chat['question']!r} about {chat['image']} -> {chat['answer']!r} (truth: {chat['truth']})")
+    print(f"loss curves: {loss_png}\nfinal model: {w / 'model'}\ntotal: {timings['total']:.0f} s")
+    return DemoResult(w, w / "model", table, loss_png, timings)

@@ -1,0 +1,138 @@
+"""Tests of the demo runner: config path rewriting, the table, the loss plot, and a shortened end-to-end demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_train.config import load_config
+from llava_train.demo import run as demo
+from llava_train.demo.run import DemoSize, build_table, format_table, run_demo, stage_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_configs_parse() -> None:
+    pre = load_config(REPO / "configs" / "demo" / "pretrain.yaml")
+    fin = load_config(REPO / "configs" / "demo" / "finetune.yaml")
+    assert (pre.stage, pre.data.template, pre.model.preset, pre.model.init_from) == ("pretrain", "plain", "tiny", None)
+    assert (fin.stage, fin.data.template, fin.model.init_from) == ("finetune", "vicuna_v1", "runs/demo/stage1")
+    assert pre.train["use_cpu"] is True and fin.train["save_strategy"] == "no"
+    assert pre.output_dir == "runs/demo/stage1" and fin.output_dir == "runs/demo/model"
+
+
+def test_stage_config_moves_paths(tmp_path: Path) -> None:
+    cfg = stage_config("finetune", tmp_path, steps=7, overrides=["train.learning_rate=1e-4"])
+    assert cfg.model.language_model == str(tmp_path / "models" / "lm")
+    assert cfg.model.vision_tower == str(tmp_path / "models" / "vision")
+    assert cfg.model.init_from == str(tmp_path / "stage1")
+    assert [(s.path, s.image_folder) for s in cfg.data.train] == [
+        (str(tmp_path / "data" / "finetune.json"), str(tmp_path / "data" / "images"))
+    ]
+    assert cfg.output_dir == str(tmp_path / "model")
+    assert cfg.train["max_steps"] == 7 and cfg.train["learning_rate"] == 1e-4
+    assert stage_config("finetune", tmp_path, init_from=None).model.init_from is None
+    pre = stage_config("pretrain", tmp_path)
+    assert pre.output_dir == str(tmp_path / "stage1") and pre.train["max_steps"] == 150
+
+
+def test_table() -> None:
+    def report(colour: float) -> dict:
+        return {"per_type": {"colour": {"exact_match": colour, "contains_match": 1.0}}}
+
+    table = build_table(
+        {"untrained": report(0.0), "after stage 2": report(0.955)},
+        {"colour": 1 / 6, "shape": 1 / 3, "position": 1 / 9, "count": 1 / 3},
+    )
+    assert table["rows"]["colour"] == {
+        "chance": 1 / 6,
+        "untrained": {"exact": 0.0, "contains": 1.0},
+        "after stage 2": {"exact": 0.955, "contains": 1.0},
+    }
+    assert table["rows"]["shape"]["untrained"] is None
+    lines = format_table(table).splitlines()
+    assert lines[0] == "| question type | untrained | after stage 2 | chance |"
+    assert lines[2] == "| colour | 0% (100%) | 96% (100%) | 17% |"
+    assert lines[3] == "| shape | n/a | n/a | 33% |"
+
+
+def test_plot_losses(tmp_path: Path) -> None:
+    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"train_runtime": 1.0}]
+    out = demo.plot_losses({"stage 1": history, "stage 2": history[:1]}, tmp_path / "loss.png")
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (1000, 350)
+
+
+# A process that never imports llava_train: the exported folder must work with plain transformers.
+PLAIN_HF = textwrap.dedent(
+    """
+    import sys
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model_dir, image = sys.argv[1], sys.argv[2]
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[Image.open(image).convert("RGB")], text=[prompt], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert not any(m.startswith("llava_train") for m in sys.modules)
+    print("ANSWER=" + answer.strip())
+    """
+)
+
+
+@pytest.mark.slow
+def test_short_demo_end_to_end(tmp_path: Path) -> None:
+    size = DemoSize(n_pretrain=24, n_finetune=24, n_eval=8)
+    result = run_demo(tmp_path / "demo", pretrain_steps=2, finetune_steps=2, size=size, eval_limit=8)
+    w = result.workdir
+    for name in (
+        "data/pretrain.json",
+        "data/finetune.json",
+        "data/eval.json",
+        "data/meta.json",
+        "eval_table.md",
+        "eval_table.json",
+        "loss_curve.png",
+        "demo_summary.json",
+        "eval/untrained/eval_report.json",
+        "eval/stage1/eval_report.json",
+        "eval/stage2/eval_report.json",
+        "eval/stage2/eval_predictions.jsonl",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/chat_template.jinja",
+        "stage1/config.json",
+    ):
+        assert (w / name).is_file(), name
+    assert result.model_dir == w / "model"
+    table = json.loads((w / "eval_table.json").read_text())
+    assert table["phases"] == ["untrained", "after stage 1", "after stage 2"]
+    assert list(table["rows"]) == ["colour", "shape", "position", "count"]
+    assert table == result.table
+    assert (
+        (w / "eval_table.md").read_text().startswith("| question type | untrained | after stage 1 | after stage 2 |")
+    )
+    summary = json.loads((w / "demo_summary.json").read_text())
+    assert set(summary["timings_s"]) >= {"generate data", "stage 1", "stage 2", "total"}
+    assert summary["chat"]["truth"] in ("red", "green", "blue", "yellow", "purple", "orange")
+    with Image.open(w / "loss_curve.png") as img:
+        assert img.format == "PNG"
+    preds = (w / "eval/stage2/eval_predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 8
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_HF, str(w / "model"), summary["chat"]["image"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ANSWER=" in proc.stdout
