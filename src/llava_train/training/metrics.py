@@ -76,7 +76,7 @@ class ThroughputTracker:
     flops: the FLOP model (None = no MFU).
     peak_flops: dense peak FLOP/s of one GPU (None = no MFU, e.g. on CPU).
     image_token_id: id of the image placeholder in input_ids.
-    clock: seconds (tests pass a fake clock).
+    clock: seconds source, also used by ThroughputCallback (tests pass a fake clock).
     """
 
     def __init__(
@@ -90,14 +90,14 @@ class ThroughputTracker:
         self.flops = flops
         self.peak_flops = peak_flops
         self.image_token_id = image_token_id
-        self._clock = clock
+        self.clock = clock
         self._totals: dict[str, torch.Tensor] | None = None
         self._start: float | None = None
         self._excluded = 0.0
 
     def start(self) -> None:
         """Start the first interval now (otherwise it starts at the first `observe`)."""
-        self._start = self._clock()
+        self._start = self.clock()
         self._excluded = 0.0
 
     def observe(self, batch: Mapping[str, Any]) -> None:
@@ -121,7 +121,7 @@ class ThroughputTracker:
     def flush(self) -> dict[str, float]:
         """Log keys for the interval since the last flush; syncs the device once. {} when nothing was observed."""
         totals, start = self._totals, self._start
-        now = self._clock()
+        now = self.clock()
         self._totals, self._start, self._excluded, excluded = None, now, 0.0, self._excluded
         if totals is None or start is None:
             return {}

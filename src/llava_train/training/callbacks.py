@@ -1,0 +1,407 @@
+"""Run-reporting Trainer callbacks: throughput/MFU + group lr logs, console line, metrics JSONL, loss PNG, wandb."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from llava_train.training.metrics import ThroughputTracker
+from llava_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+METRICS_FILENAME = "metrics.jsonl"
+LOSS_PLOT_FILENAME = "loss.png"
+PredictionsFn = Callable[[Any], list[dict[str, Any]]]
+
+
+def _is_training_log(logs: Mapping[str, Any] | None) -> bool:
+    # Trainer.log also carries eval metrics (eval_*) and the end-of-training summary (train_*).
+    return bool(logs) and "loss" in logs
+
+
+def group_learning_rates(optimizer: Any) -> dict[str, float]:
+    """`lr/<name>` for each distinct optimizer group name ("projector/decay" -> "lr/projector").
+
+    Groups without a `name` key are logged as `lr/group_<index>`.
+    """
+    out: dict[str, float] = {}
+    for i, group in enumerate(getattr(optimizer, "param_groups", None) or []):
+        name = group.get("name")
+        key = f"lr/{name.split('/')[0]}" if name else f"lr/group_{i}"
+        out.setdefault(key, float(group["lr"]))
+    return out
+
+
+def _si(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.1f}"
+
+
+def format_console_line(step: int, logs: Mapping[str, Any]) -> str:
+    """The compact per-N-steps summary; parts whose key is missing (e.g. MFU on CPU) are left out.
+
+    Example: `step 120 | loss 1.234 | 5.1k tok/s | 3.2k trained tok/s | 12.0 img/s | pad 87% | MFU 41.2% | mem 61.3G`
+    """
+    parts = [f"step {step}"]
+    fields = (
+        ("loss", lambda v: f"loss {v:.3f}"),
+        ("grad_norm", lambda v: f"gnorm {v:.3g}"),
+        ("tokens_per_s", lambda v: f"{_si(v)} tok/s"),
+        ("trained_tokens_per_s", lambda v: f"{_si(v)} trained tok/s"),
+        ("images_per_s", lambda v: f"{_si(v)} img/s"),
+        ("padding_efficiency", lambda v: f"pad {100 * v:.0f}%"),
+        ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
+        ("gpu_mem_peak_gb", lambda v: f"mem {v:.1f}G"),
+    )
+    for key, fmt in fields:
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(fmt(float(value)))
+    return " | ".join(parts)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Merges the tracker's interval rates and `lr/<group>` into every training log; prints the console line.
+
+    Must run BEFORE the reporting callbacks (wandb, tensorboard) so they record the merged keys:
+    install it with `attach_callbacks`. Runs on every rank because `tracker.flush()` all-reduces.
+    Evaluation and checkpoint saving time is left out of the rates.
+
+    tracker: the ThroughputTracker the trainer feeds in `training_step`.
+    every: print the console line at most every N optimizer steps (0 = with every training log).
+    """
+
+    def __init__(self, tracker: ThroughputTracker, every: int = 0) -> None:
+        self.tracker = tracker
+        self.every = every
+        self._last_step_end: float | None = None
+        self._last_printed: int | None = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Start the first interval (model building and data loading before this are not counted)."""
+        self.tracker.start()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Remember when the optimizer step ended: eval/save after it is excluded from the rates."""
+        self._last_step_end = self.tracker.clock()
+
+    def _exclude_since_step_end(self) -> None:
+        now = self.tracker.clock()
+        marks = [m for m in (self._last_step_end, self.tracker.interval_start()) if m is not None]
+        if marks:
+            self.tracker.exclude(now - max(marks))
+        self._last_step_end = now
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Leave the evaluation pass out of the throughput interval."""
+        self._exclude_since_step_end()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Leave checkpoint saving out of the throughput interval."""
+        self._exclude_since_step_end()
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add throughput, MFU, memory and per-group lr to the logs (and to state.log_history)."""
+        if logs is None or not _is_training_log(logs):
+            return
+        extra = {**self.tracker.flush(), **group_learning_rates(optimizer)}
+        logs.update(extra)
+        # Trainer.log appended a copy (with "step") to log_history before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+        due = self.every <= 0 or self._last_printed is None or state.global_step - self._last_printed >= self.every
+        if state.is_world_process_zero and due:
+            log.info(format_console_line(state.global_step, logs))
+            self._last_printed = state.global_step
+
+
+def _scalar(value: Any) -> float | int | bool | None:
+    if isinstance(value, (bool, int, float)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return None
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends every logged scalar as one JSON line `{"step": N, key: value, ...}` (rank 0 only).
+
+    Works without wandb; the sweep runner reads the final metric from it. Non-finite values are
+    written as JSON null so the file stays strict JSON.
+
+    path: the JSONL file (the run folder's `metrics.jsonl`).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the scalars of this log call."""
+        if not state.is_world_process_zero or not logs:
+            return
+        record: dict[str, Any] = {"step": state.global_step}
+        for key, value in logs.items():
+            scalar = _scalar(value)
+            if scalar is None:
+                continue
+            record[key] = None if isinstance(scalar, float) and not math.isfinite(scalar) else scalar
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_loss_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Plot train `loss` and `eval_loss` against step from a Trainer log history; None when no loss was logged."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return None
+    # The Figure + Agg canvas API leaves pyplot's global backend and figure registry untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+class LossPlotCallback(TrainerCallback):
+    """Writes the loss-curve PNG (train loss, eval loss if any) at the end of training (rank 0 only).
+
+    path: the PNG file (the run folder's `loss.png`).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Plot from the trainer's log history (which also holds the history of a resumed run)."""
+        if state.is_world_process_zero and write_loss_plot(state.log_history, self.path) is not None:
+            log.info("loss curve written to %s", self.path)
+
+
+def _wandb_enabled(report_to: Any) -> bool:
+    if report_to is None:
+        return False
+    targets = [report_to] if isinstance(report_to, str) else list(report_to)
+    return "wandb" in targets or "all" in targets
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+class WandbExtrasCallback(TrainerCallback):
+    """What HF's WandbCallback does not log: the nested resolved config, name/tags, data report, predictions.
+
+    Install it AFTER HF's WandbCallback (plain `trainer.add_callback` / `callbacks=`), which creates
+    the run in its own `on_train_begin`. All wandb calls happen on rank 0 and only while a run is
+    active. `predictions_fn` runs on EVERY rank (under ZeRO-3 generation needs all ranks; it must
+    then generate with `synced_gpus=True`) and only rank 0 logs its rows.
+
+    config_dict: the resolved RunConfig as a nested dict (`RunConfig.to_dict()`); logged as
+        `wandb.config["llava_train"]`; its `wandb` section supplies the run name and tags.
+    data_report: the data validation summary (logged to the run summary under `data_report/...`
+        and as a `data_report` table).
+    predictions_fn: model -> rows {image (PIL or None), prompt, prediction, reference}; logged as
+        the `eval/predictions` table after each evaluation and at the end of training.
+    """
+
+    def __init__(
+        self,
+        config_dict: dict[str, Any],
+        data_report: dict[str, Any] | None = None,
+        predictions_fn: PredictionsFn | None = None,
+    ) -> None:
+        self.config_dict = config_dict
+        self.data_report = data_report
+        self.predictions_fn = predictions_fn
+        self._done_setup = False
+
+    @staticmethod
+    def _run() -> Any:
+        try:
+            import wandb
+        except ImportError:
+            return None
+        return wandb.run
+
+    def _setup(self, state: TrainerState) -> None:
+        run = self._run() if state.is_world_process_zero else None
+        if self._done_setup or run is None:
+            return
+        run.config.update({"llava_train": self.config_dict}, allow_val_change=True)
+        wb = self.config_dict.get("wandb") or {}
+        if wb.get("name"):
+            run.name = wb["name"]
+        if wb.get("tags"):
+            run.tags = tuple(dict.fromkeys([*(run.tags or ()), *wb["tags"]]))
+        if self.data_report:
+            import wandb
+
+            flat = _flatten(self.data_report)
+            run.summary.update({f"data_report/{k}": v for k, v in flat.items() if _scalar(v) is not None})
+            rows = [[k, json.dumps(v, default=str)] for k, v in flat.items()]
+            table = wandb.Table(columns=["key", "value"], data=rows)
+            run.log({"data_report": table}, commit=False)
+        self._done_setup = True
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Log the nested config, name/tags and data report once HF's WandbCallback has started the run."""
+        self._setup(state)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Retry the set-up if the run started after on_train_begin (e.g. callback order)."""
+        self._setup(state)
+
+    def _log_predictions(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
+        if self.predictions_fn is None or not _wandb_enabled(args.report_to) or model is None:
+            return
+        rows = self.predictions_fn(model)
+        run = self._run() if state.is_world_process_zero else None
+        if run is None or not rows:
+            return
+        import wandb
+
+        columns = ["step", "image", "prompt", "prediction", "reference"]
+        data = [
+            [
+                state.global_step,
+                wandb.Image(r["image"]) if r.get("image") is not None else None,
+                r.get("prompt"),
+                r.get("prediction"),
+                r.get("reference"),
+            ]
+            for r in rows
+        ]
+        run.log({"eval/predictions": wandb.Table(columns=columns, data=data), "train/global_step": state.global_step})
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
+        """Log the sample-predictions table after each evaluation."""
+        self._log_predictions(args, state, model)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
+        """Log the final sample-predictions table."""
+        self._setup(state)
+        self._log_predictions(args, state, model)
+
+
+def wandb_env(cfg: Any) -> dict[str, str]:
+    """Set WANDB_PROJECT / ENTITY / NAME / RUN_GROUP / TAGS from `cfg.wandb` before TrainingArguments exist.
+
+    HF's WandbCallback calls `wandb.init` itself and wandb reads these variables. Variables already
+    set in the environment win (a wandb sweep agent sets its own project). Does nothing unless
+    `train.report_to` includes wandb. Returns the variables it set.
+    """
+    if not _wandb_enabled(cfg.train.get("report_to")):
+        return {}
+    wb = cfg.wandb
+    wanted = {
+        "WANDB_PROJECT": wb.project,
+        "WANDB_ENTITY": wb.entity,
+        "WANDB_NAME": wb.name or Path(cfg.output_dir).name,
+        "WANDB_RUN_GROUP": wb.group,
+        "WANDB_TAGS": ",".join(wb.tags) if wb.tags else None,
+    }
+    set_now = {}
+    for key, value in wanted.items():
+        if value and key not in os.environ:
+            os.environ[key] = str(value)
+            set_now[key] = str(value)
+    return set_now
+
+
+def build_callbacks(
+    cfg: Any,
+    tracker: ThroughputTracker | None,
+    data_report: dict[str, Any] | None = None,
+    predictions_fn: PredictionsFn | None = None,
+) -> list[TrainerCallback]:
+    """The run-reporting callbacks for a RunConfig, in the order `attach_callbacks` expects.
+
+    [ThroughputCallback (if a tracker), MetricsJsonlCallback(<run>/metrics.jsonl),
+    LossPlotCallback(<run>/loss.png), WandbExtrasCallback (if report_to includes wandb)].
+    """
+    out_dir = Path(cfg.output_dir)
+    callbacks: list[TrainerCallback] = []
+    if tracker is not None:
+        callbacks.append(ThroughputCallback(tracker, every=cfg.metrics_every))
+    callbacks.append(MetricsJsonlCallback(out_dir / METRICS_FILENAME))
+    callbacks.append(LossPlotCallback(out_dir / LOSS_PLOT_FILENAME))
+    if _wandb_enabled(cfg.train.get("report_to")):
+        predictions = predictions_fn if cfg.wandb.log_predictions > 0 else None
+        callbacks.append(WandbExtrasCallback(cfg.to_dict(), data_report, predictions))
+    return callbacks
+
+
+def attach_callbacks(trainer: Any, callbacks: list[TrainerCallback]) -> None:
+    """Install callbacks on a Trainer: ThroughputCallback first of all, the others after HF's own.
+
+    HF runs callbacks in list order and puts its reporters (wandb, tensorboard, ...) first; the
+    throughput keys must be merged into the logs dict before those reporters see it.
+    """
+    handler = trainer.callback_handler
+    for cb in callbacks:
+        if isinstance(cb, ThroughputCallback):
+            handler.callbacks.insert(0, cb)
+        else:
+            trainer.add_callback(cb)
