@@ -1,0 +1,166 @@
+"""Distributed helpers: CPU (gloo) DeepSpeed/torchrun set-up before TrainingArguments, and ZeRO-3 gather utilities.
+
+Imports nothing from llava_train. torch, accelerate and deepspeed are imported inside functions so that
+importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+# Variables a launcher (deepspeed, torchrun, accelerate launch, our own single-process set-up) exports.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def has_accelerator() -> bool:
+    """True when torch sees CUDA (or another torch accelerator); False on CPU-only machines."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    accel = getattr(torch, "accelerator", None)
+    return bool(accel is not None and accel.is_available())
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _uses_deepspeed(train_kwargs: Mapping[str, Any]) -> bool:
+    # `accelerate launch --use_deepspeed` exports this even when the run config names no JSON.
+    return bool(train_kwargs.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def prepare_distributed(train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Set up CPU-only distributed runs; call before building TrainingArguments, pass it the returned kwargs.
+
+    On a machine with CUDA (or another accelerator) this returns a copy of `train_kwargs` unchanged:
+    the launchers and accelerate handle everything. Without one:
+
+    - `DS_ACCELERATOR=cpu` is set (unless already set), so DeepSpeed picks its CPU accelerator and gloo.
+    - With a DeepSpeed config and no launcher environment (plain `python -m llava_train.train`), the
+      single-process RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT are exported; otherwise
+      DeepSpeed falls back to MPI discovery and fails wanting mpi4py.
+    - With DeepSpeed, accelerate's `PartialState(backend="gloo")` is created here with
+      `ACCELERATE_USE_DEEPSPEED=true`, and `accelerator_config.use_configured_state=True` is returned.
+      Without it accelerate (1.15) finds no accelerator, leaves the backend unset and counts ONE
+      process: HF fills the "auto" batch sizes for world size 1 (DeepSpeed then asserts on
+      train_batch_size) or, with no train_batch_size in the JSON, every rank trains on the same batches.
+    - `use_cpu=True` is returned: bf16 on CPU needs it, and for launches without DeepSpeed (torchrun)
+      it is what makes accelerate use its multi-CPU gloo path instead of counting one process.
+    """
+    kwargs = dict(train_kwargs)
+    if has_accelerator():
+        return kwargs
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    kwargs["use_cpu"] = True
+    if not _uses_deepspeed(kwargs):
+        return kwargs
+    if "LOCAL_RANK" not in os.environ:
+        single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        for name, value in single.items():
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+    accelerator_config = kwargs.get("accelerator_config")
+    if accelerator_config is None:
+        accelerator_config = {}
+    elif not isinstance(accelerator_config, Mapping):
+        raise ValueError(
+            "train.accelerator_config must be a mapping when DeepSpeed runs on CPU (llava-train adds "
+            f"use_configured_state=True to it), got {type(accelerator_config).__name__}"
+        )
+    kwargs["accelerator_config"] = {**dict(accelerator_config), "use_configured_state": True}
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO-3 helpers.
+
+
+def zero3_enabled() -> bool:
+    """True when the live TrainingArguments carry a ZeRO-3 DeepSpeed config (transformers' own check)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def is_zero3_param(param: Any) -> bool:
+    """True for a parameter partitioned by DeepSpeed ZeRO-3 (it carries `ds_id` / `ds_tensor`)."""
+    return hasattr(param, "ds_id")
+
+
+def local_numel(param: Any) -> int:
+    """Elements of `param` this rank holds: its ZeRO-3 partition (`ds_tensor`), else the whole tensor."""
+    if is_zero3_param(param):
+        return int(param.ds_tensor.numel())
+    return int(param.numel())
+
+
+def full_numel(param: Any) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 has partitioned it (`ds_numel`)."""
+    if is_zero3_param(param):
+        return int(param.ds_numel)
+    return int(param.numel())
+
+
+@contextlib.contextmanager
+def gathered(params: Any, modifier_rank: int | None = 0) -> Iterator[None]:
+    """Inside the block, ZeRO-3 partitioned `params` hold their full values; a no-op for ordinary tensors.
+
+    `params` is a module (all its parameters) or an iterable of parameters. With `modifier_rank=0`
+    the values rank 0 writes inside the block are broadcast and re-partitioned on exit, so loading
+    a projector or any partial weights works with `copy_` / `load_state_dict` under `torch.no_grad()`
+    (instead of `size mismatch ... torch.Size([0])`). `modifier_rank=None` gathers read-only (saving).
+    Every rank must enter the block: the gather is a collective.
+    """
+    import torch
+
+    plist = list(params.parameters()) if isinstance(params, torch.nn.Module) else list(params)
+    partitioned = [p for p in plist if is_zero3_param(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+def load_state_dict_gathered(module: Any, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+    """`module.load_state_dict(state_dict, strict)` that also works when ZeRO-3 has partitioned `module`.
+
+    Gathers the module's parameters (modifier rank 0), loads, and re-partitions on exit; returns
+    load_state_dict's (missing_keys, unexpected_keys). Call it on every rank.
+    """
+    import torch
+
+    with gathered(module, modifier_rank=0), torch.no_grad():
+        return module.load_state_dict(dict(state_dict), strict=strict)
+
+
+def world_size() -> int:
+    """Number of processes: torch.distributed's when initialised, else the launcher's WORLD_SIZE, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """Global rank: torch.distributed's when initialised, else the launcher's RANK, else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return int(os.environ.get("RANK", "0"))
