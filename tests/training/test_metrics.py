@@ -116,3 +116,34 @@ def test_tracker_without_peak_flops_has_no_mfu() -> None:
 def test_tracker_requires_the_image_token_id() -> None:
     with pytest.raises(TypeError, match="image_token_id"):
         ThroughputTracker(None, None)  # type: ignore[call-arg]
+
+
+def test_for_model_reads_image_token_flops_and_no_peak_on_cpu() -> None:
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        TrainingArguments,
+    )
+
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        ),
+        image_token_index=63,
+    )
+    model = LlavaForConditionalGeneration(cfg)
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    tracker = ThroughputTracker.for_model(model, TrainingArguments(output_dir="unused", use_cpu=True, report_to=[]))
+    assert tracker.image_token_id == 63 and tracker.peak_flops is None
+    assert tracker.flops == FlopModel.from_config(cfg, {"multi_modal_projector"})

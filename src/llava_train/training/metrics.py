@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from llava_train.training.flops import FlopModel
+from llava_train.training.flops import FlopModel, peak_flops_for_current_device
 
 IGNORE_INDEX = -100
 STAT_KEYS = ("real_tokens", "padded_tokens", "trained_tokens", "samples", "images", "image_tokens", "sum_sq_lengths")
@@ -94,6 +94,26 @@ class ThroughputTracker:
         self._totals: dict[str, torch.Tensor] | None = None
         self._start: float | None = None
         self._excluded = 0.0
+
+    @classmethod
+    def for_model(cls, model: Any, args: Any = None) -> ThroughputTracker:
+        """Tracker for a LlavaForConditionalGeneration after its stage/LoRA are applied.
+
+        FLOPs from `FlopModel.from_model`, the image token id from the model config, and the peak
+        FLOP/s of the current CUDA device for the compute dtype (`args.bf16` / `args.fp16`, else the
+        weights' dtype); no MFU on CPU or unknown GPUs.
+        """
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if args is not None and getattr(args, "bf16", False):
+            dtype = torch.bfloat16
+        elif args is not None and getattr(args, "fp16", False):
+            dtype = torch.float16
+        else:
+            dtype = next(base.parameters()).dtype
+        peak = None
+        if not (args is not None and getattr(args, "use_cpu", False)):
+            peak = peak_flops_for_current_device(dtype)
+        return cls(FlopModel.from_model(base), peak, image_token_id=int(base.config.image_token_id))
 
     def start(self) -> None:
         """Start the first interval now (otherwise it starts at the first `observe`)."""
