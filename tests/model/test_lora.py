@@ -120,20 +120,11 @@ def test_merge_matches_adapter_model(make_cfg, tmp_path) -> None:
     model.save_pretrained(str(run / "adapter"))
     dump_config(cfg, run / "llava_train_config.yaml")
     out = Path(merge_lora(run, tmp_path / "merged"))
-    assert (
-        sorted(p.name for p in out.iterdir())
-        == [
-            "chat_template.jinja",
-            "config.json",
-            "generation_config.json",
-            "llava_train_config.yaml",
-            "model.safetensors",
-            "processor_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ]
-        or (out / "model.safetensors").is_file()
-    )
+    # Names transformers writes for processors differ across 5.x (processor_config.json holds the image
+    # processor in newer versions); the model, config, tokenizer and our files are fixed.
+    required = {"config.json", "generation_config.json", "llava_train_config.yaml", "model.safetensors"}
+    required |= {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert required <= {p.name for p in out.iterdir()}
     assert not (out / "adapter_config.json").exists()
     merged = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32)
     assert not any("lora_" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
