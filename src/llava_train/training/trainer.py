@@ -171,6 +171,22 @@ class LLaVATrainer(Trainer):
         self._text_only_batch = "pixel_values" not in inputs
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """With `loss_on_trained_only` (set from `perf.loss_on_trained_only`), lm_head runs only on trained positions.
+
+        Same objective as HF's path, including its rescaling by the number of processes when
+        `average_tokens_across_devices` divides by the token count of all ranks.
+        """
+        if not getattr(self, "loss_on_trained_only", False) or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from llava_train.training.loss import trained_positions_loss
+
+        loss = trained_positions_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return loss
+
 
 def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
     """Keep ranks in step when a micro-batch has no image.

@@ -1,0 +1,132 @@
+"""Loss on trained positions only: same value and gradients as HF's standard loss, padded and packed, with peft."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from llava_train.data.collator import PaddingCollator
+from llava_train.data.packing import PackingCollator
+from llava_train.training.loss import chunked_cross_entropy_sum, shifted_targets, trained_positions_loss
+
+MODEL_KEYS_DROP = ("ids", "num_images")
+IMAGE_TOKEN = 99
+TOKENS_PER_IMAGE = 4  # (16 // 8) ** 2 patches, CLS dropped
+
+
+def tiny_llava(attn: str, seed: int = 0) -> Any:
+    """A random-init LlavaForConditionalGeneration built from config (Llama LM + CLIP tower)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    vision = CLIPVisionConfig(
+        image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(cfg).train()
+
+
+def sample(n_text: int, n_images: int, seed: int, sid: str) -> dict[str, Any]:
+    """An item as the dataset yields it: image blocks first, then text; labels on the second half of the text."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 90, (n_text,), generator=g)
+    ids = torch.cat([torch.full((n_images * TOKENS_PER_IMAGE,), IMAGE_TOKEN), text])
+    labels = torch.full_like(ids, -100)
+    labels[-(n_text // 2) :] = ids[-(n_text // 2) :]
+    item: dict[str, Any] = {"input_ids": ids, "labels": labels, "num_images": n_images, "id": sid}
+    if n_images:
+        item["pixel_values"] = torch.randn(n_images, 3, 16, 16, generator=g)
+    return item
+
+
+def _items() -> list[dict[str, Any]]:
+    return [sample(n, k, seed=i, sid=str(i)) for i, (n, k) in enumerate([(9, 1), (5, 0), (12, 2), (7, 1)])]
+
+
+def _hf_loss(model: Any, batch: dict[str, Any], n_items: Any) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k not in MODEL_KEYS_DROP}
+    if n_items is not None:
+        inputs["num_items_in_batch"] = n_items
+    return model(**inputs).loss
+
+
+def _grads(model: Any) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_shifted_targets() -> None:
+    labels = torch.tensor([[-100, 5, 6, -100], [7, -100, 8, 9]])
+    assert shifted_targets(labels).tolist() == [[5, 6, -100, -100], [-100, 8, 9, -100]]
+
+
+@pytest.mark.parametrize("collator", ["padded", "packed"])
+@pytest.mark.parametrize("n_items", [None, 37])
+def test_equals_hf_loss_and_gradients(collator: str, n_items: int | None) -> None:
+    model = tiny_llava("sdpa")
+    coll = PaddingCollator(pad_token_id=0) if collator == "padded" else PackingCollator(pad_token_id=0)
+    batch = coll(_items() if collator == "padded" else [_items()[:2], _items()[2:]])
+    ref = _hf_loss(model, batch, n_items)
+    ref.backward()
+    ref_grads = _grads(model)
+    ours = trained_positions_loss(model, batch, n_items)
+    ours.backward()
+    grads = _grads(model)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    assert sorted(grads) == sorted(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_chunks_match_one_shot() -> None:
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    one = chunked_cross_entropy_sum(head, hidden, targets, chunk=100)
+    (g_one,) = torch.autograd.grad(one, hidden)
+    many = chunked_cross_entropy_sum(head, hidden, targets, chunk=3)
+    (g_many,) = torch.autograd.grad(many, hidden)
+    torch.testing.assert_close(many, one)
+    torch.testing.assert_close(g_many, g_one)
+
+
+def test_peft_wrapped_model() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llava("sdpa"), LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    )
+    batch = PaddingCollator(pad_token_id=0)(_items())
+    ref = _hf_loss(model, batch, 20)
+    ours = trained_positions_loss(model, batch, 20)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    ours.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_lm_head_sees_only_trained_positions() -> None:
+    model = tiny_llava("sdpa")
+    batch = PaddingCollator(pad_token_id=0)(_items())
+    rows: list[int] = []
+    model.lm_head.register_forward_hook(lambda m, a, out: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+    trained_positions_loss(model, batch, None)
+    assert rows == [0, int((batch["labels"][:, 1:] != -100).sum())]
