@@ -23,6 +23,7 @@ FEATURE_SELECTS = ("patch", "cls_patch")
 PROJECTORS = ("mlp2x_gelu",)
 DTYPES = ("bfloat16", "float16", "float32")
 ON_BAD_SAMPLE = ("error", "skip")
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 CONFIG_FILENAME = "llava_train_config.yaml"
 
 
@@ -212,8 +213,34 @@ class WandbConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Throughput settings that never change the objective (see docs/performance.md).
+
+    loss_on_trained_only: run lm_head and the fp32 cross entropy only on positions whose shifted
+        label trains (image tokens, prompts and padding never reach lm_head); same loss and
+        gradients as HF's path. On CUDA with `liger-kernel` installed the projection and loss use
+        Liger's fused linear cross entropy (Liger's other kernels: `train.use_liger_kernel`).
+    loss_chunk_size: trained positions per lm_head + cross-entropy chunk (bounds the [chunk, V]
+        fp32 logits alive at once).
+    sdpa_backends: restrict PyTorch SDPA on CUDA to these backends (`flash`, `efficient`, `cudnn`,
+        `math`); empty = PyTorch's choice. cuDNN re-plans for every new sequence length, so
+        `[flash, efficient]` helps batches whose length varies.
+    """
+
+    loss_on_trained_only: bool = True
+    loss_chunk_size: int = 4096
+    sdpa_backends: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_size <= 0:
+            raise ConfigError(f"perf.loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        for name in self.sdpa_backends:
+            _choice("perf.sdpa_backends[]", name, SDPA_BACKENDS)
+
+
+@dataclass
 class RunConfig:
-    """A whole run: stage + model + data + optimizer + LoRA + wandb + TrainingArguments.
+    """A whole run: stage + model + data + optimizer + LoRA + wandb + perf + TrainingArguments.
 
     stage: `pretrain` (projector only) or `finetune` (projector + language model).
     train: any `transformers.TrainingArguments` field, passed through untouched (output_dir,
@@ -227,6 +254,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     train: dict[str, Any] = field(default_factory=dict)
     metrics_every: int = 0
 
