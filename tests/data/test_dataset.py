@@ -215,6 +215,10 @@ def test_getitem_raises_when_image_breaks_after_build(data_dir: Path, llama_toke
     (data_dir / "img" / "wide.png").unlink()
     with pytest.raises(BadSampleError, match=r"bad sample in train.json row 0 \(id 'a'\): missing_image"):
         ds[0]
+    # Raised in a DataLoader worker, it reaches the main process with its type and message.
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, collate_fn=PaddingCollator(0))
+    with pytest.raises(BadSampleError, match=r"bad sample in train.json row 0 \(id 'a'\): missing_image"):
+        next(iter(loader))
 
 
 def test_images_pad_resize_crop(data_dir: Path, clip_image_processor: Any, siglip_image_processor: Any) -> None:

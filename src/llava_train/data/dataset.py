@@ -520,7 +520,7 @@ def build_dataset(
         store = open_source(src, data_cfg.cache_dir)
         ctx = make_context(data_cfg, src, tokenizer, num_image_tokens, image_token_id)
         workers = data_cfg.num_workers or 1
-        scan = cached_scan(src, store, ctx, data_cfg.cache_dir, workers if len(store) > 20000 else 1)
+        scan = cached_scan(src, store, ctx, data_cfg.cache_dir, workers if len(store) > 5000 else 1)
         if scan.bad and data_cfg.on_bad_sample == "error":
             b = scan.bad[0]
             raise BadSampleError(src.name or src.path, b["row"], b["id"], b["reason"], b["detail"])
