@@ -75,7 +75,7 @@ def test_finetune_zero3_rows_are_params_times_bytes() -> None:
         ("fp32 grads + master + Adam m, v (trainable / 8)", 16 * trainable // 8),
         ("largest layer gathered (weight + grad)", 4 * LM_HEAD),
         ("LM activations (checkpointed: 32 layer inputs + 1 layer)", 32 * 2 * tokens * 4096 + 34 * tokens * 4096),
-        ("logits + fp32 loss copy + grad", 10 * tokens * 32001),
+        ("logits + fp32 loss copy + grad (4096 rows: perf.loss_chunk_size)", 10 * 4096 * 32001),
         ("CUDA context, workspaces, allocator slack", OVERHEAD_BYTES),
     ]
     assert p.cpu_bytes_per_node == 0
@@ -111,8 +111,9 @@ def test_lora_offload_and_qlora_bytes() -> None:
 
 
 def test_no_deepspeed_uses_model_dtype_for_every_state() -> None:
-    cfg = load_config(SEVEN / "pretrain.yaml", ["train.deepspeed=null"])
+    cfg = load_config(SEVEN / "pretrain.yaml", ["train.deepspeed=null", "perf.loss_on_trained_only=false"])
     p = estimate(cfg, num_gpus=1)
+    assert p.rows[3] == ("logits + fp32 loss copy + grad (every position)", 10 * 32 * 2048 * 32001)
     assert p.rows[:2] == [
         ("weights (bfloat16, all params)", 2 * (PROJECTOR + VISION + LM + LM_HEAD)),
         ("grads + AdamW m, v (bfloat16, trainable)", 6 * PROJECTOR),
@@ -130,7 +131,7 @@ def test_verdict_thresholds() -> None:
 def test_plan_text_names_both_estimates_and_the_verdicts() -> None:
     text = plan(load_config(SEVEN / "finetune.yaml"), num_gpus=8)
     assert text.startswith("world: 1 node(s) x 8 GPU(s) = 8; ZeRO-3 (configs/deepspeed/zero3.json)")
-    assert "verdict: 24 GB GPU: OOM, 40 GB GPU: OOM, 80 GB GPU: fits" in text
+    assert "verdict: 24 GB GPU: OOM, 40 GB GPU: fits, 80 GB GPU: fits" in text
     assert "DeepSpeed's estimator (model states only, assumes EVERY parameter trains" in text
     assert "(the row for this config: offload_param=none, offload_optimizer=none, zero_init=1)" in text
     assert "language_model             6,607,347,712               0" in text

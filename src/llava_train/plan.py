@@ -22,7 +22,9 @@ Activations of the language model (per GPU, 16-bit): s x b x h x 34 bytes per la
 checkpointing (Korthikanti et al. 2022 for a transformer layer; the 5·a·s/h attention-score term is
 left out because sdpa/flash attention do not store the scores); with gradient checkpointing each
 layer keeps only its 16-bit input (2 bytes) and one layer at a time is recomputed (34). The loss adds
-b x s x vocab x 10 bytes (16-bit logits, their fp32 copy for cross-entropy and its fp32 gradient).
+rows x vocab x 10 bytes (16-bit logits, their fp32 copy for cross-entropy and its fp32 gradient),
+rows = b x s on HF's path, or `perf.loss_chunk_size` with `perf.loss_on_trained_only` (our chunked
+loss recomputes each chunk in backward, so one chunk's logits are alive at a time).
 A frozen vision tower stores no activations (nothing below it needs a gradient); a trained one adds
 the same formula over its layers and patches. s is `data.model_max_length` (or `packing_length`):
 the worst case, a micro-batch padded to the longest allowed sample.
@@ -228,7 +230,14 @@ def _activation_rows(cfg: RunConfig, counts: ParamCounts, micro: int, seq: int, 
     else:
         lm = counts.layers * per_layer
         label = f"LM activations ({counts.layers} layers x 34 x b x s x h)"
-    rows = [(label, lm), ("logits + fp32 loss copy + grad", LOGIT_BYTES * tokens * counts.vocab)]
+    if cfg.perf.loss_on_trained_only:
+        # training/loss.py recomputes each chunk in backward: one chunk's logits are alive at a time.
+        logit_rows = min(cfg.perf.loss_chunk_size, tokens)
+        logit_label = f"logits + fp32 loss copy + grad ({logit_rows} rows: perf.loss_chunk_size)"
+    else:
+        logit_rows = tokens
+        logit_label = "logits + fp32 loss copy + grad (every position)"
+    rows = [(label, lm), (logit_label, LOGIT_BYTES * logit_rows * counts.vocab)]
     if cfg.model.train_vision_tower:
         v_tokens = micro * counts.vision_tokens
         v_layer = ACTIVATION_FACTOR * v_tokens * counts.vision_hidden
@@ -335,12 +344,12 @@ def format_plan(p: MemoryPlan) -> str:
         "",
         format_parameter_table(p.counts.groups),
         "",
-        f"{'per-GPU memory (ours: frozen modules counted as frozen)':<64}{'':>4}",
+        f"{'per-GPU memory (ours: frozen modules counted as frozen)':<70}",
     ]
-    lines += [f"  {name:<62}{_gib(b)}" for name, b in p.rows]
-    lines.append(f"  {'total per GPU':<62}{_gib(p.total)}")
+    lines += [f"  {name:<68}{_gib(b)}" for name, b in p.rows]
+    lines.append(f"  {'total per GPU':<68}{_gib(p.total)}")
     if p.cpu_bytes_per_node:
-        lines.append(f"  {'CPU RAM per node for offloaded states':<62}{_gib(p.cpu_bytes_per_node)}")
+        lines.append(f"  {'CPU RAM per node for offloaded states':<68}{_gib(p.cpu_bytes_per_node)}")
     lines.append("")
     lines.append("verdict: " + ", ".join(f"{g} GB GPU: {verdict(p.total, g)}" for g in GPU_SIZES_GIB))
     if p.deepspeed_estimate:
