@@ -19,32 +19,45 @@ PROJECTOR_FILE = "projector.safetensors"
 CHECKPOINT_INFO = "llava_train_checkpoint.json"
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (gathered under ZeRO-3) CPU copies of the trainable parameters, keyed as in state_dict()."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def runtime_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """CPU copies of the parameters (all, or only trainable; plus persistent buffers) keyed as `state_dict()` names them.
+
+    Gathered under ZeRO-3. Tied parameters appear once (safetensors refuses shared storage; the
+    tie restores the other name on load).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
     out: dict[str, torch.Tensor] = {}
     with gathered([p for _, p in named]):
         for name, p in named:
             out[name] = p.detach().to("cpu").clone().contiguous()
+    if not trainable_only:
+        persistent = set(model.state_dict())
+        for name, b in model.named_buffers():
+            if name in persistent:
+                out[name] = b.detach().to("cpu").clone().contiguous()
     return out
 
 
-def save_trainable_checkpoint(model: torch.nn.Module, output_dir: str | os.PathLike, frozen_from: dict[str, Any]) -> None:
-    """Write `model.safetensors` holding only the trainable parameters, plus config and a marker.
+def save_checkpoint_weights(model: torch.nn.Module, output_dir: str | os.PathLike, trainable_only: bool,
+                            frozen_from: dict[str, Any]) -> None:
+    """Write a checkpoint's `model.safetensors` in the model's runtime parameter names.
 
-    A stage that trains a small part (stage 1: the projector) would otherwise write the whole frozen
-    LM into every checkpoint (14 GB for 7B). HF Trainer resumes with a non-strict load, so the
-    frozen weights, rebuilt from the named base models, stay as they are.
+    Why not `save_pretrained`: transformers 5 writes LLaVA weights under its legacy key names
+    (`language_model.model.*`), while `Trainer` resumes with a non-strict `load_state_dict` in
+    runtime names (`model.language_model.*`), so a resumed run would silently keep its fresh
+    weights. Runtime names load exactly. `trainable_only` (stage 1) stores just what trains (tens of
+    MB for 7B instead of 14 GB); the frozen rest is rebuilt from the named base models.
     """
-    state = trainable_state_dict(model)
+    state = runtime_state_dict(model, trainable_only)
     if not is_main_process():
         return
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "llava_train": "trainable-only"})
+    kind = "trainable-only" if trainable_only else "full"
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "llava_train": kind})
     model.config.save_pretrained(out)
-    info = {"kind": "trainable-only", "num_tensors": len(state),
-            "num_params": int(sum(t.numel() for t in state.values())), "frozen_from": frozen_from}
+    info = {"kind": kind, "num_tensors": len(state), "num_params": int(sum(t.numel() for t in state.values())),
+            "frozen_from": frozen_from if trainable_only else None}
     (out / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
 
 

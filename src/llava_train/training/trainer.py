@@ -11,7 +11,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from llava_train.data.sampler import ModalityLengthGroupedSampler
-from llava_train.model.freeze import group_of
+from llava_train.model.freeze import group_of, is_peft_model
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -152,13 +152,14 @@ class LLaVATrainer(Trainer):
     # -- saving ---------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints of partial stages hold only what trains; final saves are full HF-native folders."""
-        if _internal_call and self.partial_checkpoints and not self.is_deepspeed_enabled:
-            from llava_train.training.artifacts import save_trainable_checkpoint
+        """Checkpoints store runtime-named weights (trainable only for partial stages); final saves are HF-native."""
+        if _internal_call and not self.is_deepspeed_enabled and not is_peft_model(self.model):
+            from llava_train.training.artifacts import save_checkpoint_weights
 
-            save_trainable_checkpoint(self.model, output_dir or self.args.output_dir, self.frozen_from)
+            out = output_dir or self.args.output_dir
+            save_checkpoint_weights(self.model, out, self.partial_checkpoints, self.frozen_from)
             if self.args.should_save and self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+                self.processing_class.save_pretrained(out)
             return
         super().save_model(output_dir, _internal_call)
 

@@ -1,0 +1,169 @@
+"""End-to-end stages on CPU with a tiny random-init LLaVA: artifacts, hand-off, HF-native reload, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from llava_train.config import from_dict
+from llava_train.train import run
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
+
+
+def write_tiny_data(root: Path, n: int = 32, text_only: int = 4) -> dict[str, str]:
+    """Solid-colour images with captions (stage 1) and colour Q&A with a few text-only rows (stage 2)."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    pre, ft = [], []
+    names = list(COLOURS)
+    for i in range(n):
+        colour = names[i % len(names)]
+        Image.new("RGB", (40, 32), COLOURS[colour]).save(images / f"{i}.png")
+        pre.append({"id": f"p{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": f"a {colour} image"}]})
+        ft.append({"id": f"f{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour},
+            {"from": "human", "value": "Answer again."}, {"from": "gpt", "value": colour}]})
+    for i in range(text_only):
+        ft.append({"id": f"t{i}", "conversations": [
+            {"from": "human", "value": f"Say {names[i % 4]}."}, {"from": "gpt", "value": names[i % 4]}]})
+    (root / "pretrain.json").write_text(json.dumps(pre))
+    (root / "finetune.json").write_text(json.dumps(ft))
+    return {"pretrain": str(root / "pretrain.json"), "finetune": str(root / "finetune.json"), "images": str(images)}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("e2e")
+    paths = write_tiny_data(root / "data")
+    paths["lm"] = str(root / "models" / "lm")
+    paths["vision"] = str(root / "models" / "vision")
+    paths["root"] = str(root)
+    return paths
+
+
+def tiny_config(ws: dict[str, str], stage: str, out: str, **train: object):
+    template = "plain" if stage == "pretrain" else "vicuna_v1"
+    data = ws["pretrain"] if stage == "pretrain" else ws["finetune"]
+    train_args = {"output_dir": out, "max_steps": 20, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+                  "logging_steps": 1, "save_strategy": "steps", "save_steps": 10, "seed": 0, "use_cpu": True,
+                  "dataloader_num_workers": 0, "report_to": [], "disable_tqdm": True}
+    train_args.update(train)
+    return {
+        "stage": stage,
+        "model": {"language_model": ws["lm"], "vision_tower": ws["vision"], "preset": "tiny", "dtype": "float32"},
+        "data": {"train": [{"path": data, "image_folder": ws["images"]}], "template": template,
+                 "model_max_length": 256, "group_by_modality_length": stage == "finetune"},
+        "train": train_args,
+    }
+
+
+def losses(history: list[dict]) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def pretrained(workspace: dict[str, str]) -> dict[str, object]:
+    out = str(Path(workspace["root"]) / "runs" / "pretrain")
+    result = run(from_dict(tiny_config(workspace, "pretrain", out)))
+    return {"out": out, "result": result}
+
+
+def test_pretrain_writes_projector_and_small_resumable_checkpoints(pretrained: dict) -> None:
+    out = Path(pretrained["out"])
+    assert pretrained["result"].global_step == 20
+    proj = load_file(out / "projector.safetensors")
+    assert sorted(proj) == ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
+    for step in (10, 20):
+        ckpt = out / f"checkpoint-{step}"
+        for name in ("projector.safetensors", "model.safetensors", "optimizer.pt", "scheduler.pt",
+                     "trainer_state.json", "llava_train_config.yaml", "llava_train_checkpoint.json"):
+            assert (ckpt / name).is_file(), f"{ckpt.name} lacks {name}"
+        weights = load_file(ckpt / "model.safetensors")
+        # Only what trains is in a stage-1 checkpoint: the projector's four tensors.
+        assert sorted(weights) == sorted(f"model.multi_modal_projector.{k}" for k in proj)
+    last = load_file(out / "checkpoint-20" / "model.safetensors")
+    for k, v in proj.items():
+        assert torch.equal(last[f"model.multi_modal_projector.{k}"], v)
+    # The final folder is a full HF-native model.
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "llava_train_config.yaml").is_file()
+    loss = losses(pretrained["result"].log_history)
+    first, last_five = loss[1], sum(loss[s] for s in range(16, 21)) / 5
+    assert last_five < first, f"stage-1 loss did not go down: {first} -> {last_five}"
+
+
+def test_final_folder_loads_with_plain_transformers_and_generates(pretrained: dict, workspace: dict) -> None:
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        out = {pretrained["out"]!r}
+        model = AutoModelForImageTextToText.from_pretrained(out)
+        proc = AutoProcessor.from_pretrained(out)
+        msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe."}}]}}]
+        prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+        inputs = proc(images=Image.open({workspace["images"] + "/0.png"!r}), text=prompt, return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        assert ids.shape[1] > inputs["input_ids"].shape[1]
+        assert "llava_train" not in sys.modules
+        print("OK", prompt.count("<image>"))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().startswith("OK")
+
+
+def test_saved_chat_template_renders_the_trained_prompt(pretrained: dict) -> None:
+    from transformers import AutoProcessor
+
+    from llava_train.data.templates import Turn, get_template
+
+    proc = AutoProcessor.from_pretrained(pretrained["out"])
+    turns = [Turn("user", "<image>\nDescribe."), Turn("assistant", "a red image")]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+            {"role": "assistant", "content": "a red image"}]
+    rendered = proc.apply_chat_template(msgs)
+    assert rendered == get_template("plain").prompt(turns, proc.tokenizer)
+
+
+def test_finetune_starts_from_stage1_projector_and_learns(pretrained: dict, workspace: dict) -> None:
+    from llava_train.model.builder import load_components
+
+    out = str(Path(workspace["root"]) / "runs" / "finetune")
+    cfg = from_dict(tiny_config(workspace, "finetune", out, learning_rate=3e-3))
+    cfg.model.init_from = pretrained["out"]
+    model, _, _ = load_components(cfg)
+    saved = load_file(Path(pretrained["out"]) / "projector.safetensors")
+    state = model.model.multi_modal_projector.state_dict()
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), f"projector {k} not loaded from stage 1"
+    result = run(cfg)
+    loss = losses(result.log_history)
+    assert sum(loss[s] for s in range(16, 21)) / 5 < sum(loss[s] for s in range(1, 6)) / 5
+    assert (Path(out) / "model.safetensors").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_loss_sequence(workspace: dict) -> None:
+    root = Path(workspace["root"]) / "runs"
+    full_out = str(root / "resume-full")
+    full = run(from_dict(tiny_config(workspace, "finetune", full_out, max_steps=8, save_steps=4)))
+    # "Stop" after step 4: keep only checkpoint-4 in a fresh run folder, then resume automatically.
+    cut = root / "resume-cut"
+    shutil.copytree(Path(full_out) / "checkpoint-4", cut / "checkpoint-4")
+    resumed = run(from_dict(tiny_config(workspace, "finetune", str(cut), max_steps=8, save_steps=4,
+                                        resume_from_checkpoint="auto")))
+    a, b = losses(full.log_history), losses(resumed.log_history)
+    assert sorted(s for s in b if s > 4) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), f"step {step}: {b[step]} != {a[step]}"
