@@ -53,8 +53,16 @@ def test_llava_7b_recipes_match_reference() -> None:
 
 
 def test_overrides_dotted_and_sweep_forms() -> None:
-    cfg = load_config(None, ["train.output_dir=runs/x", "data.model_max_length=1024", "--optim.projector_lr=2e-5",
-                             "--train.learning_rate=1e-3", "data.train=[{path: a.json, image_folder: img}]"])
+    cfg = load_config(
+        None,
+        [
+            "train.output_dir=runs/x",
+            "data.model_max_length=1024",
+            "--optim.projector_lr=2e-5",
+            "--train.learning_rate=1e-3",
+            "data.train=[{path: a.json, image_folder: img}]",
+        ],
+    )
     assert cfg.data.model_max_length == 1024
     assert cfg.optim.projector_lr == 2e-5 and cfg.train["learning_rate"] == 1e-3
     assert cfg.data.train[0].path == "a.json" and cfg.data.train[0].image_folder == "img"
@@ -64,7 +72,9 @@ def test_overrides_dotted_and_sweep_forms() -> None:
 
 
 def test_unknown_key_lists_valid_keys() -> None:
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) data\.max_len; valid keys in data: .*model_max_length"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key\(s\) data\.max_len; valid keys in data: .*model_max_length"
+    ):
         from_dict({"data": {"max_len": 3}})
     with pytest.raises(ConfigError, match="valid keys in the top level: .*stage"):
         from_dict({"stages": "pretrain"})
@@ -94,6 +104,15 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 def test_reference_documents_every_key() -> None:
     rows = {key: doc for key, _, doc in describe()}
-    for key in ("stage", "model.language_model", "model.vision_feature_select", "data.template",
-                "data.on_bad_sample", "data.train[].image_folder", "optim.projector_lr", "lora.r", "train"):
+    for key in (
+        "stage",
+        "model.language_model",
+        "model.vision_feature_select",
+        "data.template",
+        "data.on_bad_sample",
+        "data.train[].image_folder",
+        "optim.projector_lr",
+        "lora.r",
+        "train",
+    ):
         assert rows.get(key), f"{key} has no documentation"

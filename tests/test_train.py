@@ -29,14 +29,38 @@ def write_tiny_data(root: Path, n: int = 32, text_only: int = 4) -> dict[str, st
     for i in range(n):
         colour = names[i % len(names)]
         Image.new("RGB", (40, 32), COLOURS[colour]).save(images / f"{i}.png")
-        pre.append({"id": f"p{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": f"a {colour} image"}]})
-        ft.append({"id": f"f{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour},
-            {"from": "human", "value": "Answer again."}, {"from": "gpt", "value": colour}]})
+        pre.append(
+            {
+                "id": f"p{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "Describe the image.\n<image>"},
+                    {"from": "gpt", "value": f"a {colour} image"},
+                ],
+            }
+        )
+        ft.append(
+            {
+                "id": f"f{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": colour},
+                    {"from": "human", "value": "Answer again."},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
     for i in range(text_only):
-        ft.append({"id": f"t{i}", "conversations": [
-            {"from": "human", "value": f"Say {names[i % 4]}."}, {"from": "gpt", "value": names[i % 4]}]})
+        ft.append(
+            {
+                "id": f"t{i}",
+                "conversations": [
+                    {"from": "human", "value": f"Say {names[i % 4]}."},
+                    {"from": "gpt", "value": names[i % 4]},
+                ],
+            }
+        )
     (root / "pretrain.json").write_text(json.dumps(pre))
     (root / "finetune.json").write_text(json.dumps(ft))
     return {"pretrain": str(root / "pretrain.json"), "finetune": str(root / "finetune.json"), "images": str(images)}
@@ -55,15 +79,30 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def tiny_config(ws: dict[str, str], stage: str, out: str, **train: object):
     template = "plain" if stage == "pretrain" else "vicuna_v1"
     data = ws["pretrain"] if stage == "pretrain" else ws["finetune"]
-    train_args = {"output_dir": out, "max_steps": 20, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
-                  "logging_steps": 1, "save_strategy": "steps", "save_steps": 10, "seed": 0, "use_cpu": True,
-                  "dataloader_num_workers": 0, "report_to": [], "disable_tqdm": True}
+    train_args = {
+        "output_dir": out,
+        "max_steps": 20,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 10,
+        "seed": 0,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "report_to": [],
+        "disable_tqdm": True,
+    }
     train_args.update(train)
     return {
         "stage": stage,
         "model": {"language_model": ws["lm"], "vision_tower": ws["vision"], "preset": "tiny", "dtype": "float32"},
-        "data": {"train": [{"path": data, "image_folder": ws["images"]}], "template": template,
-                 "model_max_length": 256, "group_by_modality_length": stage == "finetune"},
+        "data": {
+            "train": [{"path": data, "image_folder": ws["images"]}],
+            "template": template,
+            "model_max_length": 256,
+            "group_by_modality_length": stage == "finetune",
+        },
         "train": train_args,
     }
 
@@ -86,8 +125,15 @@ def test_pretrain_writes_projector_and_small_resumable_checkpoints(pretrained: d
     assert sorted(proj) == ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
     for step in (10, 20):
         ckpt = out / f"checkpoint-{step}"
-        for name in ("projector.safetensors", "model.safetensors", "optimizer.pt", "scheduler.pt",
-                     "trainer_state.json", "llava_train_config.yaml", "llava_train_checkpoint.json"):
+        for name in (
+            "projector.safetensors",
+            "model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "trainer_state.json",
+            "llava_train_config.yaml",
+            "llava_train_checkpoint.json",
+        ):
             assert (ckpt / name).is_file(), f"{ckpt.name} lacks {name}"
         weights = load_file(ckpt / "model.safetensors")
         # Only what trains is in a stage-1 checkpoint: the projector's four tensors.
@@ -131,8 +177,10 @@ def test_saved_chat_template_renders_the_trained_prompt(pretrained: dict) -> Non
 
     proc = AutoProcessor.from_pretrained(pretrained["out"])
     turns = [Turn("user", "<image>\nDescribe."), Turn("assistant", "a red image")]
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
-            {"role": "assistant", "content": "a red image"}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+        {"role": "assistant", "content": "a red image"},
+    ]
     rendered = proc.apply_chat_template(msgs)
     assert rendered == get_template("plain").prompt(turns, proc.tokenizer)
 
@@ -161,8 +209,11 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(workspace: dict) -> N
     # "Stop" after step 4: keep only checkpoint-4 in a fresh run folder, then resume automatically.
     cut = root / "resume-cut"
     shutil.copytree(Path(full_out) / "checkpoint-4", cut / "checkpoint-4")
-    resumed = run(from_dict(tiny_config(workspace, "finetune", str(cut), max_steps=8, save_steps=4,
-                                        resume_from_checkpoint="auto")))
+    resumed = run(
+        from_dict(
+            tiny_config(workspace, "finetune", str(cut), max_steps=8, save_steps=4, resume_from_checkpoint="auto")
+        )
+    )
     a, b = losses(full.log_history), losses(resumed.log_history)
     assert sorted(s for s in b if s > 4) == [5, 6, 7, 8]
     for step in (5, 6, 7, 8):

@@ -84,8 +84,13 @@ def cmd_merge_lora(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_train import infer
 
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
-               top_p=args.top_p, seed=args.seed)
+    gen = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     if args.data:
         if not args.out:
             raise ConfigError("--data needs --out OUT.jsonl")
@@ -102,8 +107,14 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_train import infer
 
     out = args.out or str(Path(args.model_dir) / "eval")
-    report = infer.evaluate(args.model_dir, args.data, args.image_folder, out, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens)
+    report = infer.evaluate(
+        args.model_dir,
+        args.data,
+        args.image_folder,
+        out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(json.dumps(report.get("summary", report), indent=2))
     return 0
 
@@ -124,8 +135,9 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_train.sweep import run_local_sweep
 
     launcher = args.launcher.split() if args.launcher else None
-    run_local_sweep(args.sweep, dry_run=args.dry_run, max_runs=args.max_runs, launcher=launcher,
-                    sweep_dir=args.sweep_dir)
+    run_local_sweep(
+        args.sweep, dry_run=args.dry_run, max_runs=args.max_runs, launcher=launcher, sweep_dir=args.sweep_dir
+    )
     return 0
 
 
@@ -144,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=cmd_train)
 
-    data = sub.add_parser("data", help="check and look at training data").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="check and look at training data").add_subparsers(
+        dest="data_cmd", required=True
+    )
     p = data.add_parser("validate", help="scan every row of every source; exit 1 if any row is bad")
     _add_config_args(p)
     p.add_argument("--report", help="where to write the JSON report (default: <output_dir>/data_report.json)")
@@ -174,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_merge_lora)
 
-    for name, fn, hlp in (("predict", cmd_predict, "generate answers with a trained model folder"),
-                          ("eval", cmd_eval, "exact/contains-match evaluation on a LLaVA-format file")):
+    for name, fn, hlp in (
+        ("predict", cmd_predict, "generate answers with a trained model folder"),
+        ("eval", cmd_eval, "exact/contains-match evaluation on a LLaVA-format file"),
+    ):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("model_dir")
         p.add_argument("--data", help="LLaVA-format JSON/JSONL")

@@ -6,6 +6,7 @@ runner read configs on machines (and in processes) where importing the training 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -106,8 +107,11 @@ class ModelConfig:
         _choice("model.projector", self.projector, PROJECTORS)
         _choice("model.vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         _choice("model.dtype", self.dtype, DTYPES)
-        _choice("model.attn_implementation", self.attn_implementation,
-                ("sdpa", "eager", "flex_attention", "flash_attention_2"))
+        _choice(
+            "model.attn_implementation",
+            self.attn_implementation,
+            ("sdpa", "eager", "flex_attention", "flash_attention_2"),
+        )
         if self.preset is not None:
             _choice("model.preset", self.preset, ("tiny", "tiny_chatml"))
 
@@ -148,7 +152,9 @@ class DataConfig:
     num_workers: int | None = None
 
     def __post_init__(self) -> None:
-        self.train = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.train[]") for s in self.train]
+        self.train = [
+            s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.train[]") for s in self.train
+        ]
         self.eval = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.eval[]") for s in self.eval]
         _choice("data.template", self.template, TEMPLATES)
         _choice("data.image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
@@ -261,7 +267,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice("stage", self.stage, STAGES)
         if not isinstance(self.train, dict):
-            raise ConfigError(f"`train` must be a mapping of TrainingArguments fields, got {type(self.train).__name__}")
+            raise ConfigError(
+                f"`train` must be a mapping of TrainingArguments fields, got {type(self.train).__name__}"
+            )
         if self.lora.enabled and self.stage != "finetune":
             raise ConfigError("lora.enabled is only valid with stage: finetune")
 
@@ -366,11 +374,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key")
     value = yaml.safe_load(raw) if raw.strip() else ""
     # YAML 1.1 reads 1e-3 as a string; sweeps pass exactly such values.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") and value.strip() else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and any(c in value for c in ".eE"):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key.split("."), value
 
 
@@ -388,7 +394,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = nxt
         node[path[-1]] = value
     return data
-
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -437,8 +442,11 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, key + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         rows.append((key, f"{_type_name(hints[f.name])} = {default!r}", docs.get(f.name, "")))
         if f.name == "train" and prefix == "data.":
             rows.extend(describe(SourceConfig, f"{key}[]."))
@@ -456,9 +464,13 @@ def _parse_field_docs(doc: str) -> dict[str, str]:
     for line in doc.splitlines():
         stripped = line.strip()
         head = stripped.split(":", 1)[0]
-        if ":" in stripped and head and all(part.isidentifier() for part in head.split(", ")) and line.startswith(
-            "    "
-        ) and not line.startswith("        "):
+        if (
+            ":" in stripped
+            and head
+            and all(part.isidentifier() for part in head.split(", "))
+            and line.startswith("    ")
+            and not line.startswith("        ")
+        ):
             current = [n.strip() for n in head.split(",")]
             for n in current:
                 out[n] = stripped.split(":", 1)[1].strip()

@@ -109,17 +109,27 @@ def build_data(cfg: RunConfig, processor: Any, tokenizer: Any, model: Any, args:
 
     n_img = num_image_tokens(model.config.vision_config, cfg.model.vision_feature_select)
     image_token_id = model.config.image_token_id
-    common = dict(tokenizer=tokenizer, image_processor=processor.image_processor, num_image_tokens=n_img,
-                  image_token_id=image_token_id, seed=args.data_seed if args.data_seed is not None else args.seed)
+    common = dict(
+        tokenizer=tokenizer,
+        image_processor=processor.image_processor,
+        num_image_tokens=n_img,
+        image_token_id=image_token_id,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+    )
     train_ds = build_dataset(cfg.data, split="train", **common)
     eval_ds = build_dataset(cfg.data, split="eval", **common) if cfg.data.eval else None
-    log.info("data: %d train samples, %s eval samples, %d tokens per image", len(train_ds),
-             len(eval_ds) if eval_ds is not None else 0, n_img)
+    log.info(
+        "data: %d train samples, %s eval samples, %d tokens per image",
+        len(train_ds),
+        len(eval_ds) if eval_ds is not None else 0,
+        n_img,
+    )
     return train_ds, eval_ds
 
 
-def build_trainer(cfg: RunConfig, args: Any, model: Any, processor: Any, tokenizer: Any, train_ds: Any,
-                  eval_ds: Any) -> Any:
+def build_trainer(
+    cfg: RunConfig, args: Any, model: Any, processor: Any, tokenizer: Any, train_ds: Any, eval_ds: Any
+) -> Any:
     """LLaVATrainer with our collator, sampler, lr groups and callbacks."""
     from llava_train.data.collator import PaddingCollator
     from llava_train.training.artifacts import CheckpointArtifactsCallback
@@ -140,8 +150,11 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, processor: Any, tokeniz
         group_by_modality_length=cfg.data.group_by_modality_length,
         tracker=tracker,
         partial_checkpoints=_partial_checkpoints(cfg),
-        frozen_from={"language_model": cfg.model.language_model, "vision_tower": cfg.model.vision_tower,
-                     "init_from": cfg.model.init_from},
+        frozen_from={
+            "language_model": cfg.model.language_model,
+            "vision_tower": cfg.model.vision_tower,
+            "init_from": cfg.model.init_from,
+        },
     )
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trainer.add_callback(LrCheckCallback(trainer))
@@ -209,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(main.__doc__)
         return 0 if argv else 2
-    config_path, overrides = (argv[0], argv[1:]) if not argv[0].startswith("-") and "=" not in argv[0] else (
-        None, argv)
+    config_path, overrides = (
+        (argv[0], argv[1:]) if not argv[0].startswith("-") and "=" not in argv[0] else (None, argv)
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(config_path, overrides)
     run(cfg)

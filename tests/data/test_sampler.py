@@ -23,7 +23,7 @@ def test_every_optimizer_step_is_single_modality(world: int, accum: int, bs: int
     order = list(sampler)
     assert sorted(order) == list(range(len(lengths))), "every sample exactly once"
     step = bs * world * accum
-    full_steps = [order[i:i + step] for i in range(0, len(order), step)]
+    full_steps = [order[i : i + step] for i in range(0, len(order), step)]
     mixed = [s for s in full_steps if len({lengths[i] > 0 for i in s}) > 1]
     # Only the final step (the two partial leftovers combined) may mix modalities.
     assert len(mixed) <= 1 and (not mixed or mixed[0] == full_steps[-1])
@@ -35,7 +35,7 @@ def test_micro_batches_of_a_step_are_length_sorted_and_balanced() -> None:
     sampler = ModalityLengthGroupedSampler(lengths, per_device_batch=4, world_size=2, grad_accum=1, seed=0)
     order = list(sampler)
     for start in range(0, 64, 8):
-        step = order[start:start + 8]
+        step = order[start : start + 8]
         rank0, rank1 = step[:4], step[4:]
         totals = sum(lengths[i] for i in rank0), sum(lengths[i] for i in rank1)
         assert abs(totals[0] - totals[1]) <= max(lengths) - min(lengths)

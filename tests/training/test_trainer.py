@@ -46,8 +46,12 @@ def _groups(overrides: dict) -> list[dict]:
 
 def test_groups_split_by_module_and_decay() -> None:
     groups = {g["name"]: g for g in _groups({"projector": 1e-3, "vision_tower": None})}
-    assert sorted(groups) == ["language_model/decay", "language_model/no_decay", "projector/decay",
-                              "projector/no_decay"]
+    assert sorted(groups) == [
+        "language_model/decay",
+        "language_model/no_decay",
+        "projector/decay",
+        "projector/no_decay",
+    ]
     assert groups["projector/decay"]["lr"] == 1e-3 and groups["projector/no_decay"]["lr"] == 1e-3
     assert groups["language_model/decay"]["lr"] == 2e-5
     assert groups["language_model/decay"]["weight_decay"] == 0.1

@@ -30,20 +30,26 @@ def _split_even(indices: list[int], lengths: Sequence[int], num_chunks: int) -> 
     return chunks
 
 
-def _grouped(indices: list[int], lengths: Sequence[int], megabatch: int, num_chunks: int,
-             generator: torch.Generator) -> list[list[int]]:
+def _grouped(
+    indices: list[int], lengths: Sequence[int], megabatch: int, num_chunks: int, generator: torch.Generator
+) -> list[list[int]]:
     """Shuffle, cut into megabatches, sort each by length (longest first), balance across chunks."""
     perm = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
     out = []
     for start in range(0, len(perm), megabatch):
-        mb = sorted(perm[start:start + megabatch], key=lambda i: abs(lengths[i]), reverse=True)
+        mb = sorted(perm[start : start + megabatch], key=lambda i: abs(lengths[i]), reverse=True)
         out.append([i for chunk in _split_even(mb, lengths, num_chunks) for i in chunk])
     return out
 
 
-def modality_length_grouped_indices(lengths: Sequence[int], per_device_batch: int, world_size: int,
-                                    grad_accum: int, generator: torch.Generator,
-                                    group_by_modality: bool = True) -> list[int]:
+def modality_length_grouped_indices(
+    lengths: Sequence[int],
+    per_device_batch: int,
+    world_size: int,
+    grad_accum: int,
+    generator: torch.Generator,
+    group_by_modality: bool = True,
+) -> list[int]:
     """One epoch's order. `lengths` are signed exact token counts: > 0 with image(s), < 0 text-only.
 
     Image and text-only samples form separate megabatches (one optimizer step each); megabatches
@@ -79,8 +85,15 @@ class ModalityLengthGroupedSampler(Sampler[int]):
     Trainer's batch skipping on resume replays the same order.
     """
 
-    def __init__(self, lengths: Sequence[int], per_device_batch: int, world_size: int = 1, grad_accum: int = 1,
-                 seed: int = 0, group_by_modality: bool = True) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        per_device_batch: int,
+        world_size: int = 1,
+        grad_accum: int = 1,
+        seed: int = 0,
+        group_by_modality: bool = True,
+    ) -> None:
         if any(n == 0 for n in lengths):
             raise ValueError("sample lengths must be non-zero (signed: > 0 image, < 0 text-only)")
         self.lengths = list(lengths)
@@ -101,5 +114,6 @@ class ModalityLengthGroupedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
-        yield from modality_length_grouped_indices(self.lengths, self.per_device_batch, self.world_size,
-                                                   self.grad_accum, g, self.group_by_modality)
+        yield from modality_length_grouped_indices(
+            self.lengths, self.per_device_batch, self.world_size, self.grad_accum, g, self.group_by_modality
+        )

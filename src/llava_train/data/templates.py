@@ -215,18 +215,18 @@ def _render_tokenizer(t: Template, turns: list[Turn], tok: Any, gen: bool) -> li
         prompt = apply(msgs, True)
         if not prompt.startswith(done):
             raise ValueError(f"template 'tokenizer': the chat template rewrites earlier turns at turn {i}")
-        segs.append(Segment(prompt[len(done):], False))
+        segs.append(Segment(prompt[len(done) :], False))
         done = prompt
         if i + 1 < len(turns):
             msgs.append({"role": ASSISTANT, "content": turns[i + 1].text})
             full = apply(msgs, False)
             if not full.startswith(done):
                 raise ValueError(f"template 'tokenizer': the chat template rewrites the prompt at turn {i + 1}")
-            reply = full[len(done):]
+            reply = full[len(done) :]
             # Whitespace after the end marker (e.g. "<|im_end|>\n") is layout, not the reply.
             stripped = reply.rstrip()
             segs.append(Segment(stripped, True))
-            segs.append(Segment(reply[len(stripped):], False))
+            segs.append(Segment(reply[len(stripped) :], False))
             done = full
     return segs
 
@@ -284,7 +284,9 @@ def _jinja(t: Template, tok: Any) -> str:
         _JINJA_CONTENT
         + "{%- if messages and messages[0]['role'] == 'system' -%}"
         + "{%- set sys = content(messages[0]) -%}{%- set msgs = messages[1:] -%}"
-        + "{%- else -%}{%- set sys = " + sys_default + " -%}{%- set msgs = messages -%}{%- endif -%}"
+        + "{%- else -%}{%- set sys = "
+        + sys_default
+        + " -%}{%- set msgs = messages -%}{%- endif -%}"
     )
     if t.kind == "plain":
         body = (
@@ -315,7 +317,8 @@ def _jinja(t: Template, tok: Any) -> str:
         body = (
             "{%- if sys -%}<|im_start|>system{{ '\\n' }}{{ sys }}<|im_end|>{%- endif -%}"
             "{%- for m in msgs -%}"
-            "{%- if m['role'] == 'user' -%}<|im_start|>user{{ '\\n' }}{{ content(m) }}<|im_end|><|im_start|>assistant{{ '\\n' }}"
+            "{%- if m['role'] == 'user' -%}<|im_start|>user{{ '\\n' }}{{ content(m) }}<|im_end|>"
+            "<|im_start|>assistant{{ '\\n' }}"
             "{%- else -%}{{ content(m) }}<|im_end|>{%- endif -%}"
             "{%- endfor -%}"
         )

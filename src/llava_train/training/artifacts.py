@@ -1,4 +1,4 @@
-"""Checkpoint artifacts: projector + resolved config in every checkpoint, trainable-only checkpoints for partial stages."""
+"""Checkpoint artifacts: runtime-named weights (trainable-only for partial stages), projector and config."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ CHECKPOINT_INFO = "llava_train_checkpoint.json"
 
 
 def runtime_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """CPU copies of the parameters (all, or only trainable; plus persistent buffers) keyed as `state_dict()` names them.
+    """CPU copies of the parameters (all or trainable only, plus persistent buffers), keyed as in `state_dict()`.
 
     Gathered under ZeRO-3. Tied parameters appear once (safetensors refuses shared storage; the
     tie restores the other name on load).
@@ -38,8 +38,9 @@ def runtime_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str
     return out
 
 
-def save_checkpoint_weights(model: torch.nn.Module, output_dir: str | os.PathLike, trainable_only: bool,
-                            frozen_from: dict[str, Any]) -> None:
+def save_checkpoint_weights(
+    model: torch.nn.Module, output_dir: str | os.PathLike, trainable_only: bool, frozen_from: dict[str, Any]
+) -> None:
     """Write a checkpoint's `model.safetensors` in the model's runtime parameter names.
 
     Why not `save_pretrained`: transformers 5 writes LLaVA weights under its legacy key names
@@ -56,8 +57,12 @@ def save_checkpoint_weights(model: torch.nn.Module, output_dir: str | os.PathLik
     kind = "trainable-only" if trainable_only else "full"
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "llava_train": kind})
     model.config.save_pretrained(out)
-    info = {"kind": kind, "num_tensors": len(state), "num_params": int(sum(t.numel() for t in state.values())),
-            "frozen_from": frozen_from if trainable_only else None}
+    info = {
+        "kind": kind,
+        "num_tensors": len(state),
+        "num_params": int(sum(t.numel() for t in state.values())),
+        "frozen_from": frozen_from if trainable_only else None,
+    }
     (out / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
 
 

@@ -29,8 +29,9 @@ class OptimizerGroupError(RuntimeError):
     """The optimizer does not carry the learning rates the config asked for."""
 
 
-def build_param_groups(model: nn.Module, decay_names: set[str], weight_decay: float, base_lr: float,
-                       lr_overrides: dict[str, float | None]) -> list[dict[str, Any]]:
+def build_param_groups(
+    model: nn.Module, decay_names: set[str], weight_decay: float, base_lr: float, lr_overrides: dict[str, float | None]
+) -> list[dict[str, Any]]:
     """{decay, no_decay} x {projector, vision_tower, language_model} groups of trainable parameters.
 
     Each group carries a `name` ("projector/decay", ...) so logging and the start-up check can
@@ -47,19 +48,23 @@ def build_param_groups(model: nn.Module, decay_names: set[str], weight_decay: fl
     for key in sorted(buckets):
         lr_group, kind = key.split("/")
         lr = lr_overrides.get(lr_group)
-        groups.append({
-            "name": key,
-            "params": buckets[key],
-            "weight_decay": weight_decay if kind == "decay" else 0.0,
-            "lr": base_lr if lr is None else lr,
-        })
+        groups.append(
+            {
+                "name": key,
+                "params": buckets[key],
+                "weight_decay": weight_decay if kind == "decay" else 0.0,
+                "lr": base_lr if lr is None else lr,
+            }
+        )
     return groups
 
 
 def expected_group_lrs(base_lr: float, lr_overrides: dict[str, float | None]) -> dict[str, float]:
     """The learning rate each optimizer group must carry, by lr-group name."""
-    return {g: (base_lr if lr_overrides.get(g) is None else float(lr_overrides[g]))
-            for g in ("projector", "vision_tower", "language_model")}
+    return {
+        g: (base_lr if lr_overrides.get(g) is None else float(lr_overrides[g]))
+        for g in ("projector", "vision_tower", "language_model")
+    }
 
 
 def verify_group_lrs(optimizer: Any, expected: dict[str, float]) -> list[tuple[str, float]]:
@@ -98,10 +103,17 @@ class LLaVATrainer(Trainer):
     hold only the trainable weights; `frozen_from` records where the frozen rest comes from).
     """
 
-    def __init__(self, *args: Any, lr_overrides: dict[str, float | None] | None = None,
-                 modality_lengths: Sequence[int] | None = None, group_by_modality_length: bool = False,
-                 tracker: Any = None, partial_checkpoints: bool = False, frozen_from: dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lr_overrides: dict[str, float | None] | None = None,
+        modality_lengths: Sequence[int] | None = None,
+        group_by_modality_length: bool = False,
+        tracker: Any = None,
+        partial_checkpoints: bool = False,
+        frozen_from: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.partial_checkpoints = partial_checkpoints
         self.frozen_from = dict(frozen_from or {})
@@ -120,16 +132,22 @@ class LLaVATrainer(Trainer):
         opt_model = self.model if model is None else model
         if self.optimizer is None:
             decay = set(self.get_decay_parameter_names(opt_model))
-            groups = build_param_groups(opt_model, decay, self.args.weight_decay, self.args.learning_rate,
-                                        self.lr_overrides)
+            groups = build_param_groups(
+                opt_model, decay, self.args.weight_decay, self.args.learning_rate, self.lr_overrides
+            )
             if not groups:
                 raise OptimizerGroupError("no trainable parameters: check the stage and LoRA settings")
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             optimizer_kwargs.pop("lr", None)  # each group carries its own lr
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
             for g in groups:
-                log.info("optimizer group %-26s lr %-9g weight_decay %-6g params %d", g["name"], g["lr"],
-                         g["weight_decay"], sum(p.numel() for p in g["params"]))
+                log.info(
+                    "optimizer group %-26s lr %-9g weight_decay %-6g params %d",
+                    g["name"],
+                    g["lr"],
+                    g["weight_decay"],
+                    sum(p.numel() for p in g["params"]),
+                )
         return self.optimizer
 
     def expected_lrs(self) -> dict[str, float]:
@@ -172,8 +190,9 @@ class LLaVATrainer(Trainer):
         self._text_only_batch = "pixel_values" not in inputs
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """With `loss_on_trained_only` (set from `perf.loss_on_trained_only`), lm_head runs only on trained positions.
 
         Same objective as HF's path, including its rescaling by the number of processes when
@@ -212,8 +231,14 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         if not (module.training and trainer._text_only_batch):
             return output
-        blank = torch.zeros(1, vision_cfg.num_channels, size, size, device=output.device,
-                            dtype=next(llava.multi_modal_projector.parameters()).dtype)
+        blank = torch.zeros(
+            1,
+            vision_cfg.num_channels,
+            size,
+            size,
+            device=output.device,
+            dtype=next(llava.multi_modal_projector.parameters()).dtype,
+        )
         feats = llava.get_image_features(
             pixel_values=blank,
             vision_feature_layer=base.config.vision_feature_layer,
