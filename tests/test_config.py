@@ -20,7 +20,9 @@ from llava_train.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(p for p in glob.glob(str(REPO / "configs/**/*.yaml"), recursive=True) if "/sweeps/" not in p)
+ALL_YAML = sorted(glob.glob(str(REPO / "configs/**/*.yaml"), recursive=True))
+# Run configs; sweeps (wandb sweep format) and accelerate launch configs are checked by their own tests.
+SHIPPED = [p for p in ALL_YAML if "/sweeps/" not in p and "/accelerate/" not in p]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(Path(p).relative_to(REPO)))
@@ -31,6 +33,14 @@ def test_every_shipped_config_parses_and_validates(path: str) -> None:
     assert isinstance(cfg, RunConfig)
     if cfg.train.get("deepspeed"):
         assert (REPO / cfg.train["deepspeed"]).is_file(), cfg.train["deepspeed"]
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_YAML if "/accelerate/" in p], ids=lambda p: Path(p).name)
+def test_accelerate_launch_configs_use_deepspeed(path: str) -> None:
+    data = yaml.safe_load(Path(path).read_text())
+    assert data["distributed_type"] == "DEEPSPEED"
+    ds_file = data["deepspeed_config"]["deepspeed_config_file"]
+    assert (REPO / ds_file).is_file(), ds_file
 
 
 def test_llava_7b_recipes_match_reference() -> None:
