@@ -240,6 +240,7 @@ def run_demo(
     eval_limit: int | None = None,
     without_stage1: bool = False,
     overrides: Sequence[str] = (),
+    torch_threads: int | None = 1,
 ) -> DemoResult:
     """Run the whole demo in `workdir` and return the final model folder, eval table and artifact paths.
 
@@ -247,12 +248,44 @@ def run_demo(
     -> eval -> stage 2 -> eval -> table, loss curves, a sample chat. `pretrain_steps` /
     `finetune_steps` override the YAML's `max_steps`; `without_stage1` also trains stage 2 straight
     from the base models (same steps) to measure what stage 1 buys; `overrides` (`key=value`) apply
-    to both stages' configs (e.g. `train.learning_rate=1e-3`).
+    to both stages' configs (e.g. `train.learning_rate=1e-3`). `torch_threads` sets torch's
+    intra-op threads for the run (None: leave torch's default).
     """
+    import torch
+
+    previous = torch.get_num_threads()
+    if torch_threads is not None:
+        # The demo's matrices are tiny: a second OpenMP thread buys nothing, and on a shared or busy
+        # machine its spin-waiting made a training step ~15x slower (measured: 0.46 s vs 6.9 s).
+        torch.set_num_threads(torch_threads)
+    try:
+        return _run_demo(
+            Path(workdir),
+            pretrain_steps,
+            finetune_steps,
+            size or DemoSize(),
+            seed,
+            eval_limit,
+            without_stage1,
+            overrides,
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(
+    workdir: Path,
+    pretrain_steps: int | None,
+    finetune_steps: int | None,
+    size: DemoSize,
+    seed: int,
+    eval_limit: int | None,
+    without_stage1: bool,
+    overrides: Sequence[str],
+) -> DemoResult:
     from llava_train.train import run as train_run
 
-    size = size or DemoSize()
-    w = Path(workdir).resolve()
+    w = workdir.resolve()
     w.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
