@@ -152,7 +152,9 @@ def test_hf_sources_save_to_disk_and_parquet(data_dir: Path, llama_tokenizer: An
     hf = datasets.Dataset.from_list(rows)
     hf.save_to_disk(str(data_dir / "hf_disk"))
     hf.to_parquet(str(data_dir / "rows.parquet"))
-    for path in (data_dir / "hf_disk", data_dir / "rows.parquet"):
+    (data_dir / "shards").mkdir()
+    (data_dir / "shards" / "part-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path in (data_dir / "hf_disk", data_dir / "rows.parquet", data_dir / "shards"):
         ds = _build(_cfg([SourceConfig(str(path), image_folder=str(data_dir))]), llama_tokenizer, clip_image_processor)
         assert len(ds) == 2 and ds[0]["pixel_values"].shape == (1, 3, 32, 32) and "pixel_values" not in ds[1]
         assert ds.modality_lengths[0] > 0 > ds.modality_lengths[1]

@@ -39,8 +39,9 @@ logger = get_logger(__name__)
 
 # Bump when the scan's meaning changes so stale caches are not reused.
 SCAN_VERSION = 1
-REASON_CODES = list(BAD_REASONS)
+REASON_CODES = tuple(BAD_REASONS)
 HF_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow"}
+HF_FOLDER_EXTENSIONS = {**HF_EXTENSIONS, ".json": "json", ".jsonl": "json"}
 
 
 # -- row stores --------------------------------------------------------------------------------
@@ -191,10 +192,11 @@ def _load_hf(path: Path, split: str) -> Any:
                 raise KeyError(f"split {split!r} not in {path}; available: {', '.join(ds)}")
             ds = ds[split]
         return ds
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in HF_EXTENSIONS)
+    # A folder may hold parquet, arrow or json/jsonl shards (one format), read by datasets' builders.
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in HF_FOLDER_EXTENSIONS)
     if not files:
-        raise ValueError(f"no parquet/arrow files (and no save_to_disk dataset) in {path}")
-    builder = HF_EXTENSIONS[files[0].suffix]
+        raise ValueError(f"no parquet/arrow/json files (and no save_to_disk dataset) in {path}")
+    builder = HF_FOLDER_EXTENSIONS[files[0].suffix]
     return datasets.load_dataset(builder, data_files={split: [str(f) for f in files]}, split=split)
 
 

@@ -338,7 +338,10 @@ def check_template_consistency(
     if whole == pieces:
         return ConsistencyReport(template.name, True, None, "turn-wise tokenization equals whole-string tokenization")
     pos = next((i for i, (a, b) in enumerate(zip(whole, pieces)) if a != b), min(len(whole), len(pieces)))
-    near = lambda ids: tokenizer.convert_ids_to_tokens(ids[max(0, pos - 2) : pos + 3])  # noqa: E731
+
+    def near(ids: list[int]) -> list[str]:
+        return tokenizer.convert_ids_to_tokens(ids[max(0, pos - 2) : pos + 3])
+
     detail = (
         f"template {template.name!r}: turn-wise tokenization differs from whole-string tokenization at token "
         f"{pos} (whole: {near(whole)}, turn-wise: {near(pieces)}); labels use the whole-string ids, which match "

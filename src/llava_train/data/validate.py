@@ -111,7 +111,11 @@ def format_report(report: dict[str, Any]) -> str:
             + (t["p50"], t["p90"], t["p99"], t["max"])
         )
     widths = [max(len(str(c)), *(len(str(r[k])) for r in rows)) for k, c in enumerate(cols)]
-    fmt = lambda r: "  ".join(str(v).ljust(w) if k < 2 else str(v).rjust(w) for k, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r: tuple) -> str:
+        # Names left-aligned, numbers right-aligned.
+        return "  ".join(str(v).ljust(w) if k < 2 else str(v).rjust(w) for k, (v, w) in enumerate(zip(r, widths)))
+
     lines = [
         f"template {report['template']}, model_max_length {report['model_max_length']}, "
         f"{report['num_image_tokens']} tokens per image; token lengths include image tokens",
