@@ -147,3 +147,38 @@ def test_for_model_reads_image_token_flops_and_no_peak_on_cpu() -> None:
     tracker = ThroughputTracker.for_model(model, TrainingArguments(output_dir="unused", use_cpu=True, report_to=[]))
     assert tracker.image_token_id == 63 and tracker.peak_flops is None
     assert tracker.flops == FlopModel.from_config(cfg, {"multi_modal_projector"})
+
+
+def _flush_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import json
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        clock = FakeClock()
+        tracker = ThroughputTracker(None, None, image_token_id=IMG, clock=clock)
+        tracker.start()
+        tracker.observe(padded_batch() if rank == 0 else packed_batch())
+        clock.now += 2.0
+        first = tracker.flush()
+        if rank == 0:  # rank 1 observes nothing in the second interval: it must still join the all-reduce
+            tracker.observe(padded_batch())
+        clock.now += 2.0
+        second = tracker.flush()
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump([first, second], f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_tracker_counts_are_global_over_ranks(tmp_path) -> None:
+    import json
+
+    torch.multiprocessing.spawn(_flush_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    # Interval 1: 10 + 8 real tokens over 16 + 8 padded, in 2 s, on both ranks.
+    assert rank0[0]["tokens_per_s"] == rank1[0]["tokens_per_s"] == 9.0
+    assert rank0[0]["padding_efficiency"] == 18 / 24 and rank0[0]["samples_per_s"] == 5 / 2
+    # Interval 2: only rank 0 had a batch; it reports the global count, rank 1 reports nothing.
+    assert rank0[1]["tokens_per_s"] == 10 / 2 and rank1[1] == {}

@@ -139,16 +139,27 @@ class ThroughputTracker:
         return self._start
 
     def flush(self) -> dict[str, float]:
-        """Log keys for the interval since the last flush; syncs the device once. {} when nothing was observed."""
+        """Log keys for the interval since the last flush; syncs the device once. {} when nothing was observed.
+
+        With several ranks every rank joins the same collectives, even one that observed nothing,
+        so a rank with an empty interval cannot leave the others waiting.
+        """
         totals, start = self._totals, self._start
         now = self.clock()
         self._totals, self._start, self._excluded, excluded = None, now, 0.0, self._excluded
+        world = _dist_world()
+        if totals is None and world == 1:
+            return {}
+        if totals is None:
+            counts = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+        else:
+            counts = torch.stack([totals[k].to(torch.float64) for k in STAT_KEYS])  # [len(STAT_KEYS)]
+        if world > 1:
+            counts = counts.to(_collective_device())
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+        memory = _peak_memory_gb(world)
         if totals is None or start is None:
             return {}
-        counts = torch.stack([totals[k].to(torch.float64) for k in STAT_KEYS])  # [len(STAT_KEYS)]
-        world = _dist_world()
-        if world > 1:
-            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
         stats = dict(zip(STAT_KEYS, counts.tolist()))
         seconds = max(now - start - excluded, 1e-9)
         out = {
@@ -161,18 +172,25 @@ class ThroughputTracker:
         }
         if self.flops is not None and self.peak_flops:
             out["mfu"] = self.flops.flops_per_step(stats) / (seconds * self.peak_flops * world)
-        memory = _peak_memory_gb(world)
         if memory is not None:
             out["gpu_mem_peak_gb"] = memory
         return out
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo (CPU DeepSpeed) reduces CPU tensors.
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _peak_memory_gb(world: int) -> float | None:
     """Peak CUDA memory allocated since the last call, max over ranks, in GB (1e9 bytes); None without CUDA."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
-    peak = torch.tensor(float(torch.cuda.max_memory_allocated()), device="cuda")
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated()), dtype=torch.float64)
     torch.cuda.reset_peak_memory_stats()
     if world > 1:
+        peak = peak.to(_collective_device())
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    return peak.item() / 1e9
+    return float(peak.item()) / 1e9
