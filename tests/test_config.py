@@ -78,6 +78,7 @@ def test_overrides_dotted_and_sweep_forms() -> None:
     assert cfg.data.train[0].path == "a.json" and cfg.data.train[0].image_folder == "img"
     assert parse_override("--a.b=true") == (["a", "b"], True)
     assert parse_override("x=null") == (["x"], None)
+    assert parse_override("--optim.projector_lr=None") == (["optim", "projector_lr"], None)
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
 
 

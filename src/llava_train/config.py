@@ -373,6 +373,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     value = yaml.safe_load(raw) if raw.strip() else ""
+    if value == "None":  # a wandb sweep agent writes a null sweep value as Python's None
+        value = None
     # YAML 1.1 reads 1e-3 as a string; sweeps pass exactly such values.
     if isinstance(value, str) and any(c in value for c in ".eE"):
         with contextlib.suppress(ValueError):

@@ -29,6 +29,7 @@ def run(cfg: RunConfig) -> TrainResult:
     """Run one stage. Reads as the table of contents of a training run."""
     out = prepare_run_dir(cfg)
     args = build_training_arguments(cfg)  # before the model: under ZeRO-3 it enables zero.Init
+    seed_everything(args)
     model, processor, tokenizer = build_model(cfg)
     model = apply_adapters(model, cfg)
     apply_stage_to_model(model, cfg)
@@ -73,6 +74,14 @@ def build_training_arguments(cfg: RunConfig) -> Any:
         raise ConfigError(f"train: {e}") from e
     log.info("training arguments ready (world size %d, deepspeed %s)", args.world_size, bool(args.deepspeed))
     return args
+
+
+def seed_everything(args: Any) -> None:
+    """Seed before the model exists: the projector (and any new embedding rows) start from random init."""
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    log.info("seed %d", args.seed)
 
 
 def build_model(cfg: RunConfig) -> tuple[Any, Any, Any]:
@@ -133,7 +142,7 @@ def build_trainer(
     """LLaVATrainer with our collator, sampler, lr groups and callbacks."""
     from llava_train.data.collator import PaddingCollator
     from llava_train.training.artifacts import CheckpointArtifactsCallback
-    from llava_train.training.callbacks import build_callbacks
+    from llava_train.training.callbacks import attach_callbacks, build_callbacks
     from llava_train.training.metrics import ThroughputTracker
     from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
 
@@ -159,8 +168,8 @@ def build_trainer(
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trainer.add_callback(LrCheckCallback(trainer))
     trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml))
-    for cb in build_callbacks(cfg, tracker):
-        trainer.add_callback(cb)
+    # Throughput keys must reach the logs before HF's reporters (wandb) see them.
+    attach_callbacks(trainer, build_callbacks(cfg, tracker, data_report=getattr(train_ds, "report", None)))
     return trainer
 
 
@@ -227,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(config_path, overrides)
+    # Under a wandb sweep agent every trial runs this same command: give each its own folder.
+    from llava_train.sweep import sweep_run_output_dir
+
+    cfg.train["output_dir"] = sweep_run_output_dir(cfg.output_dir)
     run(cfg)
     return 0
 
