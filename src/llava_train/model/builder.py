@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from llava_train.config import RunConfig
-from llava_train.utils.logging import get_logger, is_main_process
+from llava_train.utils.distributed import gathered, rank
+from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -81,7 +81,11 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
                 for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                     yield key, handle.get_tensor(key)
         else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                # Files from before torch's zip format cannot be memory-mapped.
+                state = torch.load(str(file), map_location="cpu", weights_only=True)
             yield from state.items()
 
 
@@ -99,22 +103,6 @@ def _tensor_names(files: list[Path]) -> list[str]:
 
 
 # -- ZeRO-3 safe parameter access ---------------------------------------------------------------
-
-
-@contextmanager
-def gathered(params: list[Any], modifier_rank: int | None = 0) -> Iterator[None]:
-    """Gather ZeRO-3 partitioned parameters for the block (no-op for ordinary tensors).
-
-    modifier_rank=0: rank 0's changes are broadcast back on exit (loading); None: read-only (saving).
-    """
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
-        yield
 
 
 def _shape(param: Any) -> tuple[int, ...]:
@@ -459,7 +447,7 @@ def save_projector(model: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     params = dict(projector_module(model).named_parameters())
     with gathered(list(params.values()), modifier_rank=None):
-        if is_main_process():
+        if rank() == 0:
             state = {k: p.detach().to("cpu").clone().contiguous() for k, p in params.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(state, str(path), metadata={"format": "pt", "content": "llava multi_modal_projector"})

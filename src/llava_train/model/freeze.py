@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from llava_train.utils.distributed import full_numel
+
 # Group -> exact name prefix in transformers' LlavaForConditionalGeneration (v5 layout).
 MODULE_GROUPS: dict[str, str] = {
     "vision_tower": "model.vision_tower.",
@@ -112,11 +114,6 @@ def _unwrapped(model: Any) -> Any:
     return model
 
 
-def _numel(param: Any) -> int:
-    # Under ZeRO-3 `numel()` is the local shard's size; ds_numel is the full parameter's.
-    return int(getattr(param, "ds_numel", param.numel()))
-
-
 def parameter_table(model: Any) -> list[dict[str, Any]]:
     """One row per module group (in MODULE_GROUPS order) plus `total`: group, trainable and frozen parameter counts.
 
@@ -124,7 +121,7 @@ def parameter_table(model: Any) -> list[dict[str, Any]]:
     """
     rows = {g: {"group": g, "trainable": 0, "frozen": 0} for g in MODULE_GROUPS}
     for name, param in model.named_parameters():
-        rows[group_of(name)]["trainable" if param.requires_grad else "frozen"] += _numel(param)
+        rows[group_of(name)]["trainable" if param.requires_grad else "frozen"] += full_numel(param)
     table = list(rows.values())
     table.append(
         {"group": "total", "trainable": sum(r["trainable"] for r in table), "frozen": sum(r["frozen"] for r in table)}
