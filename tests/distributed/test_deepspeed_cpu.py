@@ -1,0 +1,275 @@
+"""2-rank DeepSpeed on CPU (gloo) under the real `deepspeed` launcher: ZeRO-2/3 mechanics and both LLaVA stages.
+
+Slow (each launch imports the stack in two processes; the first one compiles DeepSpeed's shm comm
+op into TORCH_EXTENSIONS_DIR, ~40 s). Every subprocess has a timeout, so a hang fails instead of
+blocking CI: the mixed text-only/image runs are the hang checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+DS_DIR = REPO / "configs" / "deepspeed"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+LAUNCH_TIMEOUT = 900
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env["DS_ACCELERATOR"] = "cpu"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["OMP_NUM_THREADS"] = "1"
+    env["WANDB_MODE"] = "disabled"
+    return env
+
+
+def launch(args: list[str], cwd: Path, num_ranks: int = 2) -> tuple[float, str]:
+    """`deepspeed --num_gpus N --master_port P ARGS`; returns (wall seconds, output); fails with the tail on error."""
+    cmd = [str(DEEPSPEED), "--num_gpus", str(num_ranks), "--master_port", str(_free_port()), *args]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"timed out after {LAUNCH_TIMEOUT}s (hang?): {' '.join(cmd)}\n{out[-4000:]}")
+    wall = time.monotonic() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    print(f"[{wall:.0f}s] {' '.join(cmd)}")
+    return wall, output
+
+
+def reports(folder: Path, num_ranks: int = 2) -> list[dict[str, Any]]:
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(num_ranks)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mechanics: tiny Llama + HF Trainer + prepare_distributed (no llava_train model code involved).
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_hf_trainer_mechanics(zero: str, tmp_path: Path) -> None:
+    launch([str(HERE / "cpu_zero_worker.py"), str(tmp_path), str(DS_DIR / f"{zero}.json")], cwd=tmp_path)
+    r0, r1 = reports(tmp_path)
+    stage = int(zero[-1])
+    for r in (r0, r1):
+        assert (r["world_size"], r["args_world_size"], r["train_batch_size"], r["zero_stage"]) == (2, 2, 4, stage)
+        assert r["zero3_enabled"] is (stage == 3)
+        assert r["head_equal"] is True
+    # 4 steps x 2 samples per rank: every sample once, no sample on both ranks.
+    assert len(r0["seen"]) == len(r1["seen"]) == 8
+    assert sorted(r0["seen"] + r1["seen"]) == list(range(16))
+    for name, (local, full) in r0["shards"].items():
+        assert r1["shards"][name] == [local, full]
+        assert local == ((full + 1) // 2 if stage == 3 else full), name
+    assert r0["losses"] == r1["losses"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real entry point: `llava_train.train` on the tiny preset, both stages, 2 ranks.
+
+N_IMAGE_ROWS = 24
+N_TEXT_ROWS = 8
+PROJECTOR_LR = 1e-3
+LR = 1e-2
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny data (solid-colour images; stage 2 mixes in text-only rows) and the tiny preset's model folders."""
+    from PIL import Image
+
+    from llava_train.config import from_dict
+    from llava_train.model.tiny import ensure_tiny_components
+
+    root = tmp_path_factory.mktemp("ds_cpu")
+    images = root / "images"
+    images.mkdir()
+    names = list(COLOURS)
+    pretrain, finetune = [], []
+    for i in range(N_IMAGE_ROWS):
+        colour = names[i % len(names)]
+        Image.new("RGB", (40, 32), COLOURS[colour]).save(images / f"{i}.png")
+        pretrain.append(
+            {
+                "id": f"p{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe."},
+                    {"from": "gpt", "value": f"a {colour} image"},
+                ],
+            }
+        )
+        finetune.append(
+            {
+                "id": f"f{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
+    for i in range(N_TEXT_ROWS):
+        colour = names[i % len(names)]
+        finetune.append(
+            {
+                "id": f"t{i}",
+                "conversations": [{"from": "human", "value": f"Say {colour}."}, {"from": "gpt", "value": colour}],
+            }
+        )
+    (root / "pretrain.json").write_text(json.dumps(pretrain))
+    (root / "finetune.json").write_text(json.dumps(finetune))
+    # Written once here instead of by both ranks of the first launch.
+    ensure_tiny_components(from_dict(tiny_config(root, "pretrain", "zero2", root / "unused")).model)
+    return root
+
+
+def tiny_config(root: Path, stage: str, zero: str, out: Path, init_from: Path | None = None) -> dict[str, Any]:
+    """Stage config for the tiny preset: 6 optimizer steps, 2 samples per rank (stage 1) or 1 (stage 2).
+
+    Stage 2 uses one sample per rank and no modality grouping, so some steps pair a text-only
+    micro-batch on one rank with an image micro-batch on the other (the hang case).
+    """
+    finetune = stage == "finetune"
+    config: dict[str, Any] = {
+        "stage": stage,
+        "model": {
+            "language_model": str(root / "models" / "lm"),
+            "vision_tower": str(root / "models" / "vision"),
+            "preset": "tiny",
+            "dtype": "float32",
+        },
+        "data": {
+            "train": [{"path": str(root / f"{stage}.json"), "image_folder": str(root / "images")}],
+            "template": "vicuna_v1" if finetune else "plain",
+            "model_max_length": 256,
+        },
+        "train": {
+            "output_dir": str(out),
+            "deepspeed": str(DS_DIR / f"{zero}.json"),
+            "max_steps": 6,
+            "per_device_train_batch_size": 1 if finetune else 2,
+            "learning_rate": LR,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "seed": 0,
+            "dataloader_num_workers": 0,
+            "report_to": [],
+            "disable_tqdm": True,
+        },
+    }
+    if finetune:
+        config["model"]["init_from"] = str(init_from)
+        config["optim"] = {"projector_lr": PROJECTOR_LR}
+    return config
+
+
+def write_config(root: Path, name: str, config: dict[str, Any]) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def logged_losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def assert_sharded(r0: dict[str, Any], r1: dict[str, Any], per_rank: int) -> None:
+    """Each rank trained on its own samples: no id on both ranks, `per_rank` per rank per step."""
+    ids0 = [i for b in r0["batches"][:6] for i in b["ids"]]
+    ids1 = [i for b in r1["batches"][:6] for i in b["ids"]]
+    assert len(ids0) == len(ids1) == 6 * per_rank
+    assert not set(ids0) & set(ids1)
+
+
+def assert_partitioned(r0: dict[str, Any], r1: dict[str, Any], zero: str) -> None:
+    assert r0["shards"] == r1["shards"]
+    for name, (local, full) in r0["shards"].items():
+        assert local == ((full + 1) // 2 if zero.startswith("zero3") else full), name
+
+
+def assert_loads_in_transformers(out: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(out))
+    saved = load_file(str(out / "projector.safetensors"))
+    projector = dict(model.model.multi_modal_projector.named_parameters())
+    assert sorted(saved) == sorted(projector)
+    for name, value in saved.items():
+        assert torch.equal(projector[name].detach(), value.to(projector[name].dtype)), name
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_both_stages_two_ranks(zero: str, workspace: Path, tmp_path: Path) -> None:
+    pre_out, ft_out = tmp_path / "pretrain", tmp_path / "finetune"
+    pre_cfg = write_config(tmp_path, "pretrain", tiny_config(workspace, "pretrain", zero, pre_out))
+    pre_wall, _ = launch([str(HERE / "train_observer.py"), str(tmp_path / "r_pre"), str(pre_cfg)], cwd=tmp_path)
+    p0, p1 = reports(tmp_path / "r_pre")
+    assert (p0["world_size"], p1["world_size"]) == (2, 2)
+    assert_sharded(p0, p1, per_rank=2)
+    assert_partitioned(p0, p1, zero)
+    assert p0["group_lrs"] == {"projector/decay": LR, "projector/no_decay": LR}
+    pre_losses = logged_losses(pre_out)
+    assert len(pre_losses) == 6 and pre_losses[-1] < pre_losses[0]
+
+    ft_cfg = write_config(tmp_path, "finetune", tiny_config(workspace, "finetune", zero, ft_out, init_from=pre_out))
+    ft_wall, _ = launch([str(HERE / "train_observer.py"), str(tmp_path / "r_ft"), str(ft_cfg)], cwd=tmp_path)
+    f0, f1 = reports(tmp_path / "r_ft")
+    assert f0["projector_equals_init"] is True and f1["projector_equals_init"] is True
+    assert_sharded(f0, f1, per_rank=1)
+    assert_partitioned(f0, f1, zero)
+    # A step where one rank has a text-only micro-batch and the other an image: it completed.
+    steps = list(zip(f0["batches"][:6], f1["batches"][:6]))
+    assert any((a["images"] == 0) != (b["images"] == 0) for a, b in steps), steps
+    expected = {
+        "language_model/decay": LR,
+        "language_model/no_decay": LR,
+        "projector/decay": PROJECTOR_LR,
+        "projector/no_decay": PROJECTOR_LR,
+    }
+    assert f0["group_lrs"] == f1["group_lrs"] == expected
+    ft_losses = logged_losses(ft_out)
+    assert len(ft_losses) == 6 and ft_losses[-1] < ft_losses[0]
+    assert_loads_in_transformers(ft_out)
+    print(f"{zero}: pretrain {pre_wall:.0f}s, finetune {ft_wall:.0f}s")
+
+
+def test_module_entry_point_zero3_offload(workspace: Path, tmp_path: Path) -> None:
+    """What users type: `deepspeed --num_gpus 2 --module llava_train.train CONFIG`, here with ZeRO-3 + offload."""
+    out = tmp_path / "pretrain"
+    cfg = write_config(tmp_path, "pretrain", tiny_config(workspace, "pretrain", "zero3_offload", out))
+    wall, output = launch(["--module", "llava_train.train", str(cfg)], cwd=tmp_path)
+    assert "training arguments ready (world size 2, deepspeed True)" in output
+    losses = logged_losses(out)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert_loads_in_transformers(out)
+    print(f"zero3_offload pretrain via --module: {wall:.0f}s")

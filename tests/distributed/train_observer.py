@@ -1,0 +1,88 @@
+"""Runs `llava_train.train.main` unchanged under a launcher and records what the 2-rank tests assert.
+
+Usage (what tests/distributed/test_deepspeed_cpu.py runs):
+    deepspeed --num_gpus 2 tests/distributed/train_observer.py REPORT_DIR CONFIG.yaml [key=value ...]
+The train module's own steps are wrapped (not replaced): after `build_model` it records each
+parameter's local and full size and, when `model.init_from` holds a projector, whether the
+gathered projector equals the saved one; after `build_trainer` it records every micro-batch's
+sample ids and image counts and the optimizer's named group learning rates. Each rank writes
+`REPORT_DIR/rank<R>.json` after training.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+import llava_train.train as train_module
+from llava_train.utils.distributed import full_numel, gathered, local_numel, rank
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+class _Recorder(TrainerCallback):
+    def __init__(self, trainer: Any, report: dict[str, Any]) -> None:
+        self.trainer = trainer
+        self.report = report
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if "group_lrs" not in self.report:
+            groups = self.trainer.optimizer.param_groups
+            self.report["group_lrs"] = {g["name"]: float(g.get("initial_lr", g["lr"])) for g in groups}
+
+
+def _projector_matches(model: Any, folder: str) -> bool:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(folder) / PROJECTOR_FILE))
+    projector = model.model.multi_modal_projector
+    params = dict(projector.named_parameters())
+    with gathered(list(params.values()), modifier_rank=None):
+        return sorted(saved) == sorted(params) and all(
+            torch.equal(params[k].detach().float().cpu(), saved[k].float()) for k in saved
+        )
+
+
+def main(report_dir: str, argv: list[str]) -> int:
+    report: dict[str, Any] = {"batches": []}
+    build_model, build_trainer = train_module.build_model, train_module.build_trainer
+
+    def observed_build_model(cfg: Any) -> Any:
+        model, processor, tokenizer = build_model(cfg)
+        report["shards"] = {n: [local_numel(p), full_numel(p)] for n, p in model.named_parameters()}
+        init = cfg.model.init_from
+        if init and (Path(init) / PROJECTOR_FILE).is_file():
+            report["projector_equals_init"] = _projector_matches(model, init)
+        return model, processor, tokenizer
+
+    def observed_build_trainer(*args: Any, **kwargs: Any) -> Any:
+        trainer = build_trainer(*args, **kwargs)
+        collate = trainer.data_collator
+
+        def recording(items: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = collate(items)
+            report["batches"].append({"ids": list(batch["ids"]), "images": int(batch["num_images"].sum())})
+            return batch
+
+        trainer.data_collator = recording
+        trainer.add_callback(_Recorder(trainer, report))
+        report["world_size"] = trainer.args.world_size
+        return trainer
+
+    train_module.build_model = observed_build_model
+    train_module.build_trainer = observed_build_trainer
+    code = train_module.main(argv)
+    Path(report_dir).mkdir(parents=True, exist_ok=True)
+    Path(report_dir, f"rank{rank()}.json").write_text(json.dumps(report))
+    return code
+
+
+if __name__ == "__main__":
+    # The deepspeed launcher adds `--local_rank=N` (the same value is in the LOCAL_RANK env var).
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    raise SystemExit(main(args[0], args[1:]))
