@@ -37,18 +37,16 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.data.validate import run_validate
+    from llava_train.commands import run_validate
 
-    cfg = _load(args, extra)
-    report = run_validate(cfg, report_path=args.report, num_workers=args.workers)
-    return 1 if report["num_bad_rows"] else 0
+    report = run_validate(_load(args, extra), report_path=args.report, num_workers=args.workers)
+    return 1 if report["total_bad"] else 0
 
 
 def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.data.validate import run_inspect
+    from llava_train.commands import run_inspect
 
-    cfg = _load(args, extra)
-    run_inspect(cfg, indices=args.index, jsonl=args.jsonl, source=args.source, color=args.color)
+    run_inspect(_load(args, extra), indices=args.index, jsonl=args.jsonl, color=args.color)
     return 0
 
 
@@ -166,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_data_validate)
     p = data.add_parser("inspect", help="show rendered samples with trained spans highlighted")
     _add_config_args(p)
-    p.add_argument("--index", type=int, action="append", help="sample index (repeatable); default: the first")
-    p.add_argument("--source", help="source name (default: the first source)")
+    p.add_argument(
+        "--index",
+        type=int,
+        action="append",
+        help="sample index over all sources in order (repeatable); default: the first",
+    )
     p.add_argument("--jsonl", help="write input_ids/labels of the samples (all, or --index ones) to this JSONL")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.set_defaults(fn=cmd_data_inspect)
@@ -234,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    from llava_train.data.tokenize import BadSampleError
+
     try:
         return args.fn(args, extra)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError, BadSampleError) as e:
         print(f"llava-train: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,19 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.ti
 # -- locating and reading pretrained folders ------------------------------------------------------
 
 
-def resolve_folder(name_or_path: str | os.PathLike) -> Path:
+def resolve_folder(name_or_path: str | os.PathLike, weights: bool = True) -> Path:
     """A local folder for a hub id or path: the path itself, else a snapshot in the HF cache (downloaded if allowed).
 
     Only safetensors are fetched, unless a repo has none (then `*.bin`, read with weights_only).
+    `weights=False` fetches configs, tokenizer and processor files only (data commands need no weights).
     """
     path = Path(name_or_path)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
+    if not weights:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[p for p in _HUB_PATTERNS if "safe" not in p]))
     folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS))
     if not list(folder.glob("*.safetensors")):
         folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS + ["*.bin"]))
@@ -481,22 +485,28 @@ def load_projector(model: Any, path: str | os.PathLike) -> None:
 # -- processor and everything together -------------------------------------------------------------
 
 
+def vision_source(cfg: RunConfig) -> tuple[Path, Any]:
+    """The folder holding the image processor and the vision config (a full init_from folder, else the tower)."""
+    from transformers import AutoConfig
+
+    if init_from_kind(cfg.model.init_from) == "full":
+        source = Path(cfg.model.init_from)
+        return source, AutoConfig.from_pretrained(str(source)).vision_config
+    source = resolve_folder(cfg.model.vision_tower, weights=False)
+    return source, vision_config_of(AutoConfig.from_pretrained(str(source)))
+
+
 def build_processor(cfg: RunConfig, tokenizer: Any, template: Any) -> Any:
     """LlavaProcessor: the vision tower's image processor, the tokenizer and the template as chat_template.
 
     `<image>` expands to exactly `num_image_tokens` ids: CLIP counts its CLS token
     (num_additional_image_tokens=1) which `default` then drops; SigLIP has none.
     """
-    from transformers import AutoConfig, AutoImageProcessor, LlavaProcessor
+    from transformers import AutoImageProcessor, LlavaProcessor
 
     from llava_train.data.images import feature_select_strategy
 
-    if init_from_kind(cfg.model.init_from) == "full":
-        source = Path(cfg.model.init_from)
-        vision = AutoConfig.from_pretrained(str(source)).vision_config
-    else:
-        source = resolve_folder(cfg.model.vision_tower)
-        vision = vision_config_of(AutoConfig.from_pretrained(str(source)))
+    source, vision = vision_source(cfg)
     image_processor = AutoImageProcessor.from_pretrained(str(source))
     return LlavaProcessor(
         image_processor=image_processor,
@@ -513,7 +523,7 @@ def tokenizer_source(cfg: RunConfig) -> str:
     """Where the tokenizer comes from: a full init_from folder, else `model.tokenizer` or the language model."""
     if init_from_kind(cfg.model.init_from) == "full":
         return str(cfg.model.init_from)
-    return str(resolve_folder(cfg.model.tokenizer or cfg.model.language_model))
+    return str(resolve_folder(cfg.model.tokenizer or cfg.model.language_model, weights=False))
 
 
 def load_components(cfg: RunConfig) -> tuple[Any, Any, Any]:
@@ -527,3 +537,36 @@ def load_components(cfg: RunConfig) -> tuple[Any, Any, Any]:
     model = build_model(cfg, tokenizer)
     processor = build_processor(cfg, tokenizer, get_template(cfg.data.template, cfg.data.system_prompt))
     return model, processor, tokenizer
+
+
+@dataclass(frozen=True)
+class DataComponents:
+    """What the data pipeline needs from the model side, loaded without any weights."""
+
+    tokenizer: Any
+    processor: Any
+    num_image_tokens: int
+    image_token_id: int
+
+
+def load_data_components(cfg: RunConfig) -> DataComponents:
+    """Tokenizer (with `<image>`), processor and image-token facts for `data validate` / `data inspect`.
+
+    Reads configs, tokenizer and image-processor files only: validating 665K rows must not need
+    (or download) 14 GB of weights.
+    """
+    from llava_train.data.images import num_image_tokens
+    from llava_train.data.templates import get_template
+    from llava_train.data.tokenize import load_tokenizer
+    from llava_train.model.tiny import ensure_tiny_components
+
+    ensure_tiny_components(cfg.model)
+    tokenizer = load_tokenizer(tokenizer_source(cfg), image_token=cfg.model.image_token)
+    processor = build_processor(cfg, tokenizer, get_template(cfg.data.template, cfg.data.system_prompt))
+    _, vision = vision_source(cfg)
+    return DataComponents(
+        tokenizer=tokenizer,
+        processor=processor,
+        num_image_tokens=num_image_tokens(vision, cfg.model.vision_feature_select),
+        image_token_id=_image_token_id(tokenizer, cfg.model.image_token),
+    )
