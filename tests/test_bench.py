@@ -1,0 +1,123 @@
+"""`llava-train bench`: synthetic mix shape, mode/preset registries, and real LLaVATrainer steps per mode on CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import pytest
+
+from llava_train.bench import (
+    MODES,
+    PRESETS,
+    SyntheticMix,
+    get_preset,
+    main,
+    parse_modes,
+    run_mode,
+    summary,
+    synthetic_layout,
+)
+
+
+def _small() -> object:
+    """cpu-tiny shrunk so one step takes well under a second: small vocab, 64 image tokens."""
+    base = get_preset("cpu-tiny")
+    return replace(
+        base,
+        text={**base.text, "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
+        vision={**base.vision, "image_size": 32},
+        batch_size=4,
+        packing_length=1024,
+        rows=1,
+        steps=2,
+        warmup=1,
+        num_samples=48,
+        max_length=1024,
+    )
+
+
+def test_registries_list_valid_keys() -> None:
+    with pytest.raises(KeyError, match="valid presets: cpu-tiny, gpu-1b-finetune, gpu-7b-pretrain"):
+        get_preset("gpu-70b")
+    with pytest.raises(KeyError, match="unknown bench mode"):
+        parse_modes("hf-padded,fast")
+    assert parse_modes(None) == ["hf-padded", "grouped", "packed", "ours"]
+    assert parse_modes("ours, packed") == ["ours", "packed"]
+    assert set(MODES) >= {"hf-padded", "grouped", "packed", "ours"}
+
+
+def test_gpu_presets_have_the_issue_shapes() -> None:
+    one_b, seven_b = PRESETS["gpu-1b-finetune"], PRESETS["gpu-7b-pretrain"]
+    assert (
+        one_b.text["hidden_size"],
+        one_b.text["num_hidden_layers"],
+        one_b.text["num_attention_heads"],
+        one_b.text["num_key_value_heads"],
+        one_b.text["intermediate_size"],
+        one_b.text["vocab_size"],
+    ) == (2048, 22, 32, 4, 5632, 32000)
+    assert (seven_b.text["hidden_size"], seven_b.text["num_hidden_layers"], seven_b.text["intermediate_size"]) == (
+        4096,
+        32,
+        11008,
+    )
+    assert one_b.vision["image_size"] == 336 and one_b.vision["patch_size"] == 14
+    assert (one_b.stage, seven_b.stage, seven_b.mix) == ("finetune", "pretrain", "stage1")
+
+
+def test_665k_mix_shape() -> None:
+    preset = replace(get_preset("cpu-tiny"), num_samples=4000)
+    layout = synthetic_layout(preset, seed=0)
+    assert layout == synthetic_layout(preset, seed=0)
+    with_image = [t for k, t, _ in layout if k == 1]
+    text_only = [t for k, t, _ in layout if k == 0]
+    assert 0.93 < len(with_image) / len(layout) < 0.95
+    assert 100 <= sorted(with_image)[len(with_image) // 2] <= 140
+    assert 420 <= sorted(text_only)[len(text_only) // 2] <= 580
+    ds = SyntheticMix(preset, image_token_id=7999)
+    assert max(ds.lengths) <= preset.max_length
+    item = ds[0]
+    assert len(item["input_ids"]) == ds.lengths[0]
+    assert int((item["input_ids"] == 7999).sum()) == 576 * layout[0][0]
+
+
+def test_stage1_mix() -> None:
+    layout = synthetic_layout(replace(get_preset("gpu-7b-pretrain"), num_samples=500), seed=1)
+    assert all(k == 1 and 20 <= t <= 60 and trained == t for k, t, trained in layout)
+
+
+@pytest.mark.parametrize("mode", ["hf-padded", "grouped", "packed", "ours"])
+def test_mode_runs_real_trainer_steps(mode: str) -> None:
+    record = run_mode("cpu-tiny", mode, preset=_small())
+    assert record["mode"] == mode and record["steps"] == 2 and record["mfu"] is None
+    assert record["tokens_per_s"] > 0 and record["trained_tokens_per_s"] > 0
+    assert 0 < record["padding_efficiency"] <= 1 and 0 <= record["data_wait_fraction"] < 1
+    if mode == "ours":
+        assert record["padding_efficiency"] < 1  # rows are padded to packing_length
+
+
+def test_summary_ratio() -> None:
+    records = {
+        "hf-padded": {"tokens_per_s": 100.0, "mfu": 0.05},
+        "packed": {"tokens_per_s": 160.0, "mfu": 0.08},
+        "ours": {"tokens_per_s": 500.0, "mfu": 0.3},
+    }
+    assert summary("p", records) == {
+        "preset": "p",
+        "ratio": 5.0,
+        "packed_ratio": 1.6,
+        "ours_mfu": 0.3,
+        "hf_padded_mfu": 0.05,
+    }
+    assert summary("p", {"ours": {"tokens_per_s": 1.0, "mfu": None}})["ratio"] is None
+
+
+@pytest.mark.slow
+def test_cli_cpu_tiny_prints_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """The full cpu-tiny preset, one measured step per mode (about a minute on 2 cores)."""
+    assert main(argparse.Namespace(preset="cpu-tiny", modes=None, steps=1), []) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x.get("mode") for x in lines[:-1]] == ["hf-padded", "grouped", "packed", "ours"]
+    assert set(lines[-1]) == {"preset", "ratio", "packed_ratio", "ours_mfu", "hf_padded_mfu"}
