@@ -6,7 +6,8 @@
 # install would need setuptools from the network under build isolation).
 # Env: PRESETS (default "gpu-1b-finetune gpu-7b-pretrain"), MODES (default: all four), STEPS (default:
 # the preset's), PROFILE (default 1: two extra profiled steps per mode after the timed ones add the
-# top-5 GPU kernels as `top_ops` to each JSON line; PROFILE=0 skips them).
+# top-5 GPU kernels as `top_ops` to each JSON line; PROFILE=0 skips them), EXTRA (more bench arguments,
+# e.g. "--rows 1" when a preset runs out of memory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -31,6 +32,8 @@ for preset in $PRESETS; do
   args=(--preset "$preset" --modes "$MODES")
   [ -n "${STEPS:-}" ] && args+=(--steps "$STEPS")
   [ "${PROFILE:-1}" = "1" ] && args+=(--profile)
+  # shellcheck disable=SC2206  # e.g. EXTRA="--rows 1 --packing-length 8192" (word splitting wanted)
+  [ -n "${EXTRA:-}" ] && args+=(${EXTRA})
   echo "== bench $preset ($MODES)"
   # One mode failing (e.g. out of memory) must not lose the other presets' lines.
   python -m llava_train.cli bench "${args[@]}" > "$OUT/bench_${preset}.jsonl" 2> "$OUT/bench_${preset}.log" \

@@ -451,6 +451,8 @@ def run_mode(
     spec = MODES[mode]
     if steps is not None:
         preset = replace(preset, steps=steps)
+    if preset.warmup < 1 or preset.steps < 1:
+        raise ValueError(f"bench needs warmup >= 1 and steps >= 1, got {preset.warmup} and {preset.steps}")
     model = build_bench_model(preset, attn=spec.attn, seed=seed)
     dataset = SyntheticMix(preset, image_token_id=model.config.image_token_id, seed=seed)
     packed = spec.batching == "packed"
@@ -585,25 +587,30 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     """`llava-train bench --preset P [--modes a,b] [--steps N] [--profile]`: one JSON line per mode, then the summary.
 
     --profile adds each mode's top-5 ops (torch.profiler, two extra steps after the timed ones) as `top_ops`.
+    --batch-size, --packing-length, --rows, --warmup override the preset (e.g. to fit memory).
     """
     import logging
     import os
 
     more = argparse.ArgumentParser(prog="llava-train bench", add_help=False)
     more.add_argument("--profile", action="store_true")
+    for name in ("batch_size", "packing_length", "rows", "warmup"):
+        more.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
     opts, unknown = more.parse_known_args(extra)
     if unknown:
         raise SystemExit(f"llava-train bench: unknown arguments {' '.join(unknown)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        get_preset(args.preset)
+        preset = get_preset(args.preset)
         modes = parse_modes(args.modes)
     except KeyError as e:
         raise SystemExit(f"llava-train bench: {e.args[0]}") from e
+    overrides = {k: getattr(opts, k) for k in ("batch_size", "packing_length", "rows", "warmup")}
+    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     records: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        records[mode] = run_mode(args.preset, mode, steps=args.steps, profile=opts.profile)
+        records[mode] = run_mode(args.preset, mode, steps=args.steps, preset=preset, profile=opts.profile)
         print(json.dumps(records[mode]), flush=True)
     print(json.dumps(summary(args.preset, records)), flush=True)
     return 0

@@ -193,16 +193,17 @@ class LLaVATrainer(Trainer):
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """With `loss_on_trained_only` (set from `perf.loss_on_trained_only`), lm_head runs only on trained positions.
+        """With `loss_on_trained_only` (from `perf.`; also `loss_chunk_size`), lm_head runs only on trained positions.
 
         Same objective as HF's path, including its rescaling by the number of processes when
         `average_tokens_across_devices` divides by the token count of all ranks.
         """
         if not getattr(self, "loss_on_trained_only", False) or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from llava_train.training.loss import trained_positions_loss
+        from llava_train.training.loss import DEFAULT_CHUNK, trained_positions_loss
 
-        loss = trained_positions_loss(model, inputs, num_items_in_batch)
+        chunk = getattr(self, "loss_chunk_size", DEFAULT_CHUNK)
+        loss = trained_positions_loss(model, inputs, num_items_in_batch, chunk)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
