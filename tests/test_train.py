@@ -218,3 +218,32 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(workspace: dict) -> N
     assert sorted(s for s in b if s > 4) == [5, 6, 7, 8]
     for step in (5, 6, 7, 8):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), f"step {step}: {b[step]} != {a[step]}"
+
+
+def test_lora_finetune_checkpoints_hold_projector_and_final_folder_is_merged(
+    pretrained: dict, workspace: dict
+) -> None:
+    out = Path(workspace["root"]) / "runs" / "lora"
+    cfg = tiny_config(workspace, "finetune", str(out), max_steps=6, save_steps=3)
+    cfg["model"]["init_from"] = pretrained["out"]
+    cfg["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    cfg["optim"] = {"projector_lr": 1e-3}
+    run(from_dict(cfg))
+    stage1 = load_file(Path(pretrained["out"]) / "projector.safetensors")
+    for step in (3, 6):
+        ckpt = out / f"checkpoint-{step}"
+        adapter = load_file(ckpt / "adapter_model.safetensors")
+        assert any("lora_A" in k for k in adapter) and not any("vision_tower" in k for k in adapter)
+        proj_keys = [k for k in adapter if "multi_modal_projector" in k]
+        assert len(proj_keys) == 4, "the intermediate checkpoint must carry the trained projector"
+        assert (ckpt / "projector.safetensors").is_file()
+    final_proj = load_file(out / "projector.safetensors")
+    assert any(not torch.equal(final_proj[k], stage1[k]) for k in stage1), "projector did not train"
+    # The final folder is a merged, HF-native model (no adapter needed to load it).
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    for k, v in final_proj.items():
+        assert torch.equal(merged.model.multi_modal_projector.state_dict()[k], v)
+    assert (out / "adapter" / "adapter_config.json").is_file()
