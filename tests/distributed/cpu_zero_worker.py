@@ -63,10 +63,11 @@ def main(out_dir: str, ds_config: str) -> None:
     )
     model = LlamaForCausalLM._from_config(config)
 
-    # Partial weights: every rank offers different values; modifier rank 0's must win everywhere.
+    # Partial weights. Under ZeRO-3 every rank offers different values and modifier rank 0's must win
+    # everywhere; without partitioning each rank keeps what it loads, so all ranks load the same.
     head = model.lm_head
     wanted = torch.arange(VOCAB * 64, dtype=torch.float32).reshape(VOCAB, 64) / 1e5
-    load_state_dict_gathered(head, {"weight": wanted + rank()})
+    load_state_dict_gathered(head, {"weight": wanted + (rank() if zero3_enabled() else 0)})
     with gathered(head, modifier_rank=None):
         head_equal = bool(torch.equal(head.weight.detach().float(), wanted))
 

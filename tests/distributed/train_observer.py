@@ -5,7 +5,8 @@ Usage (what tests/distributed/test_deepspeed_cpu.py runs):
 The train module's own steps are wrapped (not replaced): after `build_model` it records each
 parameter's local and full size and, when `model.init_from` holds a projector, whether the
 gathered projector equals the saved one; after `build_trainer` it records every micro-batch's
-sample ids and image counts and the optimizer's named group learning rates. Each rank writes
+sample ids and image counts, and after the first step the optimizer's named group learning rates
+and the parameter sizes again (now inside the DeepSpeed engine). Each rank writes
 `REPORT_DIR/rank<R>.json` after training.
 """
 
@@ -34,6 +35,8 @@ class _Recorder(TrainerCallback):
         if "group_lrs" not in self.report:
             groups = self.trainer.optimizer.param_groups
             self.report["group_lrs"] = {g["name"]: float(g.get("initial_lr", g["lr"])) for g in groups}
+            named = self.trainer.model.named_parameters()
+            self.report["shards_training"] = {n: [local_numel(p), full_numel(p)] for n, p in named}
 
 
 def _projector_matches(model: Any, folder: str) -> bool:
@@ -54,7 +57,7 @@ def main(report_dir: str, argv: list[str]) -> int:
 
     def observed_build_model(cfg: Any) -> Any:
         model, processor, tokenizer = build_model(cfg)
-        report["shards"] = {n: [local_numel(p), full_numel(p)] for n, p in model.named_parameters()}
+        report["shards_built"] = {n: [local_numel(p), full_numel(p)] for n, p in model.named_parameters()}
         init = cfg.model.init_from
         if init and (Path(init) / PROJECTOR_FILE).is_file():
             report["projector_equals_init"] = _projector_matches(model, init)
