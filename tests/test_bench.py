@@ -22,24 +22,23 @@ from llava_train.bench import (
 
 
 def _small() -> object:
-    """cpu-tiny shrunk so one step takes well under a second: small vocab, 64 image tokens."""
+    """cpu-tiny shrunk so one step takes well under a second: small vocab and LM, 64 image tokens."""
     base = get_preset("cpu-tiny")
     return replace(
         base,
         text={**base.text, "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
         vision={**base.vision, "image_size": 32},
         batch_size=4,
-        packing_length=1024,
+        packing_length=512,
         rows=1,
         steps=2,
         warmup=1,
         num_samples=48,
-        max_length=1024,
     )
 
 
 def test_registries_list_valid_keys() -> None:
-    with pytest.raises(KeyError, match="valid presets: cpu-tiny, gpu-1b-finetune, gpu-7b-pretrain"):
+    with pytest.raises(KeyError, match="valid presets: cpu-tiny, cpu-tiny-576, gpu-1b-finetune, gpu-7b-pretrain"):
         get_preset("gpu-70b")
     with pytest.raises(KeyError, match="unknown bench mode"):
         parse_modes("hf-padded,fast")
@@ -68,7 +67,7 @@ def test_gpu_presets_have_the_issue_shapes() -> None:
 
 
 def test_665k_mix_shape() -> None:
-    preset = replace(get_preset("cpu-tiny"), num_samples=4000)
+    preset = replace(get_preset("cpu-tiny-576"), num_samples=4000)
     layout = synthetic_layout(preset, seed=0)
     assert layout == synthetic_layout(preset, seed=0)
     with_image = [t for k, t, _ in layout if k == 1]
@@ -81,6 +80,13 @@ def test_665k_mix_shape() -> None:
     item = ds[0]
     assert len(item["input_ids"]) == ds.lengths[0]
     assert int((item["input_ids"] == 7999).sum()) == 576 * layout[0][0]
+
+
+def test_scaled_mix_is_the_same_shape() -> None:
+    full = synthetic_layout(replace(get_preset("cpu-tiny-576"), num_samples=300), seed=2)
+    quarter = synthetic_layout(replace(get_preset("cpu-tiny"), num_samples=300), seed=2)
+    assert [k for k, _, _ in full] == [k for k, _, _ in quarter]
+    assert all(abs(q - f / 4) <= 1 for (_, f, _), (_, q, _) in zip(full, quarter, strict=True) if f < 1400)
 
 
 def test_stage1_mix() -> None:

@@ -42,6 +42,7 @@ class BenchPreset:
     steps, warmup: measured optimizer steps and untimed steps before them.
     num_samples: synthetic dataset size (enough that no mode runs out within one epoch).
     max_length: longest sample (model_max_length).
+    length_scale: multiplies every text length of the mix (medians, caption range, minimum).
     dtype: weight dtype (`float32` = fp32 master weights under bf16 autocast when `bf16`).
     bf16: mixed precision (TrainingArguments.bf16).
     baseline_checkpointing: activation checkpointing in hf-padded / grouped / packed (as the
@@ -60,6 +61,7 @@ class BenchPreset:
     warmup: int
     num_samples: int
     max_length: int = 2048
+    length_scale: float = 1.0
     dtype: str = "float32"
     bf16: bool = False
     baseline_checkpointing: bool = False
@@ -78,7 +80,40 @@ _CLIP_L_336 = {
 _LLAMA = {"vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 PRESETS: dict[str, BenchPreset] = {
+    # The 665k mix at 1/4 scale (144 image tokens, text medians 30 / 125, rows of 512): with a
+    # 256-wide LM, attention then costs about what it does relative to the matmuls in a 1B model at
+    # full scale (~L / (6 d)); at full scale a tiny LM is attention-bound, unlike any real one.
     "cpu-tiny": BenchPreset(
+        text={
+            **_LLAMA,
+            "vocab_size": 4096,
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        vision={
+            "image_size": 48,
+            "patch_size": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        stage="finetune",
+        mix="665k",
+        length_scale=0.25,
+        max_length=512,
+        batch_size=8,
+        packing_length=512,
+        rows=3,
+        steps=8,
+        warmup=2,
+        num_samples=1024,
+    ),
+    # The same at full scale (576 image tokens, rows of 2048): attention-bound on CPU, see above.
+    "cpu-tiny-576": BenchPreset(
         text={
             **_LLAMA,
             "vocab_size": 8000,
@@ -225,7 +260,8 @@ def synthetic_layout(preset: BenchPreset, seed: int = 0) -> list[tuple[int, int,
 
     665k: 94% one image + lognormal text (median 120 tokens, sigma 1.0), 6% text-only lognormal
     (median 500, sigma 0.8); 60% of the text is answer tokens (trained). stage1: one image +
-    uniform 20-60 caption tokens, all trained. Every sample fits `max_length` (BOS included).
+    uniform 20-60 caption tokens, all trained. Text lengths are multiplied by `length_scale`.
+    Every sample fits `max_length` (BOS included).
     """
     g = torch.Generator().manual_seed(seed)
     n_img = image_tokens_per_image(preset)
@@ -233,8 +269,9 @@ def synthetic_layout(preset: BenchPreset, seed: int = 0) -> list[tuple[int, int,
     for _ in range(preset.num_samples):
         u = float(torch.rand((), generator=g))
         z = float(torch.randn((), generator=g))
+        s = preset.length_scale
         if preset.mix == "stage1":
-            text = 20 + int(torch.randint(0, 41, (), generator=g))
+            text = max(1, round(s * (20 + int(torch.randint(0, 41, (), generator=g)))))
             out.append((1, text, text))
             continue
         if preset.mix != "665k":
@@ -242,7 +279,7 @@ def synthetic_layout(preset: BenchPreset, seed: int = 0) -> list[tuple[int, int,
         images = 1 if u < 0.94 else 0
         median, sigma = (120, 1.0) if images else (500, 0.8)
         room = preset.max_length - 1 - images * n_img
-        text = max(16, min(room, int(round(median * math.exp(sigma * z)))))
+        text = max(round(16 * s), min(room, round(s * median * math.exp(sigma * z))))
         out.append((images, text, max(1, int(0.6 * text))))
     return out
 
@@ -588,12 +625,15 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
 
     --profile adds each mode's top-5 ops (torch.profiler, two extra steps after the timed ones) as `top_ops`.
     --batch-size, --packing-length, --rows, --warmup override the preset (e.g. to fit memory).
+    --repeat R runs R interleaved rounds of all modes and keeps each mode's fastest round (its line
+    then lists every round's tokens/s): the way to measure on a CPU host shared with other jobs.
     """
     import logging
     import os
 
     more = argparse.ArgumentParser(prog="llava-train bench", add_help=False)
     more.add_argument("--profile", action="store_true")
+    more.add_argument("--repeat", type=int, default=1)
     for name in ("batch_size", "packing_length", "rows", "warmup"):
         more.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
     opts, unknown = more.parse_known_args(extra)
@@ -609,8 +649,16 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = {k: getattr(opts, k) for k in ("batch_size", "packing_length", "rows", "warmup")}
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     records: dict[str, dict[str, Any]] = {}
-    for mode in modes:
-        records[mode] = run_mode(args.preset, mode, steps=args.steps, preset=preset, profile=opts.profile)
-        print(json.dumps(records[mode]), flush=True)
+    rounds: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(opts.repeat):
+        for mode in modes:  # rounds interleave the modes, so a burst of load on a shared host hits all of them
+            rec = run_mode(args.preset, mode, steps=args.steps, preset=preset, profile=opts.profile)
+            rounds[mode].append(rec["tokens_per_s"])
+            if mode not in records or rec["tokens_per_s"] > records[mode]["tokens_per_s"]:
+                records[mode] = rec
+            if r == opts.repeat - 1:
+                if opts.repeat > 1:
+                    records[mode]["tokens_per_s_rounds"] = rounds[mode]
+                print(json.dumps(records[mode]), flush=True)
     print(json.dumps(summary(args.preset, records)), flush=True)
     return 0
