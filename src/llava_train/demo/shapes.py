@@ -230,7 +230,7 @@ def _finetune_rows(n: int, rng: random.Random, image_folder: Path, image_size: i
         _save(draw(items, image_size, rng), image_folder, rel)
         kinds = ["colour", "shape", "position", "size", "count", "describe"] if count == 1 else ["count", "describe"]
         rng.shuffle(kinds)
-        kinds = kinds[: rng.randint(1, min(3, len(kinds)))]
+        kinds = kinds[: rng.randint(2, 4)] if count == 1 else kinds[: rng.randint(1, 2)]
         conv = []
         for t, kind in enumerate(kinds):
             q = _question(kind, rng)
