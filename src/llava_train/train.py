@@ -89,7 +89,10 @@ def build_model(cfg: RunConfig) -> tuple[Any, Any, Any]:
     from llava_train.model.builder import load_components
 
     model, processor, tokenizer = load_components(cfg)
-    log.info("model built: %s params", f"{sum(p.numel() for p in model.parameters()):,}")
+    from llava_train.utils.distributed import full_numel
+
+    # ZeRO-3 partitions parameters at construction: count their full sizes, not the local shards.
+    log.info("model built: %s params", f"{sum(full_numel(p) for p in model.parameters()):,}")
     return model, processor, tokenizer
 
 
@@ -202,8 +205,7 @@ def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
 
 def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
     """The final HF-native folder (+ projector.safetensors, resolved config)."""
-    from llava_train.model.builder import save_projector
-    from llava_train.training.artifacts import PROJECTOR_FILE
+    from llava_train.model.builder import PROJECTOR_FILE, save_projector
 
     out = Path(cfg.output_dir)
     model = trainer.model

@@ -11,11 +11,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from llava_train.model.builder import save_projector
+from llava_train.model.builder import PROJECTOR_FILE, save_projector
 from llava_train.utils.distributed import gathered
 from llava_train.utils.logging import is_main_process
 
-PROJECTOR_FILE = "projector.safetensors"
 CHECKPOINT_INFO = "llava_train_checkpoint.json"
 
 
@@ -27,7 +26,7 @@ def runtime_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
     out: dict[str, torch.Tensor] = {}
-    with gathered([p for _, p in named]):
+    with gathered([p for _, p in named], modifier_rank=None):  # read-only: no broadcast back
         for name, p in named:
             out[name] = p.detach().to("cpu").clone().contiguous()
     if not trainable_only:

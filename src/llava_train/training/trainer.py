@@ -188,7 +188,24 @@ class LLaVATrainer(Trainer):
         if self.tracker is not None:
             self.tracker.observe(inputs)
         self._text_only_batch = "pixel_values" not in inputs
-        return super().training_step(model, inputs, num_items_in_batch)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._text_only_batch = False
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> Any:
+        """Evaluation batches need the same rank-safe vision call as training ones under ZeRO-3."""
+        self._text_only_batch = "pixel_values" not in inputs
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self._text_only_batch = False
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -212,15 +229,18 @@ class LLaVATrainer(Trainer):
 def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
     """Keep ranks in step when a micro-batch has no image.
 
-    Under ZeRO-3 every module's parameters are all-gathered when it runs, and under ZeRO-2/DDP the
-    projector's gradients are reduced across ranks; a rank that skipped the vision tower would
-    issue a different sequence of collectives and hang the others. LlavaModel runs, in order:
-    input embeddings -> vision tower + projector (only when pixel_values is given) -> language
-    model. This hook fires right after the input embeddings on a text-only micro-batch and runs one
-    blank image through the same vision tower + projector, adding 0 x its output to the embeddings,
-    so every rank gathers the same parameters in the same order and produces (zero) projector
-    gradients at the same point of the backward pass. The cost is one image per text-only
-    micro-batch, not one per text-only sample as in the original.
+    Under ZeRO-3 every module's parameters are all-gathered when it runs (forward and backward),
+    and under ZeRO-2/DDP the projector's gradients are reduced across ranks; a rank that skipped
+    the vision tower would issue a different sequence of collectives and hang the others (or fail
+    with mismatched gather sizes). LlavaModel runs, in order: input embeddings -> vision tower +
+    projector (only when pixel_values is given) -> language model. On a text-only micro-batch this
+    pre-hook on the language model runs one blank image through the same vision tower + projector
+    and adds 0 x its output to the LM's input embeddings. Every rank therefore runs embeddings,
+    vision, projector, LM in the same order forward, and the reverse order backward (a hook on the
+    embedding module itself would put the embedding's backward before the projector's on text-only
+    ranks only). `prepend=True` puts it ahead of DeepSpeed's own pre-hook on the LM. The cost is
+    one image per text-only micro-batch, not one per text-only sample as in the original. The flag
+    is set only inside training/prediction steps, so generation elsewhere is untouched.
     """
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -229,15 +249,16 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
     size = vision_cfg.image_size
     size = size if isinstance(size, int) else size[0]
 
-    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        if not (module.training and trainer._text_only_batch):
-            return output
+    def pre_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+        if not trainer._text_only_batch or kwargs.get("inputs_embeds") is None:
+            return None
+        embeds = kwargs["inputs_embeds"]
         blank = torch.zeros(
             1,
             vision_cfg.num_channels,
             size,
             size,
-            device=output.device,
+            device=embeds.device,
             dtype=next(llava.multi_modal_projector.parameters()).dtype,
         )
         feats = llava.get_image_features(
@@ -248,9 +269,10 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
         feats = getattr(feats, "pooler_output", feats)
         if isinstance(feats, (list, tuple)):
             feats = torch.cat(list(feats), dim=0)
-        return output + 0.0 * feats.sum().to(output.dtype)
+        kwargs["inputs_embeds"] = embeds + 0.0 * feats.sum().to(embeds.dtype)
+        return args, kwargs
 
-    base.get_input_embeddings().register_forward_hook(hook)
+    llava.language_model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
 
 
 class LrCheckCallback(TrainerCallback):
