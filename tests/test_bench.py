@@ -118,6 +118,10 @@ def test_summary_ratio() -> None:
         "hf_padded_mfu": 0.05,
     }
     assert summary("p", {"ours": {"tokens_per_s": 1.0, "mfu": None}})["ratio"] is None
+    cpu = {m: {**r, "device": "cpu", "tokens_per_cpu_s": r["tokens_per_s"] / 2} for m, r in records.items()}
+    cpu["packed"]["tokens_per_cpu_s"] = 100.0
+    out = summary("p", cpu)
+    assert (out["cpu_time_ratio"], out["cpu_time_packed_ratio"]) == (5.0, 2.0)
 
 
 @pytest.mark.slow
@@ -126,4 +130,12 @@ def test_cli_cpu_tiny_prints_json_lines(capsys: pytest.CaptureFixture[str]) -> N
     assert main(argparse.Namespace(preset="cpu-tiny", modes=None, steps=1), []) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [x.get("mode") for x in lines[:-1]] == ["hf-padded", "grouped", "packed", "ours"]
-    assert set(lines[-1]) == {"preset", "ratio", "packed_ratio", "ours_mfu", "hf_padded_mfu"}
+    assert set(lines[-1]) == {
+        "preset",
+        "ratio",
+        "packed_ratio",
+        "ours_mfu",
+        "hf_padded_mfu",
+        "cpu_time_ratio",
+        "cpu_time_packed_ratio",
+    }

@@ -383,7 +383,7 @@ def _trainer_class() -> type:
         """LLaVATrainer plus a clock around batch fetching (the step itself is untouched)."""
 
         data_wait = 0.0
-        step_marks: list[tuple[float, int, float]]
+        step_marks: list[tuple[float, int, float, float]]
 
         def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -399,12 +399,12 @@ def _step_clock(trainer: Any, log: _BatchLog) -> Any:
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
-        """Records (time, micro-batches seen, data wait) at every optimizer step end, after a device sync."""
+        """Records (time, micro-batches seen, data wait, process CPU time) at every step end, after a device sync."""
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            trainer.step_marks.append((time.perf_counter(), len(log.rows), trainer.data_wait))
+            trainer.step_marks.append((time.perf_counter(), len(log.rows), trainer.data_wait, time.process_time()))
 
     return StepClock()
 
@@ -577,7 +577,7 @@ def _record(
     preset_name: str, mode: str, preset: BenchPreset, trainer: Any, log: _BatchLog, flops: Any, peak: float | None
 ) -> dict[str, Any]:
     marks = trainer.step_marks[: preset.warmup + preset.steps]  # profiled steps come after these
-    (t0, b0, w0), (t1, b1, w1) = marks[preset.warmup - 1], marks[-1]
+    (t0, b0, w0, c0), (t1, b1, w1, c1) = marks[preset.warmup - 1], marks[-1]
     seconds = t1 - t0
     rows = log.rows[b0:b1]
     stats = {k: sum(float(r[k]) for r in rows) for k in rows[0] if k != "trained_tokens"}
@@ -590,6 +590,9 @@ def _record(
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "steps": len(marks) - preset.warmup,
         "seconds": round(seconds, 3),
+        # CPU seconds of this process (all threads): on a shared CPU host, unlike wall time, it does not
+        # grow when other jobs take the cores. Data-loader worker processes are not included.
+        "tokens_per_cpu_s": round(stats["real_tokens"] / max(c1 - c0, 1e-9), 1),
         "tokens_per_s": round(stats["real_tokens"] / seconds, 1),
         "trained_tokens_per_s": round(stats["trained_tokens"] / seconds, 1),
         "samples_per_s": round(stats["samples"] / seconds, 2),
@@ -606,18 +609,23 @@ def summary(preset_name: str, records: dict[str, dict[str, Any]]) -> dict[str, A
     """The last line: ours / hf-padded tokens/s (and packed / hf-padded), with both MFUs."""
     base = records.get("hf-padded")
 
-    def ratio(mode: str) -> float | None:
+    def ratio(mode: str, key: str = "tokens_per_s") -> float | None:
         if base is None or mode not in records:
             return None
-        return round(records[mode]["tokens_per_s"] / base["tokens_per_s"], 3)
+        return round(records[mode][key] / base[key], 3)
 
-    return {
+    out = {
         "preset": preset_name,
         "ratio": ratio("ours"),
         "packed_ratio": ratio("packed"),
         "ours_mfu": records.get("ours", {}).get("mfu"),
         "hf_padded_mfu": base.get("mfu") if base else None,
     }
+    if base is not None and base.get("device") == "cpu":
+        # The same ratios in tokens per CPU second: what a shared CPU host can measure reliably.
+        out["cpu_time_ratio"] = ratio("ours", "tokens_per_cpu_s")
+        out["cpu_time_packed_ratio"] = ratio("packed", "tokens_per_cpu_s")
+    return out
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
@@ -627,6 +635,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     --batch-size, --packing-length, --rows, --warmup override the preset (e.g. to fit memory).
     --repeat R runs R interleaved rounds of all modes and keeps each mode's fastest round (its line
     then lists every round's tokens/s): the way to measure on a CPU host shared with other jobs.
+    --threads N sets torch's CPU threads (default 1 without CUDA: with one thread no OpenMP thread
+    spins waiting for a preempted sibling, so CPU time measures the work exactly on a shared host).
     """
     import logging
     import os
@@ -634,12 +644,15 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     more = argparse.ArgumentParser(prog="llava-train bench", add_help=False)
     more.add_argument("--profile", action="store_true")
     more.add_argument("--repeat", type=int, default=1)
+    more.add_argument("--threads", type=int, default=None)
     for name in ("batch_size", "packing_length", "rows", "warmup"):
         more.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
     opts, unknown = more.parse_known_args(extra)
     if unknown:
         raise SystemExit(f"llava-train bench: unknown arguments {' '.join(unknown)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if opts.threads is not None or not torch.cuda.is_available():
+        torch.set_num_threads(opts.threads or 1)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         preset = get_preset(args.preset)
