@@ -650,10 +650,6 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     opts, unknown = more.parse_known_args(extra)
     if unknown:
         raise SystemExit(f"llava-train bench: unknown arguments {' '.join(unknown)}")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if opts.threads is not None or not torch.cuda.is_available():
-        torch.set_num_threads(opts.threads or 1)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         preset = get_preset(args.preset)
         modes = parse_modes(args.modes)
@@ -661,17 +657,36 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         raise SystemExit(f"llava-train bench: {e.args[0]}") from e
     overrides = {k: getattr(opts, k) for k in ("batch_size", "packing_length", "rows", "warmup")}
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    threads = torch.get_num_threads()
+    if opts.threads is not None or not torch.cuda.is_available():
+        torch.set_num_threads(opts.threads or 1)
+    try:
+        records = run_rounds(args.preset, preset, modes, args.steps, opts.repeat, opts.profile)
+    finally:
+        torch.set_num_threads(threads)  # main() also runs inside tests and other tools' processes
+    print(json.dumps(summary(args.preset, records)), flush=True)
+    return 0
+
+
+def run_rounds(
+    preset_name: str, preset: BenchPreset, modes: list[str], steps: int | None, repeat: int = 1, profile: bool = False
+) -> dict[str, dict[str, Any]]:
+    """`repeat` interleaved rounds of all modes; prints and returns each mode's fastest record.
+
+    Interleaving makes a burst of load on a shared host hit every mode, not just one.
+    """
     records: dict[str, dict[str, Any]] = {}
     rounds: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(opts.repeat):
-        for mode in modes:  # rounds interleave the modes, so a burst of load on a shared host hits all of them
-            rec = run_mode(args.preset, mode, steps=args.steps, preset=preset, profile=opts.profile)
+    for r in range(repeat):
+        for mode in modes:
+            rec = run_mode(preset_name, mode, steps=steps, preset=preset, profile=profile)
             rounds[mode].append(rec["tokens_per_s"])
             if mode not in records or rec["tokens_per_s"] > records[mode]["tokens_per_s"]:
                 records[mode] = rec
-            if r == opts.repeat - 1:
-                if opts.repeat > 1:
+            if r == repeat - 1:
+                if repeat > 1:
                     records[mode]["tokens_per_s_rounds"] = rounds[mode]
                 print(json.dumps(records[mode]), flush=True)
-    print(json.dumps(summary(args.preset, records)), flush=True)
-    return 0
+    return records
