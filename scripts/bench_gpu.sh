@@ -5,9 +5,9 @@
 # no deepspeed, no wandb: the bench needs none of them. Our package goes on PYTHONPATH (an editable
 # install would need setuptools from the network under build isolation).
 # Env: PRESETS (default "gpu-1b-finetune gpu-7b-pretrain"), MODES (default: all four), STEPS (default:
-# the preset's), PROFILE (default 1: two extra profiled steps per mode after the timed ones add the
-# top-5 GPU kernels as `top_ops` to each JSON line; PROFILE=0 skips them), EXTRA (more bench arguments,
-# e.g. "--rows 1" when a preset runs out of memory).
+# the preset's), PYTHON (default python), PROFILE (default 1: two extra profiled steps per mode after
+# the timed ones add the top-5 GPU kernels as `top_ops` to each JSON line; PROFILE=0 skips them),
+# EXTRA (more bench arguments, e.g. "--rows 1" when a preset runs out of memory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -17,12 +17,13 @@ export TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 PRESETS="${PRESETS:-gpu-1b-finetune gpu-7b-pretrain}"
 MODES="${MODES:-hf-padded,grouped,packed,ours}"
+PY="${PYTHON:-python}"
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'transformers', \
+  "$PY" -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
-  python -c "import liger_kernel; print('liger-kernel', liger_kernel.__version__)" 2>/dev/null \
+  "$PY" -c "import liger_kernel; print('liger-kernel', liger_kernel.__version__)" 2>/dev/null \
     || echo "liger-kernel not installed (chunked lm_head + cross entropy is used)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
@@ -36,7 +37,7 @@ for preset in $PRESETS; do
   [ -n "${EXTRA:-}" ] && args+=(${EXTRA})
   echo "== bench $preset ($MODES)"
   # One mode failing (e.g. out of memory) must not lose the other presets' lines.
-  python -m llava_train.cli bench "${args[@]}" > "$OUT/bench_${preset}.jsonl" 2> "$OUT/bench_${preset}.log" \
+  "$PY" -m llava_train.cli bench "${args[@]}" > "$OUT/bench_${preset}.jsonl" 2> "$OUT/bench_${preset}.log" \
     || { status=1; echo "bench $preset failed; tail of its log:"; tail -n 30 "$OUT/bench_${preset}.log"; }
   cat "$OUT/bench_${preset}.jsonl"
 done
