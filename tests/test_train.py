@@ -247,3 +247,14 @@ def test_lora_finetune_checkpoints_hold_projector_and_final_folder_is_merged(
     for k, v in final_proj.items():
         assert torch.equal(merged.model.multi_modal_projector.state_dict()[k], v)
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_packed_finetune_trains_on_whole_sample_rows(workspace: dict) -> None:
+    out = Path(workspace["root"]) / "runs" / "packed"
+    cfg = tiny_config(workspace, "finetune", str(out), max_steps=8, per_device_train_batch_size=1, save_steps=100)
+    cfg["data"].update({"packing": True, "packing_length": 256})
+    result = run(from_dict(cfg))
+    loss = losses(result.log_history)
+    assert len(loss) == 8 and all(v == v and v > 0 for v in loss.values())
+    assert sum(loss[s] for s in (6, 7, 8)) / 3 < sum(loss[s] for s in (1, 2, 3)) / 3
+    assert (out / "model.safetensors").is_file()

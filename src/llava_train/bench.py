@@ -16,7 +16,6 @@ import math
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_train.data.tokenize import IGNORE_INDEX
+from llava_train.utils.attention import sdpa_backends
 
 BOS_ID = 1
 PAD_ID = 0
@@ -442,27 +442,6 @@ def _top_ops(prof: Any, active_steps: int, top: int = 5) -> list[dict[str, Any]]
     ]
 
 
-@contextlib.contextmanager
-def sdpa_backends(names: tuple[str, ...] | list[str]) -> Iterator[None]:
-    """Restrict PyTorch SDPA to the named backends on CUDA (`flash`, `efficient`, `cudnn`, `math`); no-op otherwise."""
-    if not names or not torch.cuda.is_available():
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    table = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise KeyError(f"unknown SDPA backend(s) {unknown}; valid: {', '.join(table)}")
-    with sdpa_kernel([table[n] for n in names]):
-        yield
-
-
 def run_mode(
     preset_name: str,
     mode: str,
@@ -481,7 +460,7 @@ def run_mode(
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from llava_train.data.collator import PaddingCollator
-    from llava_train.data.packing import PackedRows, PackedRowSampler, PackingCollator
+    from llava_train.data.packing import PackedRows, PackingCollator
     from llava_train.training.flops import FlopModel, peak_flops_for_current_device
 
     preset = preset or get_preset(preset_name)
@@ -535,13 +514,11 @@ def run_mode(
             tracker=log,
             modality_lengths=dataset.modality_lengths,
             group_by_modality_length=spec.batching == "grouped",
+            packing_length=preset.packing_length if packed else None,
+            loss_on_trained_only=spec.trained_only_loss,
         )
         trainer.step_marks = []
-        trainer.loss_on_trained_only = spec.trained_only_loss
-        if packed:
-            sampler: Any = PackedRowSampler(dataset.lengths, preset.packing_length, seed=seed)
-            trainer._get_train_sampler = lambda *a, **k: sampler
-        elif spec.batching == "grouped":
+        if spec.batching == "grouped" and not packed:
             # HF's length grouping (megabatches of 50 batches sorted by length). LLaVA's modality
             # sampler sorts only within one optimizer step, which on one GPU is a single batch.
             sampler = LengthGroupedSampler(

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from llava_train.config import CONFIG_FILENAME, ConfigError, RunConfig, dump_config, load_config
+from llava_train.utils.attention import sdpa_backends
 from llava_train.utils.logging import get_logger, is_main_process
 
 log = get_logger(__name__)
@@ -37,7 +38,8 @@ def run(cfg: RunConfig) -> TrainResult:
     trainer = build_trainer(cfg, args, model, processor, tokenizer, train_ds, eval_ds)
     resume = resolve_resume(cfg, out)
     log.info("training: %d samples, resume from %s", len(train_ds), resume or "scratch")
-    result = trainer.train(resume_from_checkpoint=resume)
+    with sdpa_backends(cfg.perf.sdpa_backends):
+        result = trainer.train(resume_from_checkpoint=resume)
     save_final(cfg, trainer, processor)
     return TrainResult(str(out), int(result.global_step), list(trainer.state.log_history))
 
@@ -144,22 +146,30 @@ def build_trainer(
 ) -> Any:
     """LLaVATrainer with our collator, sampler, lr groups and callbacks."""
     from llava_train.data.collator import PaddingCollator
+    from llava_train.data.packing import PackedRows, PackingCollator
     from llava_train.training.artifacts import CheckpointArtifactsCallback
     from llava_train.training.callbacks import attach_callbacks, build_callbacks
     from llava_train.training.metrics import ThroughputTracker
     from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
 
     tracker = ThroughputTracker.for_model(model, args)
+    packing_length = (cfg.data.packing_length or cfg.data.model_max_length) if cfg.data.packing else None
+    if packing_length:
+        # Each item is a packed row of whole samples; per_device_train_batch_size counts rows.
+        dataset, collator = PackedRows(train_ds), PackingCollator(tokenizer.pad_token_id)
+        log.info("packing samples into rows of %d tokens", packing_length)
+    else:
+        dataset, collator = train_ds, PaddingCollator(pad_token_id=tokenizer.pad_token_id)
     trainer = LLaVATrainer(
         model=model,
         args=args,
-        train_dataset=train_ds,
+        train_dataset=dataset,
         eval_dataset=eval_ds,
-        data_collator=PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=processor,
         lr_overrides={"projector": cfg.optim.projector_lr, "vision_tower": cfg.optim.vision_tower_lr},
         modality_lengths=train_ds.modality_lengths,
-        group_by_modality_length=cfg.data.group_by_modality_length,
+        group_by_modality_length=cfg.data.group_by_modality_length and not packing_length,
         tracker=tracker,
         partial_checkpoints=_partial_checkpoints(cfg),
         frozen_from={
@@ -167,6 +177,9 @@ def build_trainer(
             "vision_tower": cfg.model.vision_tower,
             "init_from": cfg.model.init_from,
         },
+        packing_length=packing_length,
+        loss_on_trained_only=cfg.perf.loss_on_trained_only,
+        loss_chunk_size=cfg.perf.loss_chunk_size,
     )
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trainer.add_callback(LrCheckCallback(trainer))

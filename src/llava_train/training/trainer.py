@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from llava_train.data.packing import PackedRowSampler
 from llava_train.data.sampler import ModalityLengthGroupedSampler
 from llava_train.model.freeze import group_of, is_peft_model
 from llava_train.utils.logging import get_logger
@@ -100,7 +101,9 @@ class LLaVATrainer(Trainer):
     Extra arguments: `lr_overrides` ({"projector": lr, "vision_tower": lr}, None = main lr),
     `modality_lengths` (signed exact lengths from the dataset) with `group_by_modality_length`,
     `tracker` (throughput statistics fed with every micro-batch), `partial_checkpoints` (checkpoints
-    hold only the trainable weights; `frozen_from` records where the frozen rest comes from).
+    hold only the trainable weights; `frozen_from` records where the frozen rest comes from),
+    `packing_length` (train on packed rows of this many tokens: see data/packing.py), and
+    `loss_on_trained_only` / `loss_chunk_size` (lm_head + loss only on trained positions).
     """
 
     def __init__(
@@ -112,10 +115,16 @@ class LLaVATrainer(Trainer):
         tracker: Any = None,
         partial_checkpoints: bool = False,
         frozen_from: dict[str, Any] | None = None,
+        packing_length: int | None = None,
+        loss_on_trained_only: bool = False,
+        loss_chunk_size: int = 4096,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.partial_checkpoints = partial_checkpoints
+        self.packing_length = packing_length
+        self.loss_on_trained_only = loss_on_trained_only
+        self.loss_chunk_size = loss_chunk_size
         self.frozen_from = dict(frozen_from or {})
         self.lr_overrides = dict(lr_overrides or {})
         self.modality_lengths = list(modality_lengths) if modality_lengths is not None else None
@@ -157,13 +166,17 @@ class LLaVATrainer(Trainer):
     # -- sampler (the one tolerated private hook) --------------------------------------------
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if self.packing_length:
+            # One item per packed row (a tuple of sample indices); whole rows are dealt to ranks.
+            return PackedRowSampler(self.train_dataset.lengths, self.packing_length, seed=seed)
         if self.group_by_modality_length and self.modality_lengths is not None:
             return ModalityLengthGroupedSampler(
                 self.modality_lengths,
                 per_device_batch=self.args.per_device_train_batch_size,
                 world_size=self.args.world_size,
                 grad_accum=self.args.gradient_accumulation_steps,
-                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                seed=seed,
             )
         return super()._get_train_sampler(train_dataset)
 
@@ -215,12 +228,11 @@ class LLaVATrainer(Trainer):
         Same objective as HF's path, including its rescaling by the number of processes when
         `average_tokens_across_devices` divides by the token count of all ranks.
         """
-        if not getattr(self, "loss_on_trained_only", False) or return_outputs or "labels" not in inputs:
+        if not self.loss_on_trained_only or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from llava_train.training.loss import DEFAULT_CHUNK, trained_positions_loss
+        from llava_train.training.loss import trained_positions_loss
 
-        chunk = getattr(self, "loss_chunk_size", DEFAULT_CHUNK)
-        loss = trained_positions_loss(model, inputs, num_items_in_batch, chunk)
+        loss = trained_positions_loss(model, inputs, num_items_in_batch, self.loss_chunk_size)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
