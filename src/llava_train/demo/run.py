@@ -39,7 +39,9 @@ class DemoSize:
     """Sizes of the demo's data and tiny models (defaults: tuned to finish in minutes on 2 CPU cores).
 
     n_pretrain, n_finetune, n_eval: rows of each generated split.
-    image_size, patch_size: vision input (64 px / 8 = 64 image tokens per image).
+    image_size, patch_size: vision input (64 px / 8 = 64 image tokens per image). Measured: with
+        patch 16 (16 tokens, shapes straddling patches) a colour-only run stayed at chance for
+        1000 steps; with patch 8 it reached 100% on held-out pairs in ~200 steps.
     lm_hidden, lm_layers, lm_heads: tiny Llama-style language model.
     vision_hidden, vision_layers: tiny CLIP vision tower.
     """
@@ -300,9 +302,9 @@ def _run_demo(
     _timed(timings, "tiny tokenizer + models", lambda: build_models(w, data, size, seed))
     cfg1 = stage_config("pretrain", w, pretrain_steps, overrides=overrides)
     cfg2 = stage_config("finetune", w, finetune_steps, overrides=overrides)
-    _timed(
-        timings, "data validate", lambda: [validate_data(c, w / f"data_report_{c.stage}.json") for c in (cfg1, cfg2)]
-    )
+    # Stage 2 is validated against the base models: its init_from folder is written by stage 1.
+    to_check = (cfg1, stage_config("finetune", w, init_from=None, overrides=overrides))
+    _timed(timings, "data validate", lambda: [validate_data(c, w / f"data_report_{c.stage}.json") for c in to_check])
 
     reports: dict[str, dict[str, Any]] = {}
     untrained = _timed(
