@@ -258,3 +258,36 @@ def test_packed_finetune_trains_on_whole_sample_rows(workspace: dict) -> None:
     assert len(loss) == 8 and all(v == v and v > 0 for v in loss.values())
     assert sum(loss[s] for s in (6, 7, 8)) / 3 < sum(loss[s] for s in (1, 2, 3)) / 3
     assert (out / "model.safetensors").is_file()
+
+
+def test_run_folder_has_exact_data_summary(pretrained: dict) -> None:
+    summary = json.loads((Path(pretrained["out"]) / "data_summary.json").read_text())
+    (src,) = summary["sources"]
+    assert (summary["items"], src["rows"], src["good"], src["used"], src["images"], src["text_only"]) == (
+        32,
+        32,
+        32,
+        32,
+        32,
+        0,
+    )
+    assert summary["skipped"] == {} and src["tokens_max"] >= src["tokens_p50"] > 16
+
+
+def test_prediction_rows_for_the_wandb_table(pretrained: dict, workspace: dict) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llava_train.training.predictions import eval_predictions_fn
+
+    cfg = from_dict(tiny_config(workspace, "finetune", str(Path(workspace["root"]) / "runs" / "unused")))
+    cfg.data.eval = cfg.data.train
+    cfg.wandb.log_predictions = 2
+    model = AutoModelForImageTextToText.from_pretrained(pretrained["out"]).train()
+    rows = eval_predictions_fn(cfg, AutoProcessor.from_pretrained(pretrained["out"]))(model)
+    assert [r["reference"] for r in rows] == ["red", "green"]
+    assert all(isinstance(r["prediction"], str) and r["image"] is not None for r in rows)
+    # The stage-1 folder carries the plain template: image placeholder, then the earlier reply.
+    assert rows[0]["prompt"] == "<image>red\n"
+    assert model.training, "model returned to training mode"
+    cfg.data.eval = []
+    assert eval_predictions_fn(cfg, None) is None

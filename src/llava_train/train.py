@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ def build_data(cfg: RunConfig, processor: Any, tokenizer: Any, model: Any, args:
     )
     train_ds = build_dataset(cfg.data, split="train", **common)
     eval_ds = build_dataset(cfg.data, split="eval", **common) if cfg.data.eval else None
+    if is_main_process():
+        (Path(cfg.output_dir) / "data_summary.json").write_text(json.dumps(train_ds.summary(), indent=2))
     log.info(
         "data: %d train samples, %s eval samples, %d tokens per image",
         len(train_ds),
@@ -150,6 +153,7 @@ def build_trainer(
     from llava_train.training.artifacts import CheckpointArtifactsCallback
     from llava_train.training.callbacks import attach_callbacks, build_callbacks
     from llava_train.training.metrics import ThroughputTracker
+    from llava_train.training.predictions import eval_predictions_fn
     from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
 
     tracker = ThroughputTracker.for_model(model, args)
@@ -185,7 +189,12 @@ def build_trainer(
     trainer.add_callback(LrCheckCallback(trainer))
     trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml))
     # Throughput keys must reach the logs before HF's reporters (wandb) see them.
-    attach_callbacks(trainer, build_callbacks(cfg, tracker, data_report=getattr(train_ds, "report", None)))
+    attach_callbacks(
+        trainer,
+        build_callbacks(
+            cfg, tracker, data_report=train_ds.summary(), predictions_fn=eval_predictions_fn(cfg, processor)
+        ),
+    )
     return trainer
 
 

@@ -453,6 +453,38 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.item_row)
 
+    def summary(self) -> dict[str, Any]:
+        """Per-source counts of the built index (rows, used items, images, text-only, truncated, skipped by
+        reason, token-length percentiles): written to the run folder and logged to wandb."""
+        sources = []
+        for k, (src, scan) in enumerate(zip(self.sources, self.scans)):
+            good = scan.reasons < 0
+            used = self.item_source == k
+            lengths = scan.lengths[good]
+            pct = np.percentile(lengths, [50, 90, 99]).astype(int).tolist() if len(lengths) else [0, 0, 0]
+            skipped: dict[str, int] = {}
+            for b in scan.bad:
+                skipped[b["reason"]] = skipped.get(b["reason"], 0) + 1
+            sources.append(
+                {
+                    "name": src.name,
+                    "path": src.path,
+                    "rows": int(len(scan.reasons)),
+                    "good": int(good.sum()),
+                    "used": int(used.sum()),
+                    "weight": src.weight,
+                    "images": int(scan.num_images[good].sum()),
+                    "text_only": int((good & (scan.num_images == 0)).sum()),
+                    "truncated": int(scan.truncated[good].sum()),
+                    "skipped": skipped,
+                    "tokens_p50": pct[0],
+                    "tokens_p90": pct[1],
+                    "tokens_p99": pct[2],
+                    "tokens_max": int(lengths.max()) if len(lengths) else 0,
+                }
+            )
+        return {"items": len(self), "skipped": dict(self.skipped), "truncated": self.truncated, "sources": sources}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         s, row = int(self.item_source[i]), int(self.item_row[i])
         src, ctx = self.sources[s], self.ctxs[s]
