@@ -120,9 +120,11 @@ def test_offline_wandb_run_records_throughput_keys_and_nested_config(tmp_path: P
         "wandb.tags=[tiny, offline]",
         "metrics_every=2",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
-    for key in ("WANDB_PROJECT", "WANDB_NAME", "WANDB_TAGS", "WANDB_RUN_GROUP", "WANDB_ENTITY"):
-        env.pop(key, None)
+    # A clean environment: an in-process wandb run earlier in the session leaves wandb's own service
+    # variables behind (and DeepSpeed tests their launcher variables); a child must not inherit them.
+    inherited = ("WANDB_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+    env.update({"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
     proc = subprocess.run(
         [sys.executable, "-m", "llava_train.train", str(REPO / "configs/demo/pretrain.yaml"), *overrides],
         env=env,
