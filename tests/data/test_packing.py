@@ -15,50 +15,7 @@ from llava_train.data.packing import (
     best_fit_decreasing,
     packed_rows,
 )
-
-IMAGE_TOKEN = 99
-TOKENS_PER_IMAGE = 4  # (16 // 8) ** 2 patches, CLS dropped
-
-
-def tiny_llava(attn: str, seed: int = 0) -> Any:
-    """A random-init LlavaForConditionalGeneration built from config (Llama LM + CLIP tower)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    text = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    vision = CLIPVisionConfig(
-        image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(cfg).train()
-
-
-def sample(n_text: int, n_images: int, seed: int, sid: str) -> dict[str, Any]:
-    """An item as the dataset yields it: image blocks first, then text; labels on the second half of the text."""
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(3, 90, (n_text,), generator=g)
-    ids = torch.cat([torch.full((n_images * TOKENS_PER_IMAGE,), IMAGE_TOKEN), text])
-    labels = torch.full_like(ids, -100)
-    labels[-(n_text // 2) :] = ids[-(n_text // 2) :]
-    item: dict[str, Any] = {"input_ids": ids, "labels": labels, "num_images": n_images, "id": sid}
-    if n_images:
-        item["pixel_values"] = torch.randn(n_images, 3, 16, 16, generator=g)
-    return item
+from tiny_models import sample, tiny_llava
 
 
 def test_best_fit_decreasing_exact_rows() -> None:
