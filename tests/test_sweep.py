@@ -27,6 +27,7 @@ from llava_train.sweep import (
     sweep_run_output_dir,
     trial_name,
 )
+from tiny_models import write_caption_data
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "sweeps" / "lr_x_projector_lr.yaml"
@@ -279,27 +280,6 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     assert [t.status for t in summary.trials] == ["dry-run", "dry-run"]
     assert summary.trials[0].command[:3] == [sys.executable, str(tmp_path / "fake_train.py"), "base.yaml"]
     assert not (tmp_path / "s").exists() and summary.csv_path is None
-
-
-def write_caption_data(root: Path, n: int = 16) -> dict[str, str]:
-    """Solid-colour images with one-line captions (stage-1 data)."""
-    from PIL import Image
-
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
-    (root / "images").mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        name = list(colours)[i % 4]
-        Image.new("RGB", (40, 32), colours[name]).save(root / "images" / f"{i}.png")
-        rows.append(
-            {
-                "id": str(i),
-                "image": f"{i}.png",
-                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"a {name} image"}],
-            }
-        )
-    (root / "pretrain.json").write_text(json.dumps(rows))
-    return {"path": str(root / "pretrain.json"), "image_folder": str(root / "images")}
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ Importable from any test module (pytest puts `tests/` on sys.path for its confte
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,3 +54,24 @@ def sample(n_text: int, n_images: int, seed: int, sid: str) -> dict[str, Any]:
     if n_images:
         item["pixel_values"] = torch.randn(n_images, 3, 16, 16, generator=g)
     return item
+
+
+def write_caption_data(root: Path, n: int = 16) -> dict[str, str]:
+    """Solid-colour images with one-line captions (stage-1 data)."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        name = list(colours)[i % 4]
+        Image.new("RGB", (40, 32), colours[name]).save(root / "images" / f"{i}.png")
+        rows.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"a {name} image"}],
+            }
+        )
+    (root / "pretrain.json").write_text(json.dumps(rows))
+    return {"path": str(root / "pretrain.json"), "image_folder": str(root / "images")}

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tiny_models import write_caption_data
+
 REPO = Path(__file__).resolve().parents[2]
 # What HF's WandbCallback writes (train/ prefix) plus our ThroughputCallback keys; mfu and
 # gpu_mem_peak_gb are absent on CPU.
@@ -79,27 +81,6 @@ def config_values(records: list[Any]) -> dict[str, Any]:
             for i in items:
                 out["/".join(i.nested_key) if i.nested_key else i.key] = json.loads(i.value_json)
     return out
-
-
-def write_caption_data(root: Path, n: int = 16) -> dict[str, str]:
-    """Solid-colour images with one-line captions (stage-1 data)."""
-    from PIL import Image
-
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
-    (root / "images").mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        name = list(colours)[i % 4]
-        Image.new("RGB", (40, 32), colours[name]).save(root / "images" / f"{i}.png")
-        rows.append(
-            {
-                "id": str(i),
-                "image": f"{i}.png",
-                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"a {name} image"}],
-            }
-        )
-    (root / "pretrain.json").write_text(json.dumps(rows))
-    return {"path": str(root / "pretrain.json"), "image_folder": str(root / "images")}
 
 
 @pytest.mark.slow
