@@ -27,13 +27,11 @@ def test_layout_and_counts(data: shapes.DemoData) -> None:
     assert len(_rows(data.eval)) == 24
     meta = json.loads(data.meta.read_text())
     assert meta["counts"] == {"pretrain": 40, "finetune": 80, "eval": 24}
-    assert meta["held_out_pairs"] == [
-        ["red", "circle"],
-        ["green", "square"],
-        ["blue", "triangle"],
-        ["yellow", "circle"],
-        ["purple", "square"],
-        ["orange", "triangle"],
+    assert meta["held_out_triples"] == [list(t) for t in HELD_OUT]
+    assert meta["held_out_triples"][:3] == [
+        ["red", "circle", "top left"],
+        ["red", "square", "bottom left"],
+        ["red", "triangle", "middle left"],
     ]
     assert meta["chance"] == {"colour": 1 / 6, "shape": 1 / 3, "position": 1 / 9, "count": 1 / 3}
     for split in ("pretrain", "finetune", "eval"):
@@ -88,6 +86,8 @@ def test_finetune_rows(data: shapes.DemoData) -> None:
         if "image" not in row:
             continue
         items = [Item(**o) for o in row["objects"]]
+        # Every single-shape image asks its shape (the hardest attribute for the tiny vision tower).
+        assert ("shape" in row["types"]) == (len(items) == 1)
         assert sum(t["value"].count("<image>") for t in conv) == 1
         assert "<image>" in conv[0]["value"]
         for kind, answer in zip(row["types"], conv[1::2]):
@@ -104,22 +104,66 @@ def test_finetune_rows(data: shapes.DemoData) -> None:
                 assert len(items) == 1
 
 
-def test_held_out_pairs_split(data: shapes.DemoData) -> None:
-    for split in (data.pretrain, data.finetune):
-        for row in _rows(split):
-            for o in row.get("objects", []):
-                assert (o["color"], o["shape"]) not in HELD_OUT
+def test_held_out_triples_design() -> None:
+    """18 of 162 triples held out; every attribute pair keeps training triples; every answer is asked."""
+    assert len(HELD_OUT) == len(set(HELD_OUT)) == 18
+    train = {(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS} - set(HELD_OUT)
+    for c, s, p in HELD_OUT:
+        # Each pair of the held-out triple's attributes is seen in training with another third attribute.
+        assert any((c, s) == (tc, ts) for tc, ts, _ in train)
+        assert any((c, p) == (tc, tp) for tc, _, tp in train)
+        assert any((s, p) == (ts, tp) for _, ts, tp in train)
+    # Every pair of attributes (not only the held-out ones) has >= 2 training triples.
+    for c in COLORS:
+        for s in SHAPES:
+            assert sum((c, s) == (tc, ts) for tc, ts, _ in train) == len(POSITIONS) - 1
+        for p in POSITIONS:
+            assert sum((c, p) == (tc, tp) for tc, _, tp in train) >= len(SHAPES) - 1
+    for s in SHAPES:
+        for p in POSITIONS:
+            assert sum((s, p) == (ts, tp) for _, ts, tp in train) >= len(COLORS) - 1
+    # Every colour, shape and position is an answer somewhere in the held-out split.
+    assert {t[0] for t in HELD_OUT} == set(COLORS)
+    assert {t[1] for t in HELD_OUT} == set(SHAPES)
+    assert {t[2] for t in HELD_OUT} == set(POSITIONS)
+
+
+def _triples(rows: list[dict]) -> list[tuple[str, str, str]]:
+    return [(o["color"], o["shape"], o["position"]) for r in rows for o in r.get("objects", [])]
+
+
+def test_held_out_triples_split(tmp_path: Path) -> None:
+    data = generate(tmp_path, n_pretrain=300, n_finetune=400, n_eval=120, seed=5)
+    train = _triples(_rows(data.pretrain)) + _triples(_rows(data.finetune))
+    # No held-out triple appears anywhere in training (pretrain captions or finetune Q&A).
+    assert not set(train) & set(HELD_OUT)
     rows = _rows(data.eval)
     assert [r["type"] for r in rows[:8]] == ["colour", "shape", "position", "count"] * 2
+    seen_pairs = {
+        "colour x shape": {(c, s) for c, s, _ in train},
+        "colour x position": {(c, p) for c, _, p in train},
+        "shape x position": {(s, p) for _, s, p in train},
+    }
     for row in rows:
-        assert (row["objects"][0]["color"], row["objects"][0]["shape"]) in HELD_OUT
+        c, s, p = (row["objects"][0][k] for k in ("color", "shape", "position"))
+        assert (c, s, p) in HELD_OUT
+        # Every pair of the subject's attributes was seen in training: only the combination is new.
+        assert (c, s) in seen_pairs["colour x shape"]
+        assert (c, p) in seen_pairs["colour x position"]
+        assert (s, p) in seen_pairs["shape x position"]
+        # Extra shapes of count questions are ordinary training triples in other cells.
+        assert not set(_triples([{"objects": row["objects"][1:]}])) & set(HELD_OUT)
+        assert len({o["position"] for o in row["objects"]}) == len(row["objects"])
         human, gpt = row["conversations"]
         assert human["value"].startswith("<image>\n")
         if row["type"] != "count":
             assert len(row["objects"]) == 1
     # Eval counts are balanced 1/2/3.
     counts = [r["conversations"][1]["value"] for r in rows if r["type"] == "count"]
-    assert counts == ["1", "2", "3", "1", "2", "3"]
+    assert counts == ["1", "2", "3"] * 10
+    # Shape questions in eval are not dominated by one answer (no majority shortcut).
+    shape_answers = [r["conversations"][1]["value"] for r in rows if r["type"] == "shape"]
+    assert set(shape_answers) == set(SHAPES)
 
 
 def test_drawn_colour_at_shape_centre(data: shapes.DemoData) -> None:

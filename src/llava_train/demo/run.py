@@ -196,7 +196,9 @@ def format_table(table: dict[str, Any]) -> str:
             cells.append("n/a" if c is None else f"{c['exact']:.0%} ({c['contains']:.0%})")
         lines.append(f"| {qtype} | " + " | ".join(cells) + f" | {row['chance']:.0%} |")
     lines.append("")
-    lines.append("Cells: exact match (contains match) on the held-out split (unseen colour x shape pairs).")
+    lines.append(
+        "Cells: exact match (contains match) on the held-out split (unseen colour x shape x position triples)."
+    )
     return "\n".join(lines)
 
 
@@ -226,8 +228,8 @@ def plot_losses(histories: dict[str, list[dict[str, Any]]], out: Path) -> Path:
 def sample_chat(model_dir: Path, image_size: int, seed: int, out_dir: Path) -> dict[str, str]:
     """Draw a new held-out image, ask its colour through the exported folder; returns question/answer/truth."""
     rng = random.Random(f"{seed}-chat")
-    color, shape = rng.choice(shapes.HELD_OUT)
-    item = shapes.Item(color, shape, rng.choice(shapes.POSITIONS), "large")
+    color, shape, position = rng.choice(shapes.HELD_OUT)
+    item = shapes.Item(color, shape, position, "large")
     path = out_dir / "chat_image.png"
     shapes.draw([item], image_size, rng).save(path)
     question = f"What color is the shape?\n{shapes.SHORT_ANSWER}"
