@@ -449,13 +449,16 @@ class LlavaDataset(torch.utils.data.Dataset):
             for b in scan.bad:
                 self.skipped[b["reason"]] = self.skipped.get(b["reason"], 0) + 1
         self.truncated = int(truncated.sum())
+        self._summary: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.item_row)
 
     def summary(self) -> dict[str, Any]:
         """Per-source counts of the built index (rows, used items, images, text-only, truncated, skipped by
-        reason, token-length percentiles): written to the run folder and logged to wandb."""
+        reason, token-length percentiles): written to the run folder and logged to wandb. Computed once."""
+        if self._summary is not None:
+            return self._summary
         sources = []
         for k, (src, scan) in enumerate(zip(self.sources, self.scans)):
             good = scan.reasons < 0
@@ -483,7 +486,13 @@ class LlavaDataset(torch.utils.data.Dataset):
                     "tokens_max": int(lengths.max()) if len(lengths) else 0,
                 }
             )
-        return {"items": len(self), "skipped": dict(self.skipped), "truncated": self.truncated, "sources": sources}
+        self._summary = {
+            "items": len(self),
+            "skipped": dict(self.skipped),
+            "truncated": self.truncated,
+            "sources": sources,
+        }
+        return self._summary
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s, row = int(self.item_source[i]), int(self.item_row[i])
