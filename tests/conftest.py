@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,16 @@ TINY_IMAGE_SIZE = 32
 TINY_PATCH_SIZE = 8
 # (32 // 8) ** 2 patches; +1 with CLIP's CLS token (cls_patch).
 TINY_NUM_PATCHES = 16
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Each test sees the environment the session started with: in-process runs export variables
+    (DS_ACCELERATOR, WANDB_*, the single-process RANK/MASTER_PORT) that must not reach later tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -97,14 +97,45 @@ def test_record_request_multi_turn(image_folder: Path) -> None:
 
 
 def test_record_request_errors(image_folder: Path) -> None:
-    with pytest.raises(ValueError, match="record 'x' has no gpt turn to use as reference"):
+    with pytest.raises(ValueError, match=r"record 'x': bad_roles: the conversation ends with a user turn"):
         infer.record_request({"id": "x", "conversations": [{"from": "human", "value": "hi"}]}, image_folder)
     two_tags = _record("y", "<image> twice", "no")
-    with pytest.raises(ValueError, match=r"record 'y': 2 <image> tags but 1 image paths"):
+    with pytest.raises(ValueError, match=r"record 'y': image_count_mismatch: 2 <image> tags but 1 image paths"):
         infer.record_request(two_tags, image_folder)
+    # Image paths are resolved as in training: no escaping the image folder.
+    for bad in ("../a.png", "/etc/passwd"):
+        with pytest.raises(ValueError, match=r"record 'e': image_path_escapes"):
+            infer.record_request({**_record("e", "Q", "A"), "image": bad}, image_folder)
+    with pytest.raises(ValueError, match=r"record 'm': missing_image: image file not found"):
+        infer.record_request({**_record("m", "Q", "A"), "image": "nope.png"}, image_folder)
     # A tagless image row gets its image in front of the first turn (as the original LLaVA does).
     req, _ = infer.record_request({"id": "z", "image": "b.png", **_record("z", "Q", "A", image=None)}, image_folder)
     assert req.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Q"}]
+
+
+@pytest.mark.parametrize(
+    "conversations",
+    [
+        [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": "red"}],
+        [{"from": "user", "value": "What color? <image>"}, {"from": "assistant", "value": "red"}],
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+        [
+            {"from": "gpt", "value": "Hello."},
+            {"from": "human", "value": "<image>What color?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    ],
+)
+def test_record_request_takes_every_form_the_trainer_takes(conversations: list, image_folder: Path) -> None:
+    from llava_train.llava_format import normalize_conversation
+
+    normalize_conversation(conversations)  # the trainer's parser accepts it
+    req, ref = infer.record_request({"id": "f", "image": "a.png", "conversations": conversations}, image_folder)
+    assert ref == "red"
+    assert req.messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
 
 
 # -- evaluate with an injected predictor ----------------------------------------------------------

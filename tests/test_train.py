@@ -173,7 +173,8 @@ def test_final_folder_loads_with_plain_transformers_and_generates(pretrained: di
 def test_saved_chat_template_renders_the_trained_prompt(pretrained: dict) -> None:
     from transformers import AutoProcessor
 
-    from llava_train.data.templates import Turn, get_template
+    from llava_train.data.templates import get_template
+    from llava_train.llava_format import Turn
 
     proc = AutoProcessor.from_pretrained(pretrained["out"])
     turns = [Turn("user", "<image>\nDescribe."), Turn("assistant", "a red image")]

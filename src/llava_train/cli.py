@@ -29,9 +29,9 @@ def _load(args: argparse.Namespace, extra: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.train import run
+    from llava_train.train import execute
 
-    result = run(_load(args, extra))
+    result = execute(_load(args, extra))
     print(f"finished: {result.output_dir} (step {result.global_step})")
     return 0
 
@@ -236,13 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from llava_train.data.tokenize import BadSampleError
+    from llava_train.train import EXIT_USER_ERROR, user_errors
 
     try:
         return args.fn(args, extra)
-    except (ConfigError, FileNotFoundError, BadSampleError) as e:
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
         print(f"llava-train: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -18,7 +18,19 @@ from typing import Any
 
 from PIL import Image
 
-IMAGE_TAG = "<image>"
+from llava_train.data.errors import BadSample
+from llava_train.data.images import load_image, resolve_image_path
+from llava_train.llava_format import (
+    DATA_IMAGE_TAG,
+    USER,
+    Turn,
+    count_images,
+    normalize_conversation,
+    record_images,
+    to_messages,
+    user_text,
+)
+
 DEFAULT_TYPE = "all"
 REPORT_FILENAME = "eval_report.json"
 PREDICTIONS_FILENAME = "eval_predictions.jsonl"
@@ -164,37 +176,30 @@ def user_content(text: str, n_images: int = 0) -> list[dict[str, Any]]:
     return items
 
 
-def record_request(record: dict[str, Any], image_folder: str | Path | None) -> tuple[Request, str]:
-    """(request for everything before the last gpt turn, that turn's text as reference) from a LLaVA record.
+def record_request(
+    record: dict[str, Any], image_folder: str | Path | None, image_token: str = DATA_IMAGE_TAG
+) -> tuple[Request, str]:
+    """(request for everything before the last assistant turn, that turn's text as reference) from a LLaVA record.
 
-    Earlier turns become chat history; each `<image>` tag in a human turn becomes an image item of
-    that message and consumes the next path of the record's `image` (a path or a list of paths).
+    The record is read by the parser training uses (`llava_format.normalize_conversation`: from/value or
+    role/content, human/gpt or user/assistant, string or typed content), so eval takes every row the
+    trainer takes. Earlier turns become chat history; the images (`image`: a path or a list) are
+    resolved inside `image_folder` as in training (no absolute paths, no `..`). One leniency of LLaVA's
+    eval scripts is kept: a row with images and no `<image>` tag gets them in front of its first question.
     """
-    conv = record.get("conversations") or []
-    last = max((i for i, t in enumerate(conv) if t.get("from") == "gpt"), default=None)
-    if last is None:
-        raise ValueError(f"record {record.get('id')!r} has no gpt turn to use as reference")
-    paths = record.get("image")
-    paths = [] if paths is None else [paths] if isinstance(paths, str) else list(paths)
-    messages: list[dict[str, Any]] = []
-    n_tags = 0
-    for turn in conv[:last]:
-        if turn.get("from") == "human":
-            text = turn["value"]
-            k = text.count(IMAGE_TAG)
-            n_tags += k
-            messages.append({"role": "user", "content": user_content(text.replace(IMAGE_TAG, "").strip(), k)})
-        else:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"]}]})
-    if paths and n_tags == 0:
-        # LLaVA data may leave the tag out of an image row; the original then puts the image first.
-        messages[0]["content"] = [{"type": "image"} for _ in paths] + messages[0]["content"]
-        n_tags = len(paths)
-    if n_tags != len(paths):
-        raise ValueError(f"record {record.get('id')!r}: {n_tags} <image> tags but {len(paths)} image paths")
-    folder = Path(image_folder) if image_folder is not None else Path(".")
-    images = [Image.open(folder / p).convert("RGB") for p in paths]
-    return Request(messages, images), conv[last]["value"]
+    rid = record.get("id")
+    try:
+        turns = normalize_conversation(record.get("conversations"), image_token)
+        raw = record_images(record)
+        if raw and count_images(turns, image_token) == 0:
+            turns[0] = Turn(USER, user_text(len(raw), turns[0].text, image_token))
+        n_tags = count_images(turns, image_token)
+        if n_tags != len(raw):
+            raise BadSample("image_count_mismatch", f"{n_tags} <image> tags but {len(raw)} image paths")
+        images = [load_image(resolve_image_path(str(image_folder or "."), p)) for p in raw]
+    except BadSample as e:
+        raise ValueError(f"record {rid!r}: {e}") from e
+    return Request(to_messages(turns[:-1], image_token), images), turns[-1].text
 
 
 def read_records(data: str | Path) -> list[dict[str, Any]]:
@@ -245,7 +250,7 @@ def _run(
             if len(answers) != len(chunk):
                 raise RuntimeError(f"predictor returned {len(answers)} answers for {len(chunk)} requests")
             for rec, (req, ref), ans in zip(chunk, pairs, answers):
-                question = req.messages[-1]["content"][-1]["text"]
+                question = "".join(i["text"] for i in req.messages[-1]["content"] if i["type"] == "text")
                 results.append(
                     {
                         "id": rec.get("id"),

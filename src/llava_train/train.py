@@ -17,6 +17,18 @@ from llava_train.utils.logging import get_logger, is_main_process
 
 log = get_logger(__name__)
 
+# Exit codes of a training process (`python -m llava_train.train`, `llava-train train`), the same on every
+# rank: 0 = trained and saved; 1 = an unexpected error (traceback on stderr); 2 = a configuration or data
+# error (one line naming the key, file or row).
+EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR = 0, 1, 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
+    from llava_train.data.errors import BadSampleError
+
+    return (ConfigError, BadSampleError, FileNotFoundError)
+
 
 @dataclass
 class TrainResult:
@@ -43,6 +55,26 @@ def run(cfg: RunConfig) -> TrainResult:
         result = trainer.train(resume_from_checkpoint=resume)
     save_final(cfg, trainer, processor)
     return TrainResult(str(out), int(result.global_step), list(trainer.state.log_history))
+
+
+def execute(cfg: RunConfig) -> TrainResult:
+    """`run(cfg)` as the last thing a launched process does: then its process groups are torn down.
+
+    Every rank of a distributed run ends through `utils.distributed.shutdown_distributed` (a barrier
+    after success, then every process group destroyed), so a finished run exits 0 instead of racing
+    gloo/NCCL teardown at interpreter exit. In-process callers that train several stages in one
+    process (tests, the demo) call `run` instead.
+    """
+    from llava_train.utils.distributed import shutdown_distributed
+
+    ok = False
+    try:
+        result = run(cfg)
+        ok = True
+        return result
+    finally:
+        if shutdown_distributed(ok):
+            log.info("process group destroyed (%s)", "run finished" if ok else "run failed")
 
 
 # -- steps ------------------------------------------------------------------------------------
@@ -130,6 +162,7 @@ def build_data(cfg: RunConfig, processor: Any, tokenizer: Any, model: Any, args:
         num_image_tokens=n_img,
         image_token_id=image_token_id,
         seed=args.data_seed if args.data_seed is not None else args.seed,
+        image_token=cfg.model.image_token,
     )
     train_ds = build_dataset(cfg.data, split="train", **common)
     eval_ds = build_dataset(cfg.data, split="eval", **common) if cfg.data.eval else None
@@ -248,24 +281,33 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m llava_train.train CONFIG.yaml [key=value | --key=value ...]`."""
+    """`python -m llava_train.train CONFIG.yaml [key=value | --key=value ...]`.
+
+    Exit codes: 0 trained and saved, 1 unexpected error, 2 configuration or data error.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher appends --local_rank=N; the environment already carries it.
     argv = [a for a in argv if not a.startswith("--local_rank")]
     if not argv or argv[0] in ("-h", "--help"):
         print(main.__doc__)
-        return 0 if argv else 2
+        return EXIT_OK if argv else EXIT_USER_ERROR
     config_path, overrides = (
         (argv[0], argv[1:]) if not argv[0].startswith("-") and "=" not in argv[0] else (None, argv)
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = load_config(config_path, overrides)
-    # Under a wandb sweep agent every trial runs this same command: give each its own folder.
-    from llava_train.sweep import sweep_run_output_dir
+    try:
+        cfg = load_config(config_path, overrides)
+        # Under a wandb sweep agent every trial runs this same command: give each its own folder.
+        from llava_train.sweep import sweep_run_output_dir
 
-    cfg.train["output_dir"] = sweep_run_output_dir(cfg.output_dir)
-    run(cfg)
-    return 0
+        cfg.train["output_dir"] = sweep_run_output_dir(cfg.output_dir)
+        execute(cfg)
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise  # traceback, exit code 1
+        print(f"llava-train: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

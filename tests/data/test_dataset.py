@@ -15,9 +15,11 @@ from llava_train.config import DataConfig, SourceConfig
 from llava_train.data import dataset as dataset_mod
 from llava_train.data.collator import PaddingCollator
 from llava_train.data.dataset import build_dataset, mixture_rows, open_source
+from llava_train.data.errors import BadSample, BadSampleError
 from llava_train.data.images import expand2square, load_image, mean_color, preprocess_images, resolve_image_path
 from llava_train.data.templates import get_template
-from llava_train.data.tokenize import BadSample, BadSampleError, normalize_conversation, tokenize_conversation
+from llava_train.data.tokenize import tokenize_conversation
+from llava_train.llava_format import normalize_conversation
 
 IMG = 512
 NUM_TOKENS = 16  # tiny CLIP: (32 // 8) ** 2 patches, CLS dropped

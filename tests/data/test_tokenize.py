@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 
+from llava_train.data.errors import BadSample
 from llava_train.data.templates import TEMPLATES, Segment, Template, get_template
 from llava_train.data.tokenize import (
     IGNORE_INDEX,
-    BadSample,
     check_template_consistency,
     check_trained_text,
     label_tokens,
-    normalize_conversation,
     tokenize_conversation,
     trained_spans,
 )
+from llava_train.llava_format import normalize_conversation
 
 IMG = 512  # `<image>` id in both tiny tokenizers (vocab 512 + 1 added token)
 X = None  # an untrained position in the expected label token lists

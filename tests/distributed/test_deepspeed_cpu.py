@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -30,9 +31,22 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), 
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below Linux's ephemeral range (32768-60999).
+
+    A port from bind(0) is ephemeral: between this check and rank 0 binding it seconds later (after
+    importing torch), any outgoing connection (gloo's own pairs included) may be given the same port.
+    Ports below the range are never handed out implicitly.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def _env() -> dict[str, str]:
@@ -76,8 +90,11 @@ def launcher_command(launcher: str, num_ranks: int = 2) -> list[str]:
     raise KeyError(f"unknown launcher {launcher!r}; valid launchers: deepspeed, torchrun, accelerate")
 
 
-def launch(args: list[str], cwd: Path, num_ranks: int = 2, launcher: str = "deepspeed") -> tuple[float, str]:
-    """`<launcher> ARGS` with 2 ranks; returns (wall seconds, output); fails with the output's tail on error."""
+def launch(
+    args: list[str], cwd: Path, num_ranks: int = 2, launcher: str = "deepspeed", expect_rc: int = 0
+) -> tuple[float, str]:
+    """`<launcher> ARGS` with 2 ranks; returns (wall seconds, output); fails with the output's tail unless the
+    launcher's exit code is `expect_rc` (0: every rank finished)."""
     cmd = [*launcher_command(launcher, num_ranks), *args]
     start = time.monotonic()
     try:
@@ -89,7 +106,7 @@ def launch(args: list[str], cwd: Path, num_ranks: int = 2, launcher: str = "deep
         pytest.fail(f"timed out after {LAUNCH_TIMEOUT}s (hang?): {' '.join(cmd)}\n{out[-4000:]}")
     wall = time.monotonic() - start
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    assert proc.returncode == expect_rc, f"{' '.join(cmd)}: exit code {proc.returncode}:\n{output[-6000:]}"
     print(f"[{wall:.0f}s] {' '.join(cmd)}")
     return wall, output
 
@@ -280,7 +297,9 @@ def assert_loads_in_transformers(out: Path) -> None:
 def test_both_stages_two_ranks(zero: str, workspace: Path, tmp_path: Path) -> None:
     pre_out, ft_out = tmp_path / "pretrain", tmp_path / "finetune"
     pre_cfg = write_config(tmp_path, "pretrain", tiny_config(workspace, "pretrain", zero, pre_out))
-    pre_wall, _ = launch([str(HERE / "train_observer.py"), str(tmp_path / "r_pre"), str(pre_cfg)], cwd=tmp_path)
+    # launch() asserts the launcher's exit code is 0: both ranks ended cleanly (no teardown abort, rc 250).
+    pre_wall, pre_log = launch([str(HERE / "train_observer.py"), str(tmp_path / "r_pre"), str(pre_cfg)], cwd=tmp_path)
+    assert "process group destroyed (run finished)" in pre_log
     p0, p1 = reports(tmp_path / "r_pre")
     assert (p0["world_size"], p1["world_size"]) == (2, 2)
     assert_sharded(p0, p1, per_rank=2)
@@ -290,7 +309,8 @@ def test_both_stages_two_ranks(zero: str, workspace: Path, tmp_path: Path) -> No
     assert len(pre_losses) == 6 and pre_losses[-1] < pre_losses[0]
 
     ft_cfg = write_config(tmp_path, "finetune", tiny_config(workspace, "finetune", zero, ft_out, init_from=pre_out))
-    ft_wall, _ = launch([str(HERE / "train_observer.py"), str(tmp_path / "r_ft"), str(ft_cfg)], cwd=tmp_path)
+    ft_wall, ft_log = launch([str(HERE / "train_observer.py"), str(tmp_path / "r_ft"), str(ft_cfg)], cwd=tmp_path)
+    assert "process group destroyed (run finished)" in ft_log
     f0, f1 = reports(tmp_path / "r_ft")
     assert f0["projector_equals_init"] is True and f1["projector_equals_init"] is True
     assert_sharded(f0, f1, per_rank=1)
@@ -311,13 +331,30 @@ def test_both_stages_two_ranks(zero: str, workspace: Path, tmp_path: Path) -> No
     print(f"{zero}: pretrain {pre_wall:.0f}s, finetune {ft_wall:.0f}s")
 
 
-def test_module_entry_point_zero3_offload(workspace: Path, tmp_path: Path) -> None:
-    """What users type: `deepspeed --num_gpus 2 --module llava_train.train CONFIG`, here with ZeRO-3 + offload."""
+MODULE_FLAG = {"deepspeed": "--module", "torchrun": "-m", "accelerate": "-m"}
+
+
+@pytest.mark.parametrize(
+    ("launcher", "zero"), [("deepspeed", "zero3_offload"), ("torchrun", "zero2"), ("accelerate", "zero3")]
+)
+def test_module_entry_point_every_launcher(launcher: str, zero: str, workspace: Path, tmp_path: Path) -> None:
+    """What users type, e.g. `deepspeed --num_gpus 2 --module llava_train.train CONFIG`: trains, saves, exits 0."""
     out = tmp_path / "pretrain"
-    cfg = write_config(tmp_path, "pretrain", tiny_config(workspace, "pretrain", "zero3_offload", out))
-    wall, output = launch(["--module", "llava_train.train", str(cfg)], cwd=tmp_path)
+    cfg = write_config(tmp_path, "pretrain", tiny_config(workspace, "pretrain", zero, out))
+    wall, output = launch([MODULE_FLAG[launcher], "llava_train.train", str(cfg)], cwd=tmp_path, launcher=launcher)
     assert "training arguments ready (world size 2, deepspeed True)" in output
+    assert "process group destroyed (run finished)" in output
     losses = logged_losses(out)
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert_loads_in_transformers(out)
-    print(f"zero3_offload pretrain via --module: {wall:.0f}s")
+    print(f"{zero} pretrain via {launcher}: {wall:.0f}s")
+
+
+def test_data_error_exits_2_on_every_rank(workspace: Path, tmp_path: Path) -> None:
+    """A user error ends every rank with exit code 2 and one line naming it (no traceback, no hang)."""
+    config = tiny_config(workspace, "pretrain", "zero3", tmp_path / "out")
+    config["data"]["train"][0]["path"] = str(tmp_path / "missing.json")
+    cfg = write_config(tmp_path, "pretrain", config)
+    _, output = launch(["--module", "llava_train.train", str(cfg)], cwd=tmp_path, expect_rc=2)
+    assert f"llava-train: error: data source not found: {tmp_path / 'missing.json'}" in output
+    assert "Traceback" not in output

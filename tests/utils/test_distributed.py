@@ -132,3 +132,30 @@ def test_zero3_param_detection_uses_deepspeed_attributes() -> None:
     p.ds_numel = 10
     assert is_zero3_param(p)
     assert (local_numel(p), full_numel(p)) == (5, 10)
+
+
+TEARDOWN = """
+import json, sys
+import torch.distributed as dist
+from llava_train.utils.distributed import prepare_distributed, shutdown_distributed
+before = shutdown_distributed(True)  # nothing to tear down yet
+from transformers import TrainingArguments
+TrainingArguments(**prepare_distributed({"output_dir": sys.argv[1], "deepspeed": sys.argv[2], "report_to": []}))
+group = dist.new_group([0])  # DeepSpeed creates groups of its own; all of them must go
+up = dist.is_initialized()
+print(json.dumps({"before": before, "up": up, "destroyed": shutdown_distributed(True), "after": dist.is_initialized()}))
+"""
+
+
+def test_shutdown_destroys_every_process_group(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", TEARDOWN, str(tmp_path), str(ZERO3)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"before": False, "up": True, "destroyed": True, "after": False}

@@ -22,17 +22,11 @@ import numpy as np
 import torch
 
 from llava_train.config import DataConfig, SourceConfig
+from llava_train.data.errors import BAD_REASONS, BadSample, BadSampleError
 from llava_train.data.images import load_image, preprocess_images, resolve_image_path, verify_image
 from llava_train.data.templates import Template, get_template
-from llava_train.data.tokenize import (
-    BAD_REASONS,
-    BadSample,
-    BadSampleError,
-    TokenizedSample,
-    check_template_consistency,
-    normalize_conversation,
-    tokenize_conversation,
-)
+from llava_train.data.tokenize import TokenizedSample, check_template_consistency, tokenize_conversation
+from llava_train.llava_format import DATA_IMAGE_TAG, normalize_conversation, record_id, record_images
 from llava_train.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -215,24 +209,15 @@ class SampleContext:
     image_folder: str | None = None
 
 
-def record_id(record: dict[str, Any], row: int) -> Any:
-    """A row's id for reports (`id` key, else its row index)."""
-    return record.get("id", row)
-
-
 def image_paths(record: dict[str, Any], image_folder: str | None) -> list[str]:
     """The record's images as resolved paths (`image` may be missing, a string or a list)."""
-    image = record.get("image")
-    if image is None:
-        return []
-    items = image if isinstance(image, list) else [image]
-    return [resolve_image_path(image_folder, p) for p in items]
+    return [resolve_image_path(image_folder, p) for p in record_images(record)]
 
 
 def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None) -> tuple[TokenizedSample, list[str]]:
     """Normalise + tokenize a record and resolve its image paths; BadSample on any problem (no image I/O)."""
     paths = image_paths(record, ctx.image_folder)
-    turns = normalize_conversation(record.get("conversations"))
+    turns = normalize_conversation(record.get("conversations"), ctx.template.image_token)
     sample = tokenize_conversation(
         turns, ctx.template, ctx.tokenizer, ctx.image_token_id, ctx.num_image_tokens, len(paths), ctx.max_length, row
     )
@@ -527,10 +512,15 @@ class LlavaDataset(torch.utils.data.Dataset):
 
 
 def make_context(
-    data_cfg: DataConfig, src: SourceConfig, tokenizer: Any, num_image_tokens: int, image_token_id: int
+    data_cfg: DataConfig,
+    src: SourceConfig,
+    tokenizer: Any,
+    num_image_tokens: int,
+    image_token_id: int,
+    image_token: str = DATA_IMAGE_TAG,
 ) -> SampleContext:
-    """The SampleContext of one source under a data config."""
-    template = get_template(data_cfg.template, data_cfg.system_prompt)
+    """The SampleContext of one source under a data config (`image_token`: `model.image_token`)."""
+    template = get_template(data_cfg.template, data_cfg.system_prompt, image_token)
     return SampleContext(
         tokenizer, template, image_token_id, num_image_tokens, data_cfg.model_max_length, src.image_folder
     )
@@ -544,6 +534,7 @@ def build_dataset(
     image_token_id: int,
     seed: int = 0,
     split: str = "train",
+    image_token: str = DATA_IMAGE_TAG,
 ) -> LlavaDataset:
     """Open, scan (cached) and mix the `train` (or `eval`) sources of a data config.
 
@@ -555,13 +546,13 @@ def build_dataset(
     sources = data_cfg.train if split == "train" else data_cfg.eval
     if not sources:
         raise ValueError(f"data.{split} has no sources")
-    template = get_template(data_cfg.template, data_cfg.system_prompt)
+    template = get_template(data_cfg.template, data_cfg.system_prompt, image_token)
     check_template_consistency(template, tokenizer)
     rng = np.random.default_rng(seed)
     stores, scans, ctxs, item_source, item_row = [], [], [], [], []
     for k, src in enumerate(sources):
         store = open_source(src, data_cfg.cache_dir)
-        ctx = make_context(data_cfg, src, tokenizer, num_image_tokens, image_token_id)
+        ctx = make_context(data_cfg, src, tokenizer, num_image_tokens, image_token_id, image_token)
         workers = data_cfg.num_workers or 1
         scan = cached_scan(src, store, ctx, data_cfg.cache_dir, workers if len(store) > 5000 else 1)
         if scan.bad and data_cfg.on_bad_sample == "error":

@@ -62,7 +62,7 @@ def num_image_tokens(vision_config: Any, feature_select: str) -> int:
 
 def resolve_image_path(image_folder: str | None, rel: str) -> str:
     """`image_folder/rel`; an absolute `rel` or one leaving `image_folder` (`..`) is BadSample(image_path_escapes)."""
-    from llava_train.data.tokenize import BadSample
+    from llava_train.data.errors import BadSample
 
     if not isinstance(rel, str) or not rel:
         raise BadSample("missing_image", f"image path must be a non-empty string, got {rel!r}")
@@ -79,7 +79,7 @@ def verify_image(path: str) -> None:
     """Check that an image file exists and decodes (PIL verify); raises BadSample otherwise."""
     from PIL import Image
 
-    from llava_train.data.tokenize import BadSample
+    from llava_train.data.errors import BadSample
 
     if not os.path.isfile(path):
         raise BadSample("missing_image", f"image file not found: {path}")
@@ -94,7 +94,7 @@ def load_image(path: str) -> Any:
     """Open an image file as RGB (verify, then a fresh open and full decode); BadSample on failure."""
     from PIL import Image
 
-    from llava_train.data.tokenize import BadSample
+    from llava_train.data.errors import BadSample
 
     verify_image(path)
     try:

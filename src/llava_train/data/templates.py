@@ -1,8 +1,14 @@
 """Conversation templates: a conversation renders into ordered text segments, each trained or not. No I/O.
 
 The strings reproduce the original LLaVA-1.5 code (haotian-liu/LLaVA v1.2.2) exactly; see
-`shared/reference/llava-1.5.md`. `<image>` stays in the text as the image placeholder; tokenization
-expands it to the vision tower's number of feature tokens.
+`shared/reference/llava-1.5.md`. The image token (`<image>` unless `model.image_token` says otherwise)
+stays in the text as the image placeholder; tokenization expands it to the vision tower's number of
+feature tokens.
+
+What you train is what you serve: `Template.chat_template` exports each template as the Jinja chat
+template saved with the processor, which renders HF messages (string or typed-list content) to
+exactly the text `Template.prompt` renders for training. The `tokenizer` template trains through that
+exported template itself.
 """
 
 from __future__ import annotations
@@ -10,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-IMAGE_PLACEHOLDER = "<image>"
-USER, ASSISTANT = "user", "assistant"
+from llava_train.llava_format import ASSISTANT, DATA_IMAGE_TAG, USER, Turn, image_markers, to_messages
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -29,14 +34,6 @@ CHATML_SYSTEM = "Answer the questions."
 
 
 @dataclass(frozen=True)
-class Turn:
-    """One message: role is `user` or `assistant`; text may hold `<image>` placeholders."""
-
-    role: str
-    text: str
-
-
-@dataclass(frozen=True)
 class Segment:
     """A span of the rendered prompt; `trained` spans get their token ids as labels."""
 
@@ -49,10 +46,12 @@ class Template:
     """A conversation format.
 
     kind: rendering style (`plain`, `vicuna`, `llama_2`, `chatml`, `tokenizer`).
-    system: default system prompt ("" for none).
+    system: default system prompt ("" for none; for `tokenizer` "" leaves the LM template's default).
     add_special_tokens: whether the tokenizer's own BOS/EOS insertion applies when encoding the
-        rendered prompt (True for the LLaVA templates, as the original's tokenizer call; False for
-        the tokenizer's chat template, which writes its own special tokens).
+        rendered prompt. True for every template: it is what the processor does with a prompt at
+        inference (`processor(text=prompt)`). The `tokenizer` template therefore drops a leading BOS
+        that the LM's chat template writes when the tokenizer adds one itself (BOS once, not twice).
+    image_token: the model's image placeholder token (`model.image_token`).
     """
 
     name: str
@@ -60,12 +59,18 @@ class Template:
     system: str = ""
     add_special_tokens: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    image_token: str = DATA_IMAGE_TAG
 
-    def with_system(self, system: str | None) -> Template:
-        """The same template with another system prompt (None keeps the default)."""
-        if system is None:
-            return self
-        return Template(self.name, self.kind, system, self.add_special_tokens, dict(self.options))
+    def configured(self, system: str | None = None, image_token: str | None = None) -> Template:
+        """The same template with another system prompt and/or image token (None keeps the current one)."""
+        return Template(
+            self.name,
+            self.kind,
+            self.system if system is None else system,
+            self.add_special_tokens,
+            dict(self.options),
+            self.image_token if image_token is None else image_token,
+        )
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -90,15 +95,14 @@ class Template:
 
         Saved with the processor so `processor.apply_chat_template(messages,
         add_generation_prompt=True)` gives the prompt the model was trained on. Message content
-        may be a string (with `<image>` placeholders) or a list of `{"type": "image"}` /
-        `{"type": "text", "text": ...}` items; images are placed at the front of their turn, as
-        LLaVA does.
+        may be a string (with image placeholders) or a list of `{"type": "image"}` /
+        `{"type": "text", "text": ...}` items; each user turn is normalised as in training (images
+        at the front, one `<image>\\n` each, the text stripped). Without a system message the
+        configured system prompt is used. For `tokenizer` the LM's own template runs on the
+        normalised messages, minus a leading BOS the tokenizer adds itself.
         """
         if self.kind == "tokenizer":
-            tmpl = getattr(tokenizer, "chat_template", None)
-            if not tmpl:
-                raise ValueError("template 'tokenizer' needs a tokenizer that has a chat_template")
-            return tmpl
+            return _jinja_tokenizer(self, tokenizer)
         return _jinja(self, tokenizer)
 
 
@@ -138,8 +142,13 @@ def _bos(tokenizer: Any) -> str:
     return getattr(tokenizer, "bos_token", None) or ""
 
 
-def _images_only(text: str) -> str:
-    return IMAGE_PLACEHOLDER * text.count(IMAGE_PLACEHOLDER)
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding with `add_special_tokens=True` puts the tokenizer's BOS in front (Llama, Mistral: yes)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
 
 # -- renderers ---------------------------------------------------------------------------------
@@ -150,7 +159,7 @@ def _render_plain(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[S
     # a newline are trained. No system prompt, no roles, no EOS.
     segs: list[Segment] = []
     for i in range(0, len(turns), 2):
-        segs.append(Segment(_images_only(turns[i].text), False))
+        segs.append(Segment(t.image_token * turns[i].text.count(t.image_token), False))
         if i + 1 < len(turns):
             segs.append(Segment(turns[i + 1].text + "\n", True))
     return segs
@@ -198,28 +207,30 @@ def _render_chatml(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[
 
 
 def _render_tokenizer(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[Segment]:
-    # The tokenizer's own chat template. Each assistant reply is located by rendering growing
-    # prefixes of the conversation: prompt_k (history + generation prompt) must be a prefix of
-    # full_k (history + reply). A template that rewrites earlier turns is rejected, not guessed.
+    # The LM's chat template, wrapped as it is exported (`_jinja_tokenizer`), so training renders
+    # exactly what the saved processor renders. Each assistant reply is located by rendering growing
+    # prefixes of the conversation: prompt_k (history + generation prompt) must be a prefix of full_k
+    # (history + reply). A template that rewrites earlier turns is rejected, not guessed.
     if tok is None or not getattr(tok, "chat_template", None):
         raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
-    msgs: list[dict[str, str]] = [{"role": "system", "content": t.system}] if t.system else []
+    template = _jinja_tokenizer(t, tok)
+    messages = to_messages(turns, t.image_token)
 
-    def apply(messages: list[dict[str, str]], generation: bool) -> str:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    def apply(upto: int, generation: bool) -> str:
+        return tok.apply_chat_template(
+            messages[:upto], chat_template=template, tokenize=False, add_generation_prompt=generation
+        )
 
     segs: list[Segment] = []
     done = ""
     for i in range(0, len(turns), 2):
-        msgs.append({"role": USER, "content": turns[i].text})
-        prompt = apply(msgs, True)
+        prompt = apply(i + 1, True)
         if not prompt.startswith(done):
             raise ValueError(f"template 'tokenizer': the chat template rewrites earlier turns at turn {i}")
         segs.append(Segment(prompt[len(done) :], False))
         done = prompt
         if i + 1 < len(turns):
-            msgs.append({"role": ASSISTANT, "content": turns[i + 1].text})
-            full = apply(msgs, False)
+            full = apply(i + 2, False)
             if not full.startswith(done):
                 raise ValueError(f"template 'tokenizer': the chat template rewrites the prompt at turn {i + 1}")
             reply = full[len(done) :]
@@ -246,52 +257,71 @@ TEMPLATES: dict[str, Template] = {
     "llama_2": Template("llama_2", "llama_2", LLAMA_2_SYSTEM, options={"round_sep": "bos"}),
     "mistral": Template("mistral", "llama_2", "", options={"round_sep": ""}),
     "chatml": Template("chatml", "chatml", CHATML_SYSTEM),
-    "tokenizer": Template("tokenizer", "tokenizer", "", add_special_tokens=False),
+    "tokenizer": Template("tokenizer", "tokenizer", ""),
 }
 
 
-def get_template(name: str, system_prompt: str | None = None) -> Template:
-    """Look up a template by exact name; unknown names list the valid ones."""
+def get_template(name: str, system_prompt: str | None = None, image_token: str = DATA_IMAGE_TAG) -> Template:
+    """Look up a template by exact name (unknown names list the valid ones), with the run's system prompt
+    (None keeps the template's) and image token."""
     if name not in TEMPLATES:
         raise KeyError(f"unknown template {name!r}; valid templates: {', '.join(TEMPLATES)}")
-    return TEMPLATES[name].with_system(system_prompt)
+    return TEMPLATES[name].configured(system_prompt, image_token)
+
+
+def run_template(cfg: Any) -> Template:
+    """The template of a RunConfig: `data.template` with `data.system_prompt` and `model.image_token`."""
+    return get_template(cfg.data.template, cfg.data.system_prompt, cfg.model.image_token)
 
 
 # -- Jinja export --------------------------------------------------------------------------------
-
-# Shared Jinja prelude: turns a message's content (string or list of typed items) into text with
-# image placeholders at the front, as LLaVA's data convention does.
-_JINJA_CONTENT = (
-    "{%- macro content(m) -%}"
-    "{%- if m['content'] is string -%}{{ m['content'] }}"
-    "{%- else -%}"
-    "{%- set imgs = m['content'] | selectattr('type', 'equalto', 'image') | list -%}"
-    "{%- set txt = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
-    "{%- for _ in imgs -%}<image>{{ '\\n' }}{%- endfor -%}{{ txt }}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-)
 
 
 def _jinja_str(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
+def _jinja_content(image_token: str) -> str:
+    """A Jinja macro rendering a message's content as training normalises it (`llava_format.normalize_conversation`).
+
+    Images are the typed `image` items plus the image markers in the text; with any image the turn is
+    `image_token + "\\n"` per image, then the text without markers, all stripped; without one the text
+    is kept as it is.
+    """
+    markers = "[" + ", ".join(_jinja_str(m) for m in image_markers(image_token)) + "]"
+    return (
+        "{%- macro content(m) -%}"
+        "{%- if m['content'] is string -%}{%- set ns = namespace(k=0, t=m['content']) -%}"
+        "{%- else -%}{%- set ns = namespace("
+        "k=m['content'] | selectattr('type', 'equalto', 'image') | list | length, "
+        "t=m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}"
+        "{%- endif -%}"
+        "{%- set ns.tags = 0 -%}"
+        "{%- for marker in " + markers + " -%}"
+        "{%- set ns.tags = ns.tags + ns.t.count(marker) -%}{%- set ns.t = ns.t.replace(marker, '') -%}"
+        "{%- endfor -%}"
+        "{%- if ns.k + ns.tags -%}"
+        "{{ ((" + _jinja_str(image_token + "\n") + " * (ns.k + ns.tags)) ~ (ns.t | trim)) | trim }}"
+        "{%- else -%}{{ ns.t }}{%- endif -%}"
+        "{%- endmacro -%}"
+    )
+
+
 def _jinja(t: Template, tok: Any) -> str:
     eos, bos = _eos(tok), _bos(tok)
-    sys_default = _jinja_str(t.system)
+    img = _jinja_str(t.image_token)
     head = (
-        _JINJA_CONTENT
+        _jinja_content(t.image_token)
         + "{%- if messages and messages[0]['role'] == 'system' -%}"
         + "{%- set sys = content(messages[0]) -%}{%- set msgs = messages[1:] -%}"
         + "{%- else -%}{%- set sys = "
-        + sys_default
+        + _jinja_str(t.system)
         + " -%}{%- set msgs = messages -%}{%- endif -%}"
     )
     if t.kind == "plain":
         body = (
             "{%- for m in msgs -%}"
-            "{%- if m['role'] == 'user' -%}{{ content(m).count('<image>') * '<image>' }}"
+            "{%- if m['role'] == 'user' -%}{{ content(m).count(" + img + ") * " + img + " }}"
             "{%- else -%}{{ content(m) }}{{ '\\n' }}{%- endif -%}"
             "{%- endfor -%}"
         )
@@ -327,3 +357,43 @@ def _jinja(t: Template, tok: Any) -> str:
     # The generation prompt is already part of each user turn's rendering in these formats, so
     # add_generation_prompt needs no extra text.
     return head + body
+
+
+def _jinja_tokenizer(t: Template, tok: Any) -> str:
+    """The LM's own chat template behind a prelude that gives it what training gives it.
+
+    The prelude normalises every message to string content (typed items included: LM templates take
+    strings only) and inserts the configured system prompt when the conversation has no system
+    message; the LM's template then renders as usual, and a leading BOS it writes is dropped when the
+    tokenizer adds BOS itself, so the processor's tokenization puts BOS in exactly once.
+    """
+    inner = getattr(tok, "chat_template", None) if tok is not None else None
+    if not inner or not isinstance(inner, str):
+        raise ValueError("template 'tokenizer' needs a tokenizer that has a (single) chat_template")
+    system = (
+        "{%- if not (messages and messages[0]['role'] == 'system') -%}"
+        "{%- set ns_msgs.items = [{'role': 'system', 'content': " + _jinja_str(t.system) + "}] -%}"
+        "{%- endif -%}"
+        if t.system
+        else ""
+    )
+    strip_bos = tokenizer_adds_bos(tok) and bool(getattr(tok, "bos_token", None))
+    tail = (
+        "{%- if rendered.startswith(" + _jinja_str(tok.bos_token) + ") -%}"
+        "{{ rendered[" + str(len(tok.bos_token)) + ":] }}{%- else -%}{{ rendered }}{%- endif -%}"
+        if strip_bos
+        else "{{ rendered }}"
+    )
+    return (
+        _jinja_content(t.image_token)
+        + "{%- set ns_msgs = namespace(items=[]) -%}"
+        + system
+        + "{%- for m in messages -%}"
+        + "{%- set ns_msgs.items = ns_msgs.items + [{'role': m['role'], 'content': content(m)}] -%}"
+        + "{%- endfor -%}"
+        + "{%- set messages = ns_msgs.items -%}"
+        + "{%- set rendered -%}"
+        + inner
+        + "{%- endset -%}"
+        + tail
+    )

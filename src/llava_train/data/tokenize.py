@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from llava_train.data.templates import ASSISTANT, IMAGE_PLACEHOLDER, USER, Segment, Template, Turn
+from llava_train.data.errors import BadSample
+from llava_train.data.templates import Segment, Template
+from llava_train.llava_format import ASSISTANT, DATA_IMAGE_TAG, USER, Turn
 
 IGNORE_INDEX = -100
 _WHITESPACE = re.compile(r"\s+")
@@ -52,98 +54,6 @@ def load_tokenizer(path: str, image_token: str = "<image>") -> Any:
         else:
             raise ValueError(f"tokenizer {path} has no pad, unk or eos token to pad with")
     return tokenizer
-
-
-# -- bad samples -------------------------------------------------------------------------------
-
-BAD_REASONS: dict[str, str] = {
-    "missing_image": "an image file does not exist",
-    "corrupt_image": "an image file cannot be decoded",
-    "image_count_mismatch": "number of <image> tags differs from the number of images",
-    "image_in_assistant_turn": "an assistant turn holds an <image> tag",
-    "bad_roles": "roles are unknown or do not alternate user/assistant",
-    "empty_conversation": "the conversation has no turns",
-    "empty_reply": "an assistant reply is empty",
-    "too_long": "longer than model_max_length and truncation would cut an image or leave no trained token",
-    "no_trained_tokens": "no token of the sample is trained",
-    "malformed_json": "the row is not valid JSON or not a LLaVA record",
-    "image_path_escapes": "an image path is absolute or leaves image_folder",
-    "straddling_token": "a token spans a trained and an untrained part of the prompt",
-}
-
-
-class BadSample(ValueError):
-    """A row that cannot become a training sample; `reason` is a key of BAD_REASONS."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        if reason not in BAD_REASONS:
-            raise KeyError(f"unknown bad-sample reason {reason!r}; valid reasons: {', '.join(BAD_REASONS)}")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-class BadSampleError(ValueError):
-    """A bad row met with `on_bad_sample: error`: the message names the source, row, id and reason."""
-
-    def __init__(self, source: str, row: int | None = None, sample_id: Any = None, reason: str = "", detail: str = ""):
-        # A single argument is a finished message: DataLoader workers re-raise exceptions as exc_type(message).
-        message = source if row is None else f"bad sample in {source} row {row} (id {sample_id!r}): {reason}: {detail}"
-        super().__init__(message)
-        self.source, self.row, self.sample_id, self.reason, self.detail = source, row, sample_id, reason, detail
-
-
-# -- conversations -----------------------------------------------------------------------------
-
-_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
-
-
-def normalize_conversation(conversations: Any, image_token: str = IMAGE_PLACEHOLDER) -> list[Turn]:
-    """LLaVA records (`[{"from": "human"|"gpt", "value": ...}]`) -> alternating user/assistant turns.
-
-    Conventions of the original: roles human/gpt (user/assistant also accepted, as `from` or
-    `role`, text as `value` or `content`); one leading gpt turn is dropped; roles must alternate
-    and the conversation must end with a reply. Every `<image>` of a user turn moves to the front:
-    the turn becomes `("<image>\\n" * k + text_without_tags.strip()).strip()`, which for k=1 is the
-    original's `"<image>\\n" + text` and puts one `<image>\\n` per image as llava-hf's chat template
-    does. Raises BadSample (bad_roles, empty_conversation, empty_reply, image_in_assistant_turn,
-    malformed_json).
-    """
-    if not isinstance(conversations, list):
-        raise BadSample("malformed_json", f"`conversations` must be a list, got {type(conversations).__name__}")
-    raw: list[tuple[str, str]] = []
-    for i, msg in enumerate(conversations):
-        if not isinstance(msg, dict):
-            raise BadSample("malformed_json", f"turn {i} is not an object")
-        role = msg.get("from", msg.get("role"))
-        text = msg.get("value", msg.get("content"))
-        if role not in _ROLES:
-            raise BadSample("bad_roles", f"turn {i} has unknown role {role!r}; valid roles: {', '.join(_ROLES)}")
-        if not isinstance(text, str):
-            raise BadSample("malformed_json", f"turn {i} text must be a string, got {type(text).__name__}")
-        raw.append((_ROLES[role], text))
-    if raw and raw[0][0] == ASSISTANT:
-        raw = raw[1:]
-    if not raw:
-        raise BadSample("empty_conversation", "the conversation has no user/assistant turns")
-    turns: list[Turn] = []
-    for i, (role, text) in enumerate(raw):
-        expected = USER if i % 2 == 0 else ASSISTANT
-        if role != expected:
-            raise BadSample("bad_roles", f"turn {i} is {role}, expected {expected} (roles must alternate)")
-        if role == ASSISTANT:
-            if image_token in text:
-                raise BadSample("image_in_assistant_turn", f"assistant turn {i} holds {image_token}")
-            if not text.strip():
-                raise BadSample("empty_reply", f"assistant turn {i} is empty")
-        else:
-            k = text.count(image_token)
-            if k:
-                text = ((image_token + "\n") * k + text.replace(image_token, "").strip()).strip()
-        turns.append(Turn(role, text))
-    if turns[-1].role != ASSISTANT:
-        raise BadSample("bad_roles", "the conversation ends with a user turn (no reply to train on)")
-    return turns
 
 
 # -- tokenization ------------------------------------------------------------------------------
@@ -287,7 +197,7 @@ def check_trained_text(sample: TokenizedSample, segments: list[Segment], tokeniz
 # -- template / tokenizer consistency ------------------------------------------------------------
 
 PROBE_CONVERSATION = (
-    Turn(USER, "<image>\nWhat is in the image?"),
+    Turn(USER, DATA_IMAGE_TAG + "\nWhat is in the image?"),
     Turn(ASSISTANT, "A red car near the house."),
     Turn(USER, "How many people are there?"),
     Turn(ASSISTANT, "There are 2 people."),
@@ -321,7 +231,9 @@ def check_template_consistency(
     change what is trained: a token straddles a trained/untrained boundary, or the trained spans of
     the whole-string labels do not decode to the trained segments.
     """
-    turns = list(turns if turns is not None else PROBE_CONVERSATION)
+    if turns is None:
+        turns = [Turn(t.role, t.text.replace(DATA_IMAGE_TAG, template.image_token)) for t in PROBE_CONVERSATION]
+    turns = list(turns)
     segments = template.render(turns, tokenizer)
     prompt = "".join(s.text for s in segments)
     whole = list(tokenizer(prompt, add_special_tokens=template.add_special_tokens)["input_ids"])
@@ -329,7 +241,7 @@ def check_template_consistency(
     for k, seg in enumerate(segments):
         add = template.add_special_tokens and k == 0
         pieces.extend(tokenizer(seg.text, add_special_tokens=add)["input_ids"])
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    image_id = tokenizer.convert_tokens_to_ids(template.image_token)
     try:
         sample = tokenize_conversation(turns, template, tokenizer, image_id, 1, row="probe")
         check_trained_text(sample, segments, tokenizer)

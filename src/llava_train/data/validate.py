@@ -13,9 +13,11 @@ from typing import Any, TextIO
 import numpy as np
 
 from llava_train.config import RunConfig, SourceConfig
-from llava_train.data.dataset import REASON_CODES, make_context, open_source, process_record, record_id, scan_source
-from llava_train.data.templates import get_template
-from llava_train.data.tokenize import BadSample, check_template_consistency, label_tokens, normalize_conversation
+from llava_train.data.dataset import REASON_CODES, make_context, open_source, process_record, scan_source
+from llava_train.data.errors import BadSample
+from llava_train.data.templates import run_template
+from llava_train.data.tokenize import check_template_consistency, label_tokens
+from llava_train.llava_format import normalize_conversation, record_id
 
 FIRST_IDS = 5  # row ids listed per bad-row reason in the summary
 GREEN, RESET = "\033[32;1m", "\033[0m"
@@ -52,7 +54,7 @@ def validate(
     del image_processor
     start = time.perf_counter()
     workers = num_workers or cfg.data.num_workers or os.cpu_count() or 1
-    template = get_template(cfg.data.template, cfg.data.system_prompt)
+    template = run_template(cfg)
     consistency = check_template_consistency(template, tokenizer)
     report: dict[str, Any] = {
         "template": template.name,
@@ -69,7 +71,7 @@ def validate(
     }
     for split, src in _sources(cfg):
         store = open_source(src, cfg.data.cache_dir)
-        ctx = make_context(cfg.data, src, tokenizer, num_image_tokens, image_token_id)
+        ctx = make_context(cfg.data, src, tokenizer, num_image_tokens, image_token_id, cfg.model.image_token)
         scan = scan_source(store, ctx, num_workers=workers, check_images=True, chunk_size=500)
         good = scan.reasons < 0
         by_reason: dict[str, dict[str, Any]] = {}
@@ -149,8 +151,8 @@ def render_labelled(
     The text is cut from the rendered prompt by each token's character offsets (so spaces show
     exactly); tokens with no characters in the prompt (an added BOS) show as their token string.
     """
-    template = get_template(cfg.data.template, cfg.data.system_prompt)
-    turns = normalize_conversation(record.get("conversations"))
+    template = run_template(cfg)
+    turns = normalize_conversation(record.get("conversations"), template.image_token)
     segments = template.render(turns, tokenizer)
     prompt = "".join(s.text for s in segments)
     enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=template.add_special_tokens)
@@ -212,7 +214,7 @@ def inspect_samples(
         write_all = wanted is None and sink is not None
         base = 0
         for src, store in opened:
-            ctx = make_context(cfg.data, src, tokenizer, num_image_tokens, image_token_id)
+            ctx = make_context(cfg.data, src, tokenizer, num_image_tokens, image_token_id, cfg.model.image_token)
             rows = range(len(store)) if write_all else [i - base for i in show if base <= i < base + len(store)]
             for row in rows:
                 index = base + row

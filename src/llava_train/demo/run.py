@@ -155,12 +155,12 @@ def validate_data(cfg: RunConfig, report_path: Path) -> dict[str, Any]:
 
 def save_untrained(cfg: RunConfig, out: Path) -> Path:
     """The stage-2 model as built before any training, saved HF-native (the "before" row of the table)."""
-    from llava_train.data.templates import get_template
+    from llava_train.data.templates import run_template
     from llava_train.model.builder import load_components
 
     model, processor, tokenizer = load_components(cfg)
     if not getattr(processor, "chat_template", None):
-        processor.chat_template = get_template(cfg.data.template, cfg.data.system_prompt).chat_template(tokenizer)
+        processor.chat_template = run_template(cfg).chat_template(tokenizer)
     model.save_pretrained(str(out))
     processor.save_pretrained(str(out))
     return out

@@ -528,14 +528,14 @@ def tokenizer_source(cfg: RunConfig) -> str:
 
 def load_components(cfg: RunConfig) -> tuple[Any, Any, Any]:
     """(model, processor, tokenizer) for a run: tiny preset, tokenizer with `<image>`, model, processor."""
-    from llava_train.data.templates import get_template
+    from llava_train.data.templates import run_template
     from llava_train.data.tokenize import load_tokenizer
     from llava_train.model.tiny import ensure_tiny_components
 
     ensure_tiny_components(cfg.model)
     tokenizer = load_tokenizer(tokenizer_source(cfg), image_token=cfg.model.image_token)
     model = build_model(cfg, tokenizer)
-    processor = build_processor(cfg, tokenizer, get_template(cfg.data.template, cfg.data.system_prompt))
+    processor = build_processor(cfg, tokenizer, run_template(cfg))
     return model, processor, tokenizer
 
 
@@ -556,13 +556,13 @@ def load_data_components(cfg: RunConfig) -> DataComponents:
     (or download) 14 GB of weights.
     """
     from llava_train.data.images import num_image_tokens
-    from llava_train.data.templates import get_template
+    from llava_train.data.templates import run_template
     from llava_train.data.tokenize import load_tokenizer
     from llava_train.model.tiny import ensure_tiny_components
 
     ensure_tiny_components(cfg.model)
     tokenizer = load_tokenizer(tokenizer_source(cfg), image_token=cfg.model.image_token)
-    processor = build_processor(cfg, tokenizer, get_template(cfg.data.template, cfg.data.system_prompt))
+    processor = build_processor(cfg, tokenizer, run_template(cfg))
     _, vision = vision_source(cfg)
     return DataComponents(
         tokenizer=tokenizer,

@@ -114,7 +114,7 @@ def merge_lora(run_dir_or_checkpoint: str | os.PathLike, out_dir: str | os.PathL
     """
     from peft import PeftModel
 
-    from llava_train.data.templates import get_template
+    from llava_train.data.templates import run_template
     from llava_train.data.tokenize import load_tokenizer
     from llava_train.model.builder import (
         PROJECTOR_FILE,
@@ -141,7 +141,7 @@ def merge_lora(run_dir_or_checkpoint: str | os.PathLike, out_dir: str | os.PathL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
-    processor = build_processor(base_cfg, tokenizer, get_template(cfg.data.template, cfg.data.system_prompt))
+    processor = build_processor(base_cfg, tokenizer, run_template(cfg))
     processor.save_pretrained(str(out))
     merged.generation_config.save_pretrained(str(out))
     dump_config(cfg, out / CONFIG_FILENAME)

@@ -21,7 +21,7 @@ def eval_predictions_fn(cfg: RunConfig, processor: Any) -> Callable[[Any], list[
     n = cfg.wandb.log_predictions
     if n <= 0 or not cfg.data.eval:
         return None
-    from llava_train.data.tokenize import BadSample
+    from llava_train.data.errors import BadSample
     from llava_train.infer import GenerationOptions, make_predictor, read_records, record_request
 
     src = cfg.data.eval[0]

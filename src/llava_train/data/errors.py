@@ -1,0 +1,41 @@
+"""Bad-sample types: the reason codes a row can be rejected for, and the errors that carry them. No imports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BAD_REASONS: dict[str, str] = {
+    "missing_image": "an image file does not exist",
+    "corrupt_image": "an image file cannot be decoded",
+    "image_count_mismatch": "number of <image> tags differs from the number of images",
+    "image_in_assistant_turn": "an assistant turn holds an <image> tag",
+    "bad_roles": "roles are unknown or do not alternate user/assistant",
+    "empty_conversation": "the conversation has no turns",
+    "empty_reply": "an assistant reply is empty",
+    "too_long": "longer than model_max_length and truncation would cut an image or leave no trained token",
+    "no_trained_tokens": "no token of the sample is trained",
+    "malformed_json": "the row is not valid JSON or not a LLaVA record",
+    "image_path_escapes": "an image path is absolute or leaves image_folder",
+    "straddling_token": "a token spans a trained and an untrained part of the prompt",
+}
+
+
+class BadSample(ValueError):
+    """A row that cannot become a training sample; `reason` is a key of BAD_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in BAD_REASONS:
+            raise KeyError(f"unknown bad-sample reason {reason!r}; valid reasons: {', '.join(BAD_REASONS)}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class BadSampleError(ValueError):
+    """A bad row met with `on_bad_sample: error`: the message names the source, row, id and reason."""
+
+    def __init__(self, source: str, row: int | None = None, sample_id: Any = None, reason: str = "", detail: str = ""):
+        # A single argument is a finished message: DataLoader workers re-raise exceptions as exc_type(message).
+        message = source if row is None else f"bad sample in {source} row {row} (id {sample_id!r}): {reason}: {detail}"
+        super().__init__(message)
+        self.source, self.row, self.sample_id, self.reason, self.detail = source, row, sample_id, reason, detail

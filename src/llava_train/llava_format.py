@@ -1,0 +1,142 @@
+"""The one LLaVA-record parser: conversations and images of a row, as training, `predict` and `eval` read them.
+
+A record is `{"image": path | [paths] (optional), "conversations": [{"from": "human", "value": ...}, ...]}`.
+Also accepted, everywhere: `role`/`content` instead of `from`/`value`, the roles `user`/`assistant`
+besides `human`/`gpt`, and HF-style typed content (`[{"type": "image"}, {"type": "text", "text": ...}]`).
+Images are marked in the text with LLaVA's `<image>` tag (or the model's own image token when it is
+another string); each user turn is normalised the way the original LLaVA does it: its image
+placeholders move to the front, one `<image_token>\\n` each, then the rest of the text, stripped.
+Imports only the bad-sample types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llava_train.data.errors import BadSample
+
+DATA_IMAGE_TAG = "<image>"  # the placeholder LLaVA-format data uses, whatever the model's image token is
+USER, ASSISTANT = "user", "assistant"
+ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message: role is `user` or `assistant`; text holds image tokens (user turns only, at the front)."""
+
+    role: str
+    text: str
+
+
+def image_markers(image_token: str) -> tuple[str, ...]:
+    """Strings that mark an image in data text: LLaVA's `<image>` tag and the model's image token."""
+    return (DATA_IMAGE_TAG,) if image_token == DATA_IMAGE_TAG else (image_token, DATA_IMAGE_TAG)
+
+
+def split_images(text: str, image_token: str = DATA_IMAGE_TAG) -> tuple[int, str]:
+    """(number of image markers in `text`, the text without them, stripped when there was any marker)."""
+    count = 0
+    for marker in image_markers(image_token):  # the model's token first: it may contain `<image>`
+        count += text.count(marker)
+        text = text.replace(marker, "")
+    return count, text.strip() if count else text
+
+
+def user_text(n_images: int, text: str, image_token: str = DATA_IMAGE_TAG) -> str:
+    """A normalised user turn: `image_token + "\\n"` per image, then the stripped text, all stripped.
+
+    With no image the text is kept as it is. An image-only turn is just the token (no newline).
+    """
+    return ((image_token + "\n") * n_images + text.strip()).strip() if n_images else text
+
+
+def message_text(content: Any, where: str) -> tuple[int, str]:
+    """(images, text) of a message's content: a string with image markers, or typed items (`image` / `text`)."""
+    if isinstance(content, str):
+        return 0, content
+    if not isinstance(content, list):
+        raise BadSample("malformed_json", f"{where} text must be a string or a list of typed items")
+    images, texts = 0, []
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image":
+            images += 1
+        elif kind == "text" and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+        else:
+            raise BadSample("malformed_json", f"{where} has a content item that is neither an image nor a text")
+    return images, "".join(texts)
+
+
+def normalize_conversation(conversations: Any, image_token: str = DATA_IMAGE_TAG) -> list[Turn]:
+    """A record's `conversations` -> alternating user/assistant turns, ending with a reply.
+
+    One leading assistant turn is dropped (LLaVA data has rows that start with gpt); roles must then
+    alternate starting with the user; replies must be non-empty and hold no image. Each user turn
+    becomes `user_text(k, text)`: for one image the original's `"<image>\\n" + text`, and one
+    `<image>\\n` per image as llava-hf's chat template writes them. Raises BadSample (bad_roles,
+    empty_conversation, empty_reply, image_in_assistant_turn, malformed_json).
+    """
+    if not isinstance(conversations, list):
+        raise BadSample("malformed_json", f"`conversations` must be a list, got {type(conversations).__name__}")
+    raw: list[tuple[str, int, str]] = []
+    for i, msg in enumerate(conversations):
+        if not isinstance(msg, dict):
+            raise BadSample("malformed_json", f"turn {i} is not an object")
+        role = msg.get("from", msg.get("role"))
+        if role not in ROLES:
+            raise BadSample("bad_roles", f"turn {i} has unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        typed, text = message_text(msg.get("value", msg.get("content")), f"turn {i}")
+        tagged, text = split_images(text, image_token)
+        raw.append((ROLES[role], typed + tagged, text))
+    if raw and raw[0][0] == ASSISTANT:
+        raw = raw[1:]
+    if not raw:
+        raise BadSample("empty_conversation", "the conversation has no user/assistant turns")
+    turns: list[Turn] = []
+    for i, (role, images, text) in enumerate(raw):
+        expected = USER if i % 2 == 0 else ASSISTANT
+        if role != expected:
+            raise BadSample("bad_roles", f"turn {i} is {role}, expected {expected} (roles must alternate)")
+        if role == ASSISTANT:
+            if images:
+                raise BadSample("image_in_assistant_turn", f"assistant turn {i} holds {DATA_IMAGE_TAG}")
+            if not text.strip():
+                raise BadSample("empty_reply", f"assistant turn {i} is empty")
+            turns.append(Turn(role, text))
+        else:
+            turns.append(Turn(role, user_text(images, text, image_token)))
+    if turns[-1].role != ASSISTANT:
+        raise BadSample("bad_roles", "the conversation ends with a user turn (no reply to train on)")
+    return turns
+
+
+def record_images(record: dict[str, Any]) -> list[Any]:
+    """The record's images in order, as given (`image` missing, one path, or a list); not resolved or opened."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def record_id(record: dict[str, Any], row: int) -> Any:
+    """A row's id for reports (`id` key, else its row index)."""
+    return record.get("id", row)
+
+
+def count_images(turns: list[Turn], image_token: str = DATA_IMAGE_TAG) -> int:
+    """Image placeholders in normalised turns."""
+    return sum(t.text.count(image_token) for t in turns)
+
+
+def to_messages(turns: list[Turn], image_token: str = DATA_IMAGE_TAG) -> list[dict[str, Any]]:
+    """Normalised turns as HF chat messages with typed content (images first), what `apply_chat_template` takes."""
+    messages = []
+    for t in turns:
+        n, text = split_images(t.text, image_token)
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n)]
+        if text or not n:
+            content.append({"type": "text", "text": text})
+        messages.append({"role": t.role, "content": content})
+    return messages
