@@ -23,9 +23,10 @@ from llava_train.model.builder import build_processor
 N_IMG = 16  # tiny CLIP tower: (32 // 8) ** 2 patches, CLS dropped
 # A Mistral-instruct style template: writes BOS itself, as Llama-2 / Mistral / Llama-3 templates do.
 BOS_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-    "{% elif m['role'] == 'system' %}{{ m['content'] + '\n' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}"
-    "{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'system' %}{{ m['content'] + '\n' }}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
 )
 
 ONE_IMAGE = [

@@ -20,6 +20,7 @@ from llava_train.utils.distributed import (
     local_numel,
     prepare_distributed,
     rank,
+    shutdown_distributed,
     world_size,
     zero3_enabled,
 )
@@ -95,6 +96,7 @@ def main(out_dir: str, ds_config: str) -> None:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }
     Path(out_dir, f"rank{rank()}.json").write_text(json.dumps(report))
+    shutdown_distributed(True)  # as every llava-train process ends: no teardown race at exit, no /dev/shm leak
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Usage (what tests/distributed/test_deepspeed_cpu.py runs):
 The train module's own steps are wrapped (not replaced): after `build_model` it records each
 parameter's local and full size and, when `model.init_from` holds a projector, whether the
 gathered projector equals the saved one; after `build_trainer` it records every micro-batch's
-sample ids and image counts, and after the first step the optimizer's named group learning rates
+sample ids, image counts and trained-token counts, and after the first step the optimizer's named group learning rates
 and the parameter sizes again (now inside the DeepSpeed engine). Each rank writes
 `REPORT_DIR/rank<R>.json` after training.
 """
@@ -69,7 +69,10 @@ def main(report_dir: str, argv: list[str]) -> int:
 
         def recording(items: list[dict[str, Any]]) -> dict[str, Any]:
             batch = collate(items)
-            report["batches"].append({"ids": list(batch["ids"]), "images": int(batch["num_images"].sum())})
+            trained = int((batch["labels"][:, 1:] != -100).sum())  # what the loss projects through lm_head
+            report["batches"].append(
+                {"ids": list(batch["ids"]), "images": int(batch["num_images"].sum()), "trained": trained}
+            )
             return batch
 
         trainer.data_collator = recording

@@ -26,7 +26,14 @@ def main(out_dir: str, ds_config: str, lm: str, vt: str) -> None:
 
     from llava_train.config import from_dict
     from llava_train.model.builder import load_components, load_projector, projector_module, save_projector
-    from llava_train.utils.distributed import full_numel, gathered, local_numel, prepare_distributed, rank
+    from llava_train.utils.distributed import (
+        full_numel,
+        gathered,
+        local_numel,
+        prepare_distributed,
+        rank,
+        shutdown_distributed,
+    )
 
     out = Path(out_dir)
     kwargs = prepare_distributed({"output_dir": str(out / "args"), "deepspeed": ds_config, "report_to": []})
@@ -91,6 +98,7 @@ def main(out_dir: str, ds_config: str, lm: str, vt: str) -> None:
         report["init_from_projector"] = bool(torch.equal(proj.linear_2.bias.detach(), torch.arange(64.0) / 1000))
     report["zero3"] = bool(args.deepspeed)
     (out / f"rank{rank()}.json").write_text(json.dumps(report))
+    shutdown_distributed(True)  # as every llava-train process ends: no teardown race at exit
 
 
 if __name__ == "__main__":

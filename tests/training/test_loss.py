@@ -55,16 +55,20 @@ def test_equals_hf_loss_and_gradients(collator: str, n_items: int | None) -> Non
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_chunks_match_one_shot() -> None:
-    head = torch.nn.Linear(8, 50, bias=False)
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunks_match_one_shot(bias: bool) -> None:
+    head = torch.nn.Linear(8, 50, bias=bias)
     hidden = torch.randn(11, 8, requires_grad=True)
     targets = torch.randint(0, 50, (11,))
-    one = chunked_cross_entropy_sum(head, hidden, targets, chunk=100)
-    (g_one,) = torch.autograd.grad(one, hidden)
-    many = chunked_cross_entropy_sum(head, hidden, targets, chunk=3)
-    (g_many,) = torch.autograd.grad(many, hidden)
+    params = (hidden, head.weight, *([head.bias] if bias else []))
+    one = chunked_cross_entropy_sum(head.weight, head.bias, hidden, targets, chunk=100)
+    g_one = torch.autograd.grad(one, params)
+    many = chunked_cross_entropy_sum(head.weight, head.bias, hidden, targets, chunk=3)
+    g_many = torch.autograd.grad(many, params)
     torch.testing.assert_close(many, one)
-    torch.testing.assert_close(g_many, g_one)
+    torch.testing.assert_close(one, torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum"))
+    for a, b in zip(g_many, g_one):
+        torch.testing.assert_close(a, b)
 
 
 def test_peft_wrapped_model() -> None:
@@ -87,4 +91,23 @@ def test_lm_head_sees_only_trained_positions() -> None:
     rows: list[int] = []
     model.lm_head.register_forward_hook(lambda m, a, out: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
     trained_positions_loss(model, batch, None)
-    assert rows == [0, int((batch["labels"][:, 1:] != -100).sum())]
+    assert rows == [int((batch["labels"][:, 1:] != -100).sum())]
+    assert "forward" not in model.lm_head.__dict__  # the module is itself again afterwards
+
+
+def test_lm_head_is_called_once_whatever_the_data() -> None:
+    """THE RANK RULE: micro-batches with 7 and 15 trained tokens (1 vs several chunks of 5) both make exactly one
+    lm_head module call forward and one module backward; the chunks and their recomputation run inside them."""
+    model = tiny_llava("sdpa")
+    forward: list[int] = []
+    backward: list[int] = []
+    model.lm_head.register_forward_hook(lambda m, a, out: forward.append(a[0].shape[0]))
+    model.lm_head.register_full_backward_hook(lambda m, gi, go: backward.append(1))
+    seen = []
+    for items in ([sample(9, 1, seed=1, sid="a"), sample(6, 0, seed=2, sid="b")], _items()):
+        forward.clear()
+        backward.clear()
+        batch = PaddingCollator(pad_token_id=0)(items)
+        trained_positions_loss(model, batch, None, chunk=5).backward()
+        seen.append((forward[:], len(backward)))
+    assert seen == [([7], 1), ([15], 1)]

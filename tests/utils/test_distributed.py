@@ -143,7 +143,8 @@ from transformers import TrainingArguments
 TrainingArguments(**prepare_distributed({"output_dir": sys.argv[1], "deepspeed": sys.argv[2], "report_to": []}))
 group = dist.new_group([0])  # DeepSpeed creates groups of its own; all of them must go
 up = dist.is_initialized()
-print(json.dumps({"before": before, "up": up, "destroyed": shutdown_distributed(True), "after": dist.is_initialized()}))
+destroyed = shutdown_distributed(True)
+print(json.dumps({"before": before, "up": up, "destroyed": destroyed, "after": dist.is_initialized()}))
 """
 
 

@@ -2,13 +2,26 @@
 
 The standard path projects every position (image tokens, prompts, padding) through lm_head and
 builds a fp32 [B, L, V] logits tensor; in LLaVA data most positions never train. Here the forward
-runs through the (possibly DDP/DeepSpeed/peft-wrapped) model as usual, but a forward pre-hook on
-lm_head takes the hidden states, keeps the trained positions [T, D] aside and hands lm_head an
-empty input. The loss is then computed on those T positions only: in chunks (each chunk is
-recomputed in backward so only one chunk's logits are alive), or with Liger's fused linear cross
-entropy when it is installed and the model runs on CUDA. The objective is exactly HF's:
-sum of token losses / num_items_in_batch (trained tokens across gradient accumulation and ranks),
-or the mean over this batch's trained tokens when num_items_in_batch is None.
+runs through the (possibly DDP/DeepSpeed/peft-wrapped) model as usual, and the one lm_head call of
+that forward computes the loss itself: a forward pre-hook hands it the trained positions [T, D]
+only, and for the duration of the call its `forward` is the loss on those positions: in chunks
+(each chunk recomputed in backward, so only one chunk's [chunk, V] logits are alive), or with
+Liger's fused linear cross entropy when it is installed and the model runs on CUDA. The model's
+output `logits` is then that loss sum. The objective is exactly HF's: sum of token losses /
+num_items_in_batch (trained tokens across gradient accumulation and ranks), or the mean over this
+batch's trained tokens when num_items_in_batch is None.
+
+THE RANK RULE. Every rank makes the same sequence of module calls and collectives in every step,
+whatever its data. Under ZeRO-3 each module call all-gathers the module's weights for its forward
+(and again for its backward), so the loss must not call lm_head once per chunk of this rank's
+trained tokens: two ranks on either side of a multiple of `chunk` would issue different numbers of
+all-gathers (gloo aborts with mismatched sizes, NCCL hangs), and the chunks' recomputation in
+backward would find the weight partitioned again. Here lm_head is called exactly once per forward
+on every rank, whatever T is; the chunks inside use its weight directly (`F.linear`), while ZeRO-3
+holds it gathered for that one call and for that call's backward, where the recomputation runs.
+Tested with 2 CPU ranks whose trained-token counts straddle a small `perf.loss_chunk_size`, under
+ZeRO-2 and ZeRO-3 (tests/distributed/test_deepspeed_cpu.py), and by counting lm_head calls
+(tests/training/test_loss.py).
 """
 
 from __future__ import annotations
@@ -51,24 +64,27 @@ def liger_available(device: torch.device) -> bool:
 
 
 def chunked_cross_entropy_sum(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Sum over positions of fp32 cross entropy of head(hidden) against targets. hidden [T, D], targets [T].
+    """Sum over positions of fp32 cross entropy of `hidden @ weight.T + bias`. hidden [T, D], targets [T].
 
     With more than one chunk, each chunk runs under activation checkpointing so the backward keeps
-    only one chunk's [chunk, V] logits alive instead of [T, V].
+    only one chunk's [chunk, V] logits alive instead of [T, V]. Calls no module (THE RANK RULE).
     """
 
     def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), t, reduction="sum")
+        return F.cross_entropy(F.linear(h, weight, bias).float(), t, reduction="sum")
 
     if hidden.shape[0] <= chunk:
         return piece(hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(
-            piece, hidden[start : start + chunk], targets[start : start + chunk], use_reentrant=False
-        )
+        part = slice(start, start + chunk)
+        total = total + checkpoint(piece, hidden[part], targets[part], use_reentrant=False)
     return total
 
 
@@ -86,7 +102,7 @@ def trained_positions_loss(
     chunk: int = DEFAULT_CHUNK,
     use_liger: bool | None = None,
 ) -> torch.Tensor:
-    """HF's causal-LM loss, computing lm_head only on trained positions.
+    """HF's causal-LM loss, computing lm_head only on trained positions, inside lm_head's one call.
 
     model: LlavaForConditionalGeneration, possibly wrapped (DDP, DeepSpeed engine, peft); the
         forward goes through the wrapper so gradient sync and ZeRO hooks behave as usual.
@@ -99,35 +115,39 @@ def trained_positions_loss(
     labels = inputs["labels"]
     targets = shifted_targets(labels)  # [B, L]
     keep = targets != IGNORE_INDEX  # [B, L]
+    target = targets[keep]  # [T]
     head = unwrap(model).get_output_embeddings()
-    kept: list[torch.Tensor] = []
+    weight = getattr(head, "weight", None)
+    if not isinstance(head, nn.Linear) or weight is None:
+        raise TypeError(f"perf.loss_on_trained_only needs an nn.Linear lm_head, got {type(head).__name__}")
+    if use_liger is None:
+        use_liger = not hasattr(weight, "ds_id") and liger_available(weight.device)
+    calls: list[int] = []
 
     def take_trained(module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor]:
-        hidden = args[0]  # [B, L, D]
-        kept.append(hidden[keep])  # [T, D]
-        return (hidden[:, :0],)  # lm_head projects nothing inside the forward
+        calls.append(1)
+        return (args[0][keep],)  # [B, L, D] -> [T, D]
 
+    def loss_forward(hidden: torch.Tensor) -> torch.Tensor:
+        # Runs as lm_head's forward: under ZeRO-3 its weight is gathered here and again in its backward.
+        if use_liger:
+            return _liger_cross_entropy_sum(head, hidden, target).float()
+        return chunked_cross_entropy_sum(head.weight, head.bias, hidden, target, chunk)
+
+    own_forward = head.__dict__.get("forward")  # e.g. an accelerate hook wrapper: put it back afterwards
     handle = head.register_forward_pre_hook(take_trained)
+    head.forward = loss_forward
     try:
-        model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS})
+        out = model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS})
     finally:
         handle.remove()
-    if len(kept) != 1:
-        raise RuntimeError(f"lm_head ran {len(kept)} times in one forward; expected exactly once")
-    hidden = kept[0]
-    target = targets[keep]  # [T]
-    weight = getattr(head, "weight", None)
-    if use_liger is None:
-        use_liger = (
-            isinstance(head, nn.Linear)
-            and weight is not None
-            and not hasattr(weight, "ds_id")
-            and liger_available(hidden.device)
-        )
-    if use_liger:
-        total = _liger_cross_entropy_sum(head, hidden, target).float()
-    else:
-        total = chunked_cross_entropy_sum(head, hidden, target, chunk)
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward
+    if len(calls) != 1:
+        raise RuntimeError(f"lm_head ran {len(calls)} times in one forward; expected exactly once")
+    total = out.logits  # the loss sum lm_head returned
     if num_items_in_batch is None:
         return total / keep.sum().clamp(min=1)
     if isinstance(num_items_in_batch, torch.Tensor):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from llava_train.training.flops import FlopModel, peak_flops_for_current_device
+from llava_train.utils.distributed import collective_device
 
 IGNORE_INDEX = -100
 STAT_KEYS = ("real_tokens", "padded_tokens", "trained_tokens", "samples", "images", "image_tokens", "sum_sq_lengths")
@@ -155,7 +156,7 @@ class ThroughputTracker:
         else:
             counts = torch.stack([totals[k].to(torch.float64) for k in STAT_KEYS])  # [len(STAT_KEYS)]
         if world > 1:
-            counts = counts.to(_collective_device())
+            counts = counts.to(collective_device())
             torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
         memory = _peak_memory_gb(world)
         if totals is None or start is None:
@@ -177,13 +178,6 @@ class ThroughputTracker:
         return out
 
 
-def _collective_device() -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo (CPU DeepSpeed) reduces CPU tensors.
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _peak_memory_gb(world: int) -> float | None:
     """Peak CUDA memory allocated since the last call, max over ranks, in GB (1e9 bytes); None without CUDA."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
@@ -191,6 +185,6 @@ def _peak_memory_gb(world: int) -> float | None:
     peak = torch.tensor(float(torch.cuda.max_memory_allocated()), dtype=torch.float64)
     torch.cuda.reset_peak_memory_stats()
     if world > 1:
-        peak = peak.to(_collective_device())
+        peak = peak.to(collective_device())
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     return float(peak.item()) / 1e9

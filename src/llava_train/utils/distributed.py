@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 # Variables a launcher (deepspeed, torchrun, accelerate launch, our own single-process set-up) exports.
@@ -160,17 +162,48 @@ def shutdown_distributed(success: bool) -> bool:
     `terminate called without an active exception` (exit code 250 from the deepspeed launcher).
     After a failure there is no barrier (the peers may be anywhere): the local groups are destroyed,
     which closes this rank's connections so its peers fail fast instead of waiting for a timeout.
+    Also removes the shared-memory workspace DeepSpeed's CPU communication backend leaves behind.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return False
+    this_rank = dist.get_rank()
     try:
         if success:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+        release_deepspeed_shm(this_rank)
     return True
+
+
+def release_deepspeed_shm(global_rank: int) -> bool:
+    """Unlink this rank's `/dev/shm/deepspeed_allreduce_buffer_*` segment; True when there was one.
+
+    Under the `deepspeed` launcher on CPU (LOCAL_SIZE == WORLD_SIZE), DeepSpeed 0.19's TorchBackend
+    creates a 69 MB POSIX shared-memory workspace per rank, named after the uid, MASTER_ADDR,
+    MASTER_PORT and the rank, and never unlinks it: /dev/shm is RAM, so a machine that runs a few
+    hundred launches (CI, sweeps) runs out of memory. Call after the last collective.
+    """
+    if "deepspeed" not in sys.modules or not hasattr(os, "getuid"):
+        return False
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    segment = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{global_rank}"
+    if not segment.exists():
+        return False
+    segment.unlink(missing_ok=True)
+    return True
+
+
+def collective_device() -> Any:
+    """Where a tensor must live for a collective on the default group: CUDA for NCCL, CPU for gloo."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def world_size() -> int:
