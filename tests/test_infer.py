@@ -299,3 +299,71 @@ def test_predict_and_predict_file(model_dir: str, image_folder: Path, tmp_path: 
     report = infer.evaluate(model_dir, data, image_folder, tmp_path / "ev", max_new_tokens=3, limit=3)
     assert report["n"] == 3 and list(report["per_type"]) == ["all"]
     assert (tmp_path / "ev" / "eval_predictions.jsonl").is_file()
+
+
+# -- predict / eval on the folder of every template ---------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "llava_v1", "llama_2", "mistral", "chatml", "tokenizer"])
+def test_predict_and_eval_commands_work_for_every_template(
+    template: str, tmp_path_factory: pytest.TempPathFactory, image_folder: Path
+) -> None:
+    """A model folder as a run of that template saves it (tiny parts, untrained): the CLI serves it."""
+    from llava_train.cli import main as cli
+    from llava_train.config import from_dict
+    from llava_train.model.builder import load_components
+
+    root = tmp_path_factory.mktemp(f"served_{template}")
+    chatml = template in ("chatml", "tokenizer")
+    cfg = from_dict(
+        {
+            "stage": "pretrain" if template == "plain" else "finetune",
+            "model": {
+                "language_model": str(root / "lm"),
+                "vision_tower": str(root / "vision"),
+                "preset": "tiny_chatml" if chatml else "tiny",
+                "dtype": "float32",
+            },
+            "data": {"template": template},
+            "train": {"output_dir": str(root / "run")},
+        }
+    )
+    model, processor, _ = load_components(cfg)
+    out = root / "model"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    data = root / "eval.json"
+    data.write_text(json.dumps([_record("a", "Color?", "red"), _record("b", "Again?", "blue", image="b.png")]))
+    assert (
+        cli(
+            [
+                "predict",
+                str(out),
+                "--image",
+                str(image_folder / "a.png"),
+                "--prompt",
+                "Color?",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "eval",
+                str(out),
+                "--data",
+                str(data),
+                "--image-folder",
+                str(image_folder),
+                "--out",
+                str(root / "e"),
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((root / "e" / "eval_report.json").read_text())["n"] == 2

@@ -292,3 +292,123 @@ def test_prediction_rows_for_the_wandb_table(pretrained: dict, workspace: dict) 
     assert model.training, "model returned to training mode"
     cfg.data.eval = []
     assert eval_predictions_fn(cfg, None) is None
+
+
+# -- the modern recipe: the LM's own chat template (`template: tokenizer`), served as trained --------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_template_run(workspace: dict[str, str]) -> dict[str, str]:
+    """A Qwen2-style tiny LM + SigLIP finetuned with `template: tokenizer` and a configured system prompt."""
+    root = Path(workspace["root"])
+    out = root / "runs" / "tokenizer-template"
+    cfg = tiny_config(workspace, "finetune", str(out), max_steps=4, save_strategy="no")
+    cfg["model"] = {
+        "language_model": str(root / "models" / "lm_chatml"),
+        "vision_tower": str(root / "models" / "vision_siglip"),
+        "preset": "tiny_chatml",
+        "dtype": "float32",
+    }
+    cfg["data"].update(template="tokenizer", system_prompt="Answer with one word.")
+    run(from_dict(cfg))
+    return {"out": str(out), **workspace}
+
+
+README_SNIPPET = """
+import json, sys
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+processor = AutoProcessor.from_pretrained(sys.argv[1])
+image = Image.open(sys.argv[2])
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=image, text=prompt, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+print(processor.decode(out[0]))
+assert "llava_train" not in sys.modules
+print(json.dumps(inputs["input_ids"][0].tolist()))
+"""
+
+
+def test_tokenizer_template_model_serves_in_plain_transformers(tokenizer_template_run: dict[str, str]) -> None:
+    """The README's snippet, in a process that never imports llava_train, gets exactly the training prompt ids."""
+    from llava_train.config import load_config
+    from llava_train.data.templates import run_template
+    from llava_train.data.tokenize import load_tokenizer, tokenize_conversation
+    from llava_train.llava_format import normalize_conversation
+
+    out = tokenizer_template_run["out"]
+    image = str(Path(tokenizer_template_run["images"]) / "0.png")
+    res = subprocess.run(
+        [sys.executable, "-c", README_SNIPPET, out, image], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    served = json.loads(res.stdout.strip().splitlines()[-1])
+    cfg = load_config(Path(out) / "llava_train_config.yaml")
+    tokenizer = load_tokenizer(out)
+    turns = normalize_conversation(
+        [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]
+    )
+    trained = tokenize_conversation(
+        turns, run_template(cfg), tokenizer, tokenizer.convert_tokens_to_ids("<image>"), 16
+    )
+    first_trained = next(i for i, lab in enumerate(trained.labels) if lab != -100)
+    assert served == trained.input_ids[:first_trained]
+    assert "Answer with one word." in tokenizer.decode(served)
+
+
+def test_predict_eval_and_prediction_table_on_a_tokenizer_template_model(
+    tokenizer_template_run: dict[str, str], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llava_train.cli import main as cli
+    from llava_train.training.predictions import eval_predictions_fn
+
+    out, images = tokenizer_template_run["out"], tokenizer_template_run["images"]
+    assert (
+        cli(["predict", out, "--image", f"{images}/0.png", "--prompt", "What colour is it?", "--max-new-tokens", "3"])
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "eval",
+                out,
+                "--data",
+                tokenizer_template_run["finetune"],
+                "--image-folder",
+                images,
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "eval_report.json").read_text())
+    assert report["n"] == 36
+    cfg = from_dict(tiny_config(tokenizer_template_run, "finetune", str(tmp_path / "unused")))
+    cfg.data.eval, cfg.wandb.log_predictions = cfg.data.train, 2
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    rows = eval_predictions_fn(cfg, AutoProcessor.from_pretrained(out))(model)
+    assert [r["reference"] for r in rows] == ["red", "green"]
+    assert rows[0]["prompt"].count("<image>") == 1 and "Answer with one word." in rows[0]["prompt"]
+
+
+def test_a_missing_optional_extra_never_stops_the_final_save(
+    workspace: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """matplotlib (the `plot` extra) missing: the loss plot is a warning; the run trains and saves its model."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+    out = Path(workspace["root"]) / "runs" / "no-plot"
+    cfg = tiny_config(workspace, "pretrain", str(out), max_steps=2, save_strategy="no")
+    logger = __import__("logging").getLogger("llava_train")
+    logger.addHandler(caplog.handler)
+    try:
+        run(from_dict(cfg))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert (out / "model.safetensors").is_file() and (out / "projector.safetensors").is_file()
+    assert not (out / "loss.png").exists()
+    assert any("loss plot" in r.getMessage() and "matplotlib" in r.getMessage() for r in caplog.records)

@@ -86,7 +86,8 @@ class ModelConfig:
     dtype: dtype the weights are loaded in; mixed precision itself is `train.bf16` / `train.fp16`.
     train_vision_tower: also train the vision tower in `finetune` (frozen otherwise).
     vision_tower_train_from_layer: with train_vision_tower, train encoder layers >= this index.
-    image_token: the placeholder token added to the tokenizer.
+    image_token: the image placeholder token of the tokenizer (added when missing) and the saved processor.
+        Data keeps LLaVA's `<image>` tag (the token itself is accepted too); prompts use this token.
     """
 
     language_model: str = "lmsys/vicuna-7b-v1.5"

@@ -254,3 +254,16 @@ def test_image_path_escapes(tmp_path: Path) -> None:
         with pytest.raises(BadSample) as e:
             resolve_image_path(str(tmp_path), bad)
         assert e.value.reason == "image_path_escapes"
+
+
+def test_custom_image_token_reads_llava_tags(data_dir: Path, llama_tokenizer_dir: str, clip_image_processor: Any):
+    """`model.image_token: <img>`: LLaVA data with `<image>` tags builds (no image_count_mismatch), and the ids
+    carry `<img>` blocks."""
+    from llava_train.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(llama_tokenizer_dir, image_token="<img>")
+    img = tok.convert_tokens_to_ids("<img>")
+    src = SourceConfig(_write_json(data_dir / "train.json", GOOD_ROWS), image_folder=str(data_dir))
+    ds = build_dataset(_cfg([src]), tok, clip_image_processor, NUM_TOKENS, img, image_token="<img>")
+    assert len(ds) == 4 and ds.skipped == {}
+    assert [int((ds[i]["input_ids"] == img).sum()) for i in range(4)] == [16, 0, 32, 16]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
+from llava_train.data.collator import BATCH_ONLY_KEYS, PaddingCollator
 from llava_train.data.packing import (
     PackedRows,
     PackedRowSampler,
@@ -102,7 +103,7 @@ def test_packed_logits_equal_per_sample_logits(attn: str, case: str) -> None:
     items = [sample(n, k, seed=10 * i + k, sid=str(i)) for i, (n, k) in enumerate(CASES[case])]
     batch = PackingCollator(pad_token_id=0)([items])
     with torch.no_grad():
-        packed = model(**{k: v for k, v in batch.items() if k not in ("labels", "ids", "num_images")}).logits
+        packed = model(**{k: v for k, v in batch.items() if k not in ("labels", *BATCH_ONLY_KEYS)}).logits
         start = 0
         for it in items:
             n = len(it["input_ids"])
@@ -112,8 +113,6 @@ def test_packed_logits_equal_per_sample_logits(attn: str, case: str) -> None:
 
 
 def test_packed_loss_equals_unpacked_loss() -> None:
-    from llava_train.data.collator import PaddingCollator
-
     model = tiny_llava("sdpa")
     items = [sample(n, k, seed=i, sid=str(i)) for i, (n, k) in enumerate(CASES["multi_image"])]
     packed = PackingCollator(pad_token_id=0)([items])
@@ -122,7 +121,18 @@ def test_packed_loss_equals_unpacked_loss() -> None:
     assert int((packed["labels"][:, 1:] != -100).sum()) == int(n_items)
 
     def loss(batch: dict[str, Any]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k not in ("ids", "num_images")}
+        inputs = {k: v for k, v in batch.items() if k not in BATCH_ONLY_KEYS}
         return model(**inputs, num_items_in_batch=n_items).loss
 
     torch.testing.assert_close(loss(packed), loss(padded), atol=1e-6, rtol=1e-6)
+
+
+def test_single_items_are_padded_not_packed() -> None:
+    """The eval loader hands the collator single items: one padded row each, as PaddingCollator does."""
+    items = [sample(n, k, seed=i, sid=str(i)) for i, (n, k) in enumerate([(7, 1), (3, 0), (5, 0)])]
+    got = PackingCollator(pad_token_id=0, pad_to_multiple_of=8)(items)
+    want = PaddingCollator(pad_token_id=0, pad_to_multiple_of=8)(items)
+    assert sorted(got) == sorted(want) and "position_ids" not in got
+    for key in ("input_ids", "attention_mask", "labels", "pixel_values", "num_images"):
+        assert torch.equal(got[key], want[key]), key
+    assert got["input_ids"].shape == (3, 16)

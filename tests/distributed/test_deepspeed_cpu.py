@@ -390,3 +390,57 @@ def test_data_error_exits_2_on_every_rank(workspace: Path, tmp_path: Path) -> No
     _, output = launch(["--module", "llava_train.train", str(cfg)], cwd=tmp_path, expect_rc=2)
     assert f"llava-train: error: data source not found: {tmp_path / 'missing.json'}" in output
     assert "Traceback" not in output
+
+
+def test_lora_zero3_checkpoints_resume_and_merge(workspace: Path, tmp_path: Path) -> None:
+    """LoRA under ZeRO-3 on 2 ranks: every adapter checkpoint carries the projector exactly as the gathered model
+    holds it, resuming from a checkpoint continues the loss sequence, and merge-lora gives a plain HF folder."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def lora_config(out: Path, **train: Any) -> dict[str, Any]:
+        config = tiny_config(workspace, "finetune", "zero3", out, init_from=None)
+        config["model"].pop("init_from")
+        config["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+        config["train"].update(save_strategy="steps", save_steps=3, **train)
+        return config
+
+    full = tmp_path / "full"
+    launch(["--module", "llava_train.train", str(write_config(tmp_path, "full", lora_config(full)))], cwd=tmp_path)
+    for step in (3, 6):
+        ckpt = full / f"checkpoint-{step}"
+        adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+        gathered_projector = load_file(str(ckpt / "projector.safetensors"))
+        in_adapter = {
+            k.split("multi_modal_projector.")[-1].removeprefix("modules_to_save.default."): v
+            for k, v in adapter.items()
+            if "multi_modal_projector" in k
+        }
+        assert sorted(in_adapter) == sorted(gathered_projector), step
+        for name, value in gathered_projector.items():
+            assert in_adapter[name].numpy().tobytes() == value.numpy().tobytes(), (step, name)
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "checkpoint-3", cut / "checkpoint-3")
+    resumed = lora_config(cut, resume_from_checkpoint="auto")
+    launch(["--module", "llava_train.train", str(write_config(tmp_path, "resume", resumed))], cwd=tmp_path)
+    full_losses, resumed_losses = logged_losses(full), logged_losses(cut)
+    assert len(full_losses) == 6 and len(resumed_losses) == 3
+    assert resumed_losses == pytest.approx(full_losses[3:], rel=1e-5)
+
+    from transformers import AutoModelForImageTextToText
+
+    from llava_train.model.lora import merge_lora
+
+    merged = Path(merge_lora(full, tmp_path / "merged"))
+    model = AutoModelForImageTextToText.from_pretrained(str(merged))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    final_projector = load_file(str(full / "projector.safetensors"))
+    for name, value in final_projector.items():
+        assert torch_equal(model.model.multi_modal_projector.state_dict()[name], value), name
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b.to(a.dtype)))

@@ -7,12 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from llava_train.data.collator import PaddingCollator
+from llava_train.data.collator import BATCH_ONLY_KEYS, PaddingCollator
 from llava_train.data.packing import PackingCollator
 from llava_train.training.loss import chunked_cross_entropy_sum, shifted_targets, trained_positions_loss
 from tiny_models import sample, tiny_llava
-
-MODEL_KEYS_DROP = ("ids", "num_images")
 
 
 def _items() -> list[dict[str, Any]]:
@@ -20,7 +18,7 @@ def _items() -> list[dict[str, Any]]:
 
 
 def _hf_loss(model: Any, batch: dict[str, Any], n_items: Any) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k not in MODEL_KEYS_DROP}
+    inputs = {k: v for k, v in batch.items() if k not in BATCH_ONLY_KEYS}
     if n_items is not None:
         inputs["num_items_in_batch"] = n_items
     return model(**inputs).loss

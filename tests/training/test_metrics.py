@@ -62,6 +62,33 @@ def test_batch_stats_packed_rows_count_sample_starts() -> None:
     }
 
 
+def test_packed_rows_pad_tail_is_neither_tokens_nor_a_sample() -> None:
+    """Rows [5 + 3 tokens] and [6 tokens (4 image + 2 text)] packed to a fixed length of 10: 14 of 20 positions
+    are sample tokens (padding efficiency 0.7, not 1.0), 3 samples (the two pad tails are not samples)."""
+    from llava_train.data.packing import PackingCollator
+    from tiny_models import IMAGE_TOKEN, sample
+
+    rows = [[sample(5, 0, seed=1, sid="a"), sample(3, 0, seed=2, sid="b")], [sample(2, 1, seed=3, sid="c")]]
+    batch = PackingCollator(pad_token_id=0, pad_to_multiple_of=10)(rows)
+    assert batch["real_mask"].sum(dim=1).tolist() == [8, 6]
+    assert as_ints(batch_stats(batch, IMAGE_TOKEN)) == {
+        "real_tokens": 14,
+        "padded_tokens": 20,
+        "trained_tokens": 4,
+        "samples": 3,
+        "images": 1,
+        "image_tokens": 4,
+        "sum_sq_lengths": 5**2 + 3**2 + 6**2,
+    }
+    clock = FakeClock()
+    tracker = ThroughputTracker(None, None, image_token_id=IMAGE_TOKEN, clock=clock)
+    tracker.start()
+    tracker.observe(batch)
+    clock.now += 2.0
+    out = tracker.flush()
+    assert (out["padding_efficiency"], out["samples_per_s"], out["tokens_per_s"]) == (0.7, 1.5, 7.0)
+
+
 def test_batch_stats_text_only_without_labels() -> None:
     stats = as_ints(batch_stats({"input_ids": torch.tensor([[1, 2, 3]])}, IMG))
     assert stats["images"] == 0 and stats["trained_tokens"] == 0 and stats["real_tokens"] == 3

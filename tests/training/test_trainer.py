@@ -79,3 +79,26 @@ def test_verify_rejects_lost_or_wrong_rates() -> None:
     opt = torch.optim.AdamW(_groups({}), lr=2e-5)
     with pytest.raises(OptimizerGroupError, match=r"projector/decay has lr 2e-05, config asks for 0.001"):
         verify_group_lrs(opt, expected_group_lrs(2e-5, {"projector": 1e-3}))
+
+
+def test_text_only_step_gives_the_projector_a_zero_gradient_with_one_process(tmp_path) -> None:
+    """1 and N processes optimise alike: a text-only micro-batch runs the blank-image keepalive even with one
+    process, so the projector's gradient is zero (AdamW then moves it by momentum as on N GPUs), not None."""
+    from transformers import TrainingArguments
+
+    from llava_train.data.collator import PaddingCollator
+    from llava_train.training.trainer import LLaVATrainer
+    from tiny_models import sample, tiny_llava
+
+    model = tiny_llava("sdpa")
+    model.model.vision_tower.requires_grad_(False)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False)
+    trainer = LLaVATrainer(model=model, args=args, data_collator=PaddingCollator(pad_token_id=0))
+    assert trainer.args.world_size == 1
+    batch = PaddingCollator(pad_token_id=0)([sample(9, 0, seed=1, sid="t0"), sample(5, 0, seed=2, sid="t1")])
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); one micro-batch per step here
+    trainer.training_step(trainer.model, batch)
+    grads = [p.grad for p in model.model.multi_modal_projector.parameters()]
+    assert all(g is not None for g in grads)
+    assert all(bool((g == 0).all()) for g in grads)
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0

@@ -8,6 +8,10 @@ import torch
 
 from llava_train.data.tokenize import IGNORE_INDEX
 
+# Keys our collators add for bookkeeping (sample ids, image counts, which positions are real tokens of a
+# packed row): read by the trainer's statistics and error messages, never given to the model.
+BATCH_ONLY_KEYS = ("ids", "num_images", "real_mask")
+
 
 class PaddingCollator:
     """Pad a list of dataset items into a batch.
@@ -18,7 +22,8 @@ class PaddingCollator:
     LongTensor [B], ids list. L is the longest sample, rounded up to `pad_to_multiple_of`.
     A batch with no trained token raises ValueError naming the sample ids.
 
-    Subclasses (e.g. a packing collator) override `collate_tokens` and keep the image and check logic.
+    Subclasses (the packing collator) build their own token tensors and share `finish` (the images,
+    bookkeeping keys and the no-trained-token check).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
@@ -28,7 +33,10 @@ class PaddingCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("empty batch")
-        batch = self.collate_tokens(items)
+        return self.finish(self.collate_tokens(items), items)
+
+    def finish(self, batch: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Add the items' images (in order), `num_images` and `ids` to token tensors; check something trains."""
         if not bool((batch["labels"] != IGNORE_INDEX).any()):
             ids = [it.get("id") for it in items]
             raise ValueError(f"batch has no trained token (every label is {IGNORE_INDEX}); sample ids: {ids}")

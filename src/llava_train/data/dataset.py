@@ -32,7 +32,7 @@ from llava_train.utils.logging import get_logger
 logger = get_logger(__name__)
 
 # Bump when the scan's meaning changes so stale caches are not reused.
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: the tokenizer template renders through its exported wrapper (BOS once)
 REASON_CODES = tuple(BAD_REASONS)
 HF_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow"}
 HF_FOLDER_EXTENSIONS = {**HF_EXTENSIONS, ".json": "json", ".jsonl": "json"}

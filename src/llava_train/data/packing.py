@@ -13,8 +13,9 @@ How it plugs into HF Trainer (one global order, dealt to ranks by accelerate):
   position would otherwise train "predict sample k+1's first token from sample k's last"), no
   attention_mask (transformers then builds a block-diagonal causal mask from position_ids for
   sdpa/eager/flex, or varlen for flash attention), `use_cache=False` (with a cache transformers
-  does NOT look for packed sequences, and `use_cache` defaults to True in training), and all the
-  row's images in `pixel_values` in order.
+  does NOT look for packed sequences, and `use_cache` defaults to True in training), all the
+  row's images in `pixel_values` in order, and `real_mask` marking the samples' tokens (not the pad
+  tail) for the throughput statistics only.
 """
 
 from __future__ import annotations
@@ -145,33 +146,34 @@ class PackingCollator(PaddingCollator):
     Output: input_ids [R, L] (L = the longest row, rounded up to `pad_to_multiple_of`; shorter rows
     end in a padding block of `pad_token_id` whose position_ids also restart at 0, so it is its own
     isolated block), labels [R, L] (-100 at each sample's first position and on padding),
-    position_ids [R, L] restarting at 0 per sample, `use_cache=False`, no attention_mask,
+    position_ids [R, L] restarting at 0 per sample, real_mask [R, L] (True on samples' tokens, False on
+    the padding tail; statistics only, never a model input), `use_cache=False`, no attention_mask,
     pixel_values [N, 3, H, W] = every image of every row in row order, num_images [number of samples],
     ids (per sample, in row order), and `row_lengths` is not emitted (lengths follow from position_ids).
-    Items may also be given flat (a list of items = one row), which is what a test or a per-row
-    dataset produces. `pad_to_multiple_of=packing_length` makes every row the same shape (the
-    fastest setting on GPU: one attention plan for the whole run).
+    A batch of single items (dicts, not rows) is padded as `PaddingCollator` pads it, one sample per
+    row with an attention mask: that is what the evaluation loader hands over (eval is never packed).
+    `pad_to_multiple_of=packing_length` makes every row the same shape (the fastest setting on GPU:
+    one attention plan for the whole run).
     """
 
     def __call__(self, rows: list[Any]) -> dict[str, Any]:
         if not rows:
             raise ValueError("empty batch")
         if isinstance(rows[0], dict):
-            rows = [rows]
-        self._rows = [list(r) for r in rows]
-        items = [it for r in self._rows for it in r]
-        batch = super().__call__(items)
+            return super().__call__(rows)
+        rows = [list(r) for r in rows]
+        batch = self.finish(self.pack_tokens(rows), [it for r in rows for it in r])
         batch["use_cache"] = False
         return batch
 
-    def collate_tokens(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """input_ids / labels / position_ids of the rows set by `__call__` (items is their concatenation)."""
-        rows = self._rows
+    def pack_tokens(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        """input_ids / labels / position_ids / real_mask of packed rows (each a list of items)."""
         row_lengths = [sum(len(it["input_ids"]) for it in r) for r in rows]
         length = self.padded_length(max(row_lengths))
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)  # [R, L]
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # [R, L]
         position_ids = torch.zeros((len(rows), length), dtype=torch.long)  # [R, L]
+        real_mask = torch.zeros((len(rows), length), dtype=torch.bool)  # [R, L]
         for b, row in enumerate(rows):
             start = 0
             for it in row:
@@ -180,6 +182,7 @@ class PackingCollator(PaddingCollator):
                 labels[b, start + 1 : start + n] = torch.as_tensor(it["labels"], dtype=torch.long)[1:]
                 position_ids[b, start : start + n] = torch.arange(n)
                 start += n
+            real_mask[b, :start] = True
             # Padding tail: positions restart at 0 so it forms its own block and no real token attends to it.
             position_ids[b, start:] = torch.arange(length - start)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "real_mask": real_mask}

@@ -18,18 +18,22 @@ from llava_train.utils.logging import is_main_process
 CHECKPOINT_INFO = "llava_train_checkpoint.json"
 
 
-def runtime_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+def runtime_state_dict(
+    model: torch.nn.Module, trainable_only: bool, materialize: bool = True
+) -> dict[str, torch.Tensor]:
     """CPU copies of the parameters (all or trainable only, plus persistent buffers), keyed as in `state_dict()`.
 
-    Gathered under ZeRO-3. Tied parameters appear once (safetensors refuses shared storage; the
-    tie restores the other name on load).
+    Gathered under ZeRO-3 (every rank must call it then: the gather is collective); only a rank with
+    `materialize` builds the copies, the others return {} (a 7B model is 14 GB per copy). Tied
+    parameters appear once (safetensors refuses shared storage; the tie restores the other name on load).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
     out: dict[str, torch.Tensor] = {}
     with gathered([p for _, p in named], modifier_rank=None):  # read-only: no broadcast back
-        for name, p in named:
-            out[name] = p.detach().to("cpu").clone().contiguous()
-    if not trainable_only:
+        if materialize:
+            for name, p in named:
+                out[name] = p.detach().to("cpu").clone().contiguous()
+    if materialize and not trainable_only:
         persistent = set(model.state_dict())
         for name, b in model.named_buffers():
             if name in persistent:
@@ -39,18 +43,19 @@ def runtime_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str
 
 def save_checkpoint_weights(
     model: torch.nn.Module, output_dir: str | os.PathLike, trainable_only: bool, frozen_from: dict[str, Any]
-) -> None:
+) -> int:
     """Write a checkpoint's `model.safetensors` in the model's runtime parameter names.
 
     Why not `save_pretrained`: transformers 5 writes LLaVA weights under its legacy key names
     (`language_model.model.*`), while `Trainer` resumes with a non-strict `load_state_dict` in
     runtime names (`model.language_model.*`), so a resumed run would silently keep its fresh
     weights. Runtime names load exactly. `trainable_only` (stage 1) stores just what trains (tens of
-    MB for 7B instead of 14 GB); the frozen rest is rebuilt from the named base models.
+    MB for 7B instead of 14 GB); the frozen rest is rebuilt from the named base models. Only rank 0
+    copies and writes; returns the number of tensors this rank wrote (0 elsewhere).
     """
-    state = runtime_state_dict(model, trainable_only)
+    state = runtime_state_dict(model, trainable_only, materialize=is_main_process())
     if not is_main_process():
-        return
+        return 0
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind = "trainable-only" if trainable_only else "full"
@@ -63,6 +68,7 @@ def save_checkpoint_weights(
         "frozen_from": frozen_from if trainable_only else None,
     }
     (out / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
+    return len(state)
 
 
 class CheckpointArtifactsCallback(TrainerCallback):

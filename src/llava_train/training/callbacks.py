@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,16 @@ log = get_logger(__name__)
 METRICS_FILENAME = "metrics.jsonl"
 LOSS_PLOT_FILENAME = "loss.png"
 PredictionsFn = Callable[[Any], list[dict[str, Any]]]
+
+
+@contextlib.contextmanager
+def optional_artifact(what: str) -> Iterator[None]:
+    """Nothing optional stops a run: a failure in the block (a plot, a wandb table, sample predictions, an
+    optional extra that is not installed) is logged as a warning, and training and the final save go on."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any failure of an optional artifact
+        log.warning("%s failed, the run goes on without it: %s: %s", what, type(e).__name__, e)
 
 
 def _is_training_log(logs: Mapping[str, Any] | None) -> bool:
@@ -222,8 +233,11 @@ class LossPlotCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Plot from the trainer's log history (which also holds the history of a resumed run)."""
-        if state.is_world_process_zero and write_loss_plot(state.log_history, self.path) is not None:
-            log.info("loss curve written to %s", self.path)
+        if not state.is_world_process_zero:
+            return
+        with optional_artifact(f"loss plot {self.path} (needs the `plot` extra: matplotlib)"):
+            if write_loss_plot(state.log_history, self.path) is not None:
+                log.info("loss curve written to %s", self.path)
 
 
 def _wandb_enabled(report_to: Any) -> bool:
@@ -303,11 +317,13 @@ class WandbExtrasCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Log the nested config, name/tags and data report once HF's WandbCallback has started the run."""
-        self._setup(state)
+        with optional_artifact("wandb run set-up (config, data report)"):
+            self._setup(state)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Retry the set-up if the run started after on_train_begin (e.g. callback order)."""
-        self._setup(state)
+        with optional_artifact("wandb run set-up (config, data report)"):
+            self._setup(state)
 
     def _log_predictions(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
         if self.predictions_fn is None or not _wandb_enabled(args.report_to) or model is None:
@@ -335,14 +351,17 @@ class WandbExtrasCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
     ) -> None:
         """Log the sample-predictions table after each evaluation."""
-        self._log_predictions(args, state, model)
+        with optional_artifact("wandb prediction table"):
+            self._log_predictions(args, state, model)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
     ) -> None:
         """Log the final sample-predictions table."""
-        self._setup(state)
-        self._log_predictions(args, state, model)
+        with optional_artifact("wandb run set-up (config, data report)"):
+            self._setup(state)
+        with optional_artifact("wandb prediction table"):
+            self._log_predictions(args, state, model)
 
 
 def wandb_env(cfg: Any) -> dict[str, str]:

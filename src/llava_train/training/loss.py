@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llava_train.data.collator import BATCH_ONLY_KEYS
 from llava_train.data.tokenize import IGNORE_INDEX
 
 DEFAULT_CHUNK = 4096
-# Keys our collators add that the model must not see (they would travel down to attention kwargs).
-NON_MODEL_KEYS = ("labels", "ids", "num_images", "num_items_in_batch")
+# Batch keys the model's forward must not get (the loss is computed here, labels included).
+NON_MODEL_KEYS = ("labels", "num_items_in_batch", *BATCH_ONLY_KEYS)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -18,12 +18,13 @@ STAT_KEYS = ("real_tokens", "padded_tokens", "trained_tokens", "samples", "image
 def batch_stats(batch: Mapping[str, Any], image_token_id: int) -> dict[str, torch.Tensor]:
     """Counts of one collated micro-batch, as 0-d int64 tensors on the batch's device (no host sync).
 
-    real_tokens: positions the model attends to (attention_mask == 1; all positions of packed rows,
-        which carry `position_ids` and no attention_mask).
+    real_tokens: tokens of samples: attention_mask == 1 for padded batches, `real_mask` (the packing
+        collator's; the pad tail of a row is not a sample) for packed rows.
     padded_tokens: B x L, everything the model computes on.
     trained_tokens: positions whose label enters the loss; HF shifts labels by one, so the label at
         position 0 of a row never counts (labels[:, 1:] != -100).
-    samples: rows, or for packed rows the sample starts (position_ids == 0 on real positions).
+    samples: rows, or for packed rows the sample starts (position_ids == 0 on real positions, so the
+        pad tail, whose positions also restart at 0, is not counted as a sample).
     images: pixel_values.shape[0] (0 without pixel_values).
     image_tokens: input_ids == image_token_id on real positions.
     sum_sq_lengths: sum over samples of (real sample length)^2, for the attention FLOPs; computed
@@ -32,7 +33,7 @@ def batch_stats(batch: Mapping[str, Any], image_token_id: int) -> dict[str, torc
     """
     input_ids = batch["input_ids"]  # [B, L]
     device = input_ids.device
-    mask = batch.get("attention_mask")
+    mask = batch.get("attention_mask", batch.get("real_mask"))
     real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()  # [B, L]
     position_ids = batch.get("position_ids")
     if position_ids is not None:

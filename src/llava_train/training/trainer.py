@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from llava_train.data.collator import BATCH_ONLY_KEYS
 from llava_train.data.packing import PackedRowSampler
 from llava_train.data.sampler import ModalityLengthGroupedSampler
 from llava_train.model.freeze import group_of, is_peft_model
@@ -24,6 +25,11 @@ LR_GROUP = {
     "language_model": "language_model",
     "lm_head": "language_model",
 }
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """A collated batch without our bookkeeping keys (`BATCH_ONLY_KEYS`): what HF's steps give the model."""
+    return {k: v for k, v in batch.items() if k not in BATCH_ONLY_KEYS}
 
 
 class OptimizerGroupError(RuntimeError):
@@ -131,8 +137,10 @@ class LLaVATrainer(Trainer):
         self.group_by_modality_length = group_by_modality_length
         self.tracker = tracker
         self._text_only_batch = False
-        if self.args.world_size > 1:
-            _install_vision_keepalive(self)
+        # Also with one process: then a text-only step gives the projector a zero gradient, as it must with
+        # several (where it is all-reduced), so AdamW moves it the same way (momentum, weight decay) on
+        # 1 and on N GPUs; without it one process would skip the projector (grad None) on text-only steps.
+        _install_vision_keepalive(self)
 
     # -- optimizer ---------------------------------------------------------------------------
 
@@ -197,12 +205,12 @@ class LLaVATrainer(Trainer):
     # -- step -------------------------------------------------------------------------------
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        """Record throughput statistics (no host sync) and mark text-only micro-batches."""
+        """Record throughput statistics (no host sync), mark text-only micro-batches, drop bookkeeping keys."""
         if self.tracker is not None:
             self.tracker.observe(inputs)
         self._text_only_batch = "pixel_values" not in inputs
         try:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return super().training_step(model, model_inputs(inputs), num_items_in_batch)
         finally:
             self._text_only_batch = False
 
@@ -216,7 +224,7 @@ class LLaVATrainer(Trainer):
         """Evaluation batches need the same rank-safe vision call as training ones under ZeRO-3."""
         self._text_only_batch = "pixel_values" not in inputs
         try:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            return super().prediction_step(model, model_inputs(inputs), prediction_loss_only, ignore_keys)
         finally:
             self._text_only_batch = False
 
@@ -252,7 +260,9 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
     embedding module itself would put the embedding's backward before the projector's on text-only
     ranks only). `prepend=True` puts it ahead of DeepSpeed's own pre-hook on the LM. The cost is
     one image per text-only micro-batch, not one per text-only sample as in the original. The flag
-    is set only inside training/prediction steps, so generation elsewhere is untouched.
+    is set only inside training/prediction steps, so generation elsewhere is untouched. It runs with
+    any number of processes, so the projector's gradient on a text-only step is zero (not None) in
+    every setting and 1-GPU and N-GPU runs optimise alike.
     """
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
