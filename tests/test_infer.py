@@ -310,8 +310,8 @@ def test_predict_and_eval_commands_work_for_every_template(
 ) -> None:
     """A model folder as a run of that template saves it (tiny parts, untrained): the CLI serves it."""
     from llava_train.cli import main as cli
+    from llava_train.components import load_components
     from llava_train.config import from_dict
-    from llava_train.model.builder import load_components
 
     root = tmp_path_factory.mktemp(f"served_{template}")
     chatml = template in ("chatml", "tokenizer")
@@ -328,7 +328,8 @@ def test_predict_and_eval_commands_work_for_every_template(
             "train": {"output_dir": str(root / "run")},
         }
     )
-    model, processor, _ = load_components(cfg)
+    parts = load_components(cfg)
+    model, processor = parts.model, parts.processor
     out = root / "model"
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from llava_train.components import load_components
 from llava_train.config import RunConfig, from_dict, load_config
-from llava_train.model.builder import load_components
 from llava_train.model.freeze import trainable_names
 from llava_train.stages import STAGES, apply_stage, get_stage, parameter_table_from_configs, stage_groups
 
@@ -75,7 +75,7 @@ def test_stage_registry() -> None:
 
 def test_pretrain_trains_projector_only(make_cfg) -> None:
     cfg = make_cfg(stage="pretrain", data={"template": "plain"})
-    model, _, _ = load_components(cfg)
+    model = load_components(cfg).model
     table = apply_stage(model, cfg)
     assert trainable_names(model) == PROJECTOR
     assert table[-1]["trainable"] == 6272
@@ -83,7 +83,7 @@ def test_pretrain_trains_projector_only(make_cfg) -> None:
 
 def test_finetune_trains_projector_language_model_and_lm_head(make_cfg) -> None:
     cfg = make_cfg(stage="finetune")
-    model, _, _ = load_components(cfg)
+    model = load_components(cfg).model
     apply_stage(model, cfg)
     assert trainable_names(model, "multi_modal_projector") == PROJECTOR
     assert trainable_names(model, "language_model") == LANGUAGE_MODEL
@@ -95,7 +95,7 @@ def test_finetune_trains_projector_language_model_and_lm_head(make_cfg) -> None:
 def test_finetune_with_vision_tower_from_layer(make_cfg) -> None:
     cfg = make_cfg(model={"train_vision_tower": True, "vision_tower_train_from_layer": 1, "vision_feature_layer": -1})
     assert stage_groups(cfg) == ("multi_modal_projector", "language_model", "lm_head", "vision_tower")
-    model, _, _ = load_components(cfg)
+    model = load_components(cfg).model
     apply_stage(model, cfg)
     names = [n.replace("vision_tower.vision_model.", "vision_tower.") for n in trainable_names(model, "vision_tower")]
     assert len(names) == 16
@@ -105,14 +105,14 @@ def test_finetune_with_vision_tower_from_layer(make_cfg) -> None:
 def test_lora_needs_adapters_first(make_cfg) -> None:
     cfg = make_cfg(lora={"enabled": True, "r": 4, "alpha": 8})
     assert stage_groups(cfg) == ("multi_modal_projector", "language_model")
-    model, _, _ = load_components(cfg)
+    model = load_components(cfg).model
     with pytest.raises(ValueError, match=re.escape("call model.lora.apply_lora(model, cfg) before apply_stage")):
         apply_stage(model, cfg)
 
 
 def test_meta_table_matches_the_built_model(make_cfg) -> None:
     cfg = make_cfg(stage="finetune")
-    model, _, _ = load_components(cfg)
+    model = load_components(cfg).model
     assert parameter_table_from_configs(cfg) == apply_stage(model, cfg)
 
 

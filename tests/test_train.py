@@ -187,12 +187,12 @@ def test_saved_chat_template_renders_the_trained_prompt(pretrained: dict) -> Non
 
 
 def test_finetune_starts_from_stage1_projector_and_learns(pretrained: dict, workspace: dict) -> None:
-    from llava_train.model.builder import load_components
+    from llava_train.components import load_components
 
     out = str(Path(workspace["root"]) / "runs" / "finetune")
     cfg = from_dict(tiny_config(workspace, "finetune", out, learning_rate=3e-3))
     cfg.model.init_from = pretrained["out"]
-    model, _, _ = load_components(cfg)
+    model = load_components(cfg).model
     saved = load_file(Path(pretrained["out"]) / "projector.safetensors")
     state = model.model.multi_modal_projector.state_dict()
     for k, v in saved.items():
@@ -272,7 +272,9 @@ def test_run_folder_has_exact_data_summary(pretrained: dict) -> None:
         32,
         0,
     )
-    assert summary["skipped"] == {} and src["tokens_max"] >= src["tokens_p50"] > 16
+    assert summary["skipped"] == {} and src["bad_by_reason"] == {} and (src["split"], src["weight"]) == ("train", 1.0)
+    # <s> + 16 image tokens + caption "a <colour> image" + "\n": the same numbers `data validate` reports.
+    assert src["tokens"] == {"p50": 21, "p90": 26, "p99": 26, "max": 26}
 
 
 def test_prediction_rows_for_the_wandb_table(pretrained: dict, workspace: dict) -> None:

@@ -75,3 +75,23 @@ def write_caption_data(root: Path, n: int = 16) -> dict[str, str]:
         )
     (root / "pretrain.json").write_text(json.dumps(rows))
     return {"path": str(root / "pretrain.json"), "image_folder": str(root / "images")}
+
+
+def make_parts(
+    tokenizer: Any,
+    num_image_tokens: int,
+    image_token_id: int,
+    template: Any = "vicuna_v1",
+    image_processor: Any = None,
+    image_token: str = "<image>",
+) -> Any:
+    """The `components.Components` the data functions take, from test pieces (a template name or a Template)."""
+    from types import SimpleNamespace
+
+    from llava_train.components import Components
+    from llava_train.data.templates import Template, get_template
+
+    if not isinstance(template, Template):
+        template = get_template(template, image_token=image_token)
+    processor = SimpleNamespace(image_processor=image_processor, tokenizer=tokenizer)
+    return Components(tokenizer, template, processor, num_image_tokens, image_token_id)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_train.data.tokenize import IGNORE_INDEX
+from llava_train.model.vision import image_tokens
 from llava_train.utils.attention import sdpa_backends
 
 BOS_ID = 1
@@ -251,8 +252,10 @@ def parse_modes(text: str | None) -> list[str]:
 
 
 def image_tokens_per_image(preset: BenchPreset) -> int:
-    """Feature tokens per image (CLS dropped, LLaVA-1.5's `default` selection)."""
-    return (preset.vision["image_size"] // preset.vision["patch_size"]) ** 2
+    """Feature tokens per image: the one formula (`model.vision.image_tokens`) on the preset's CLIP tower."""
+    from transformers import CLIPVisionConfig
+
+    return image_tokens(CLIPVisionConfig(**preset.vision), "patch")
 
 
 def synthetic_layout(preset: BenchPreset, seed: int = 0) -> list[tuple[int, int, int]]:

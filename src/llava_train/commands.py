@@ -23,18 +23,10 @@ def default_report_path(cfg: RunConfig) -> Path:
 
 def run_validate(cfg: RunConfig, report_path: str | None = None, num_workers: int | None = None) -> dict[str, Any]:
     """Scan every row of every source, print the summary table, write the full JSON report."""
+    from llava_train.components import load_components
     from llava_train.data.validate import format_report, validate
-    from llava_train.model.builder import load_data_components
 
-    parts = load_data_components(cfg)
-    report = validate(
-        cfg,
-        parts.tokenizer,
-        parts.processor.image_processor,
-        parts.num_image_tokens,
-        parts.image_token_id,
-        num_workers=num_workers,
-    )
+    report = validate(cfg, load_components(cfg, weights=False), num_workers=num_workers)
     path = Path(report_path) if report_path else default_report_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
@@ -47,16 +39,13 @@ def run_inspect(
     cfg: RunConfig, indices: list[int] | None = None, jsonl: str | None = None, color: str = "auto"
 ) -> int:
     """Print samples with trained spans highlighted; optionally write their exact ids/labels as JSONL."""
+    from llava_train.components import load_components
     from llava_train.data.validate import inspect_samples
-    from llava_train.model.builder import load_data_components
 
-    parts = load_data_components(cfg)
     use_color = {"auto": None, "always": True, "never": False}[color]
     written = inspect_samples(
         cfg,
-        parts.tokenizer,
-        parts.num_image_tokens,
-        parts.image_token_id,
+        load_components(cfg, weights=False),
         indices=indices,
         jsonl_path=jsonl,
         out=sys.stdout,

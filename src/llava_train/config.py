@@ -134,8 +134,10 @@ class DataConfig:
         similar exact length grouped together.
     packing: pack several samples into each row (block-diagonal attention, exact labels).
     packing_length: tokens per packed row (default: model_max_length).
-    cache_dir: where exact per-sample lengths are cached (default: `<output_dir>/../.cache`
-        resolved at run time; null disables the cache).
+    cache_dir: where the scan (exact per-sample lengths, bad rows) and JSON row buffers are cached;
+        `auto` = `<output_dir>/../.cache` (./.cache without an output folder), shared by `data
+        validate`, training and every rank (on a multi-GPU launch one process per node scans, the
+        others read its cache); null disables the cache.
     num_workers: processes used to scan data in `data validate` (default: all cores).
     """
 
@@ -149,7 +151,7 @@ class DataConfig:
     group_by_modality_length: bool = False
     packing: bool = False
     packing_length: int | None = None
-    cache_dir: str | None = None
+    cache_dir: str | None = "auto"
     num_workers: int | None = None
 
     def __post_init__(self) -> None:

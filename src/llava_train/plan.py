@@ -140,21 +140,14 @@ def read_zero_settings(deepspeed: Any) -> ZeroSettings:
 def count_parameters(cfg: RunConfig) -> ParamCounts:
     """Build the run's LlavaForConditionalGeneration on the meta device (LoRA applied, stage set) and count."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
-    from llava_train.model.builder import llava_config
+    from llava_train.model.builder import meta_model
     from llava_train.model.freeze import parameter_table
-    from llava_train.model.known_configs import resolve_config
+    from llava_train.model.vision import tower_tokens
     from llava_train.stages import apply_stage
 
-    text_config = resolve_config(cfg.model.language_model)
-    vision_config = resolve_config(cfg.model.vision_tower)
-    # As stages.parameter_table_from_configs: `<image>` adds a row to Llama/Mistral vocabularies.
-    extra_tokens = 1 if text_config.model_type in ("llama", "mistral") else 0
-    config = llava_config(cfg, text_config, vision_config, image_token_id=int(text_config.vocab_size))
-    config.text_config.vocab_size = int(text_config.vocab_size) + extra_tokens
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration._from_config(config)
+    model = meta_model(cfg)
+    config = model.config
     quantizable = sum(
         m.weight.numel()
         for n, m in model.named_modules()
@@ -177,7 +170,7 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
         vocab=int(config.text_config.vocab_size),
         vision_hidden=int(vc.hidden_size),
         vision_layers=int(vc.num_hidden_layers),
-        vision_tokens=int((vc.image_size // vc.patch_size) ** 2 + 1),
+        vision_tokens=tower_tokens(vc),
     )
 
 

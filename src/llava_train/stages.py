@@ -86,27 +86,10 @@ def apply_stage(model: Any, cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def parameter_table_from_configs(cfg: RunConfig, extra_tokens: int | None = None) -> list[dict[str, Any]]:
-    """The stage's parameter table for `cfg` without weights: the model is built on the meta device.
+    """The stage's parameter table for `cfg` without weights (`model.builder.meta_model`), LoRA added when enabled."""
+    from llava_train.model.builder import meta_model
 
-    Configs come from `model.known_configs.resolve_config` (built-in copies of the recipes' hub configs,
-    or local folders). `<image>` adds `extra_tokens` embedding rows: default 1 for Llama/Mistral
-    vocabularies (which their tokenizers fill exactly), 0 otherwise (Qwen's has spare rows). LoRA
-    adapters are added when `lora.enabled`.
-    """
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from llava_train.model.builder import llava_config
-    from llava_train.model.known_configs import resolve_config
-
-    text_config = resolve_config(cfg.model.language_model)
-    vision_config = resolve_config(cfg.model.vision_tower)
-    if extra_tokens is None:
-        extra_tokens = 1 if text_config.model_type in ("llama", "mistral") else 0
-    config = llava_config(cfg, text_config, vision_config, image_token_id=int(text_config.vocab_size))
-    config.text_config.vocab_size = int(text_config.vocab_size) + extra_tokens
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration._from_config(config)
+    model = meta_model(cfg, extra_tokens)
     if cfg.lora.enabled:
         from llava_train.model.lora import apply_lora
 

@@ -44,16 +44,18 @@ def run(cfg: RunConfig) -> TrainResult:
     out = prepare_run_dir(cfg)
     args = build_training_arguments(cfg)  # before the model: under ZeRO-3 it enables zero.Init
     seed_everything(args)
-    model, processor, tokenizer = build_model(cfg)
-    model = apply_adapters(model, cfg)
+    parts = build_components(cfg)
+    model = apply_adapters(parts.model, cfg)
     apply_stage_to_model(model, cfg)
-    train_ds, eval_ds = build_data(cfg, processor, tokenizer, model, args)
-    trainer = build_trainer(cfg, args, model, processor, tokenizer, train_ds, eval_ds)
+    train_ds, eval_ds = build_data(cfg, parts, args)
+    trainer = build_trainer(cfg, args, model, parts, train_ds, eval_ds)
     resume = resolve_resume(cfg, out)
     log.info("training: %d samples, resume from %s", len(train_ds), resume or "scratch")
     with sdpa_backends(cfg.perf.sdpa_backends):
         result = trainer.train(resume_from_checkpoint=resume)
-    save_final(cfg, trainer, processor)
+    from llava_train.training.checkpoint import save_final
+
+    save_final(cfg, trainer, parts.processor)
     return TrainResult(str(out), int(result.global_step), list(trainer.state.log_history))
 
 
@@ -119,16 +121,15 @@ def seed_everything(args: Any) -> None:
     log.info("seed %d", args.seed)
 
 
-def build_model(cfg: RunConfig) -> tuple[Any, Any, Any]:
-    """Model, processor and tokenizer (from the base models, or from `model.init_from`)."""
-    from llava_train.model.builder import load_components
-
-    model, processor, tokenizer = load_components(cfg)
+def build_components(cfg: RunConfig) -> Any:
+    """Tokenizer, template, processor, image facts and the model (from the base models, or `model.init_from`)."""
+    from llava_train.components import load_components
     from llava_train.utils.distributed import full_numel
 
+    parts = load_components(cfg)
     # ZeRO-3 partitions parameters at construction: count their full sizes, not the local shards.
-    log.info("model built: %s params", f"{sum(full_numel(p) for p in model.parameters()):,}")
-    return model, processor, tokenizer
+    log.info("model built: %s params", f"{sum(full_numel(p) for p in parts.model.parameters()):,}")
+    return parts
 
 
 def apply_adapters(model: Any, cfg: RunConfig) -> Any:
@@ -149,42 +150,37 @@ def apply_stage_to_model(model: Any, cfg: RunConfig) -> None:
     apply_stage(model, cfg)
 
 
-def build_data(cfg: RunConfig, processor: Any, tokenizer: Any, model: Any, args: Any) -> tuple[Any, Any]:
-    """Training (and optional eval) datasets with exact lengths."""
-    from llava_train.data.dataset import build_dataset
-    from llava_train.data.images import num_image_tokens
+def build_data(cfg: RunConfig, parts: Any, args: Any) -> tuple[Any, Any]:
+    """Training (and optional eval) datasets with exact lengths, scanned once per node and cached.
 
-    n_img = num_image_tokens(model.config.vision_config, cfg.model.vision_feature_select)
-    image_token_id = model.config.image_token_id
-    common = dict(
-        tokenizer=tokenizer,
-        image_processor=processor.image_processor,
-        num_image_tokens=n_img,
-        image_token_id=image_token_id,
-        seed=args.data_seed if args.data_seed is not None else args.seed,
-        image_token=cfg.model.image_token,
-    )
-    train_ds = build_dataset(cfg.data, split="train", **common)
-    eval_ds = build_dataset(cfg.data, split="eval", **common) if cfg.data.eval else None
+    The local main process of each node scans first and writes the cache; the other ranks wait at
+    HF's `main_process_first` barrier and then read it (with `data.cache_dir: null` they rescan).
+    """
+    from llava_train.data.dataset import build_dataset
+    from llava_train.data.scan import data_cache_dir
+
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    cache = data_cache_dir(cfg)
+    with args.main_process_first(local=True, desc="data scan"):
+        train_ds = build_dataset(cfg.data, parts, seed=seed, split="train", cache_dir=cache)
+        eval_ds = build_dataset(cfg.data, parts, seed=seed, split="eval", cache_dir=cache) if cfg.data.eval else None
     if is_main_process():
         (Path(cfg.output_dir) / "data_summary.json").write_text(json.dumps(train_ds.summary(), indent=2))
     log.info(
         "data: %d train samples, %s eval samples, %d tokens per image",
         len(train_ds),
         len(eval_ds) if eval_ds is not None else 0,
-        n_img,
+        parts.num_image_tokens,
     )
     return train_ds, eval_ds
 
 
-def build_trainer(
-    cfg: RunConfig, args: Any, model: Any, processor: Any, tokenizer: Any, train_ds: Any, eval_ds: Any
-) -> Any:
+def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: Any, eval_ds: Any) -> Any:
     """LLaVATrainer with our collator, sampler, lr groups and callbacks."""
     from llava_train.data.collator import PaddingCollator
     from llava_train.data.packing import PackedRows, PackingCollator
-    from llava_train.training.artifacts import CheckpointArtifactsCallback
     from llava_train.training.callbacks import attach_callbacks, build_callbacks
+    from llava_train.training.checkpoint import CheckpointArtifactsCallback
     from llava_train.training.metrics import ThroughputTracker
     from llava_train.training.predictions import eval_predictions_fn
     from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
@@ -193,17 +189,17 @@ def build_trainer(
     packing_length = (cfg.data.packing_length or cfg.data.model_max_length) if cfg.data.packing else None
     if packing_length:
         # Each item is a packed row of whole samples; per_device_train_batch_size counts rows.
-        dataset, collator = PackedRows(train_ds), PackingCollator(tokenizer.pad_token_id)
+        dataset, collator = PackedRows(train_ds), PackingCollator(parts.tokenizer.pad_token_id)
         log.info("packing samples into rows of %d tokens", packing_length)
     else:
-        dataset, collator = train_ds, PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+        dataset, collator = train_ds, PaddingCollator(pad_token_id=parts.tokenizer.pad_token_id)
     trainer = LLaVATrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         eval_dataset=eval_ds,
         data_collator=collator,
-        processing_class=processor,
+        processing_class=parts.processor,
         lr_overrides={"projector": cfg.optim.projector_lr, "vision_tower": cfg.optim.vision_tower_lr},
         modality_lengths=train_ds.modality_lengths,
         group_by_modality_length=cfg.data.group_by_modality_length and not packing_length,
@@ -225,7 +221,7 @@ def build_trainer(
     attach_callbacks(
         trainer,
         build_callbacks(
-            cfg, tracker, data_report=train_ds.summary(), predictions_fn=eval_predictions_fn(cfg, processor)
+            cfg, tracker, data_report=train_ds.summary(), predictions_fn=eval_predictions_fn(cfg, parts.processor)
         ),
     )
     return trainer
@@ -256,28 +252,6 @@ def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
     if not path.is_dir():
         raise ConfigError(f"train.resume_from_checkpoint: no checkpoint folder at {path}")
     return str(path)
-
-
-def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
-    """The final HF-native folder (+ projector.safetensors, resolved config)."""
-    from llava_train.model.builder import PROJECTOR_FILE, save_projector
-
-    out = Path(cfg.output_dir)
-    model = trainer.model
-    save_projector(model, out / PROJECTOR_FILE)
-    if cfg.lora.enabled:
-        from llava_train.model.lora import save_lora_final
-
-        save_lora_final(trainer, cfg, out)
-    else:
-        trainer.save_model(str(out))
-    if trainer.args.should_save:
-        processor.save_pretrained(str(out))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(str(out))
-        dump_config(cfg, out / CONFIG_FILENAME)
-    log.info("saved final model to %s", out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,13 +13,16 @@ from PIL import Image
 
 from llava_train.config import DataConfig, SourceConfig
 from llava_train.data import dataset as dataset_mod
+from llava_train.data import scan as scan_mod
 from llava_train.data.collator import PaddingCollator
-from llava_train.data.dataset import build_dataset, mixture_rows, open_source
+from llava_train.data.dataset import build_dataset, mixture_rows
 from llava_train.data.errors import BadSample, BadSampleError
 from llava_train.data.images import expand2square, load_image, mean_color, preprocess_images, resolve_image_path
+from llava_train.data.rows import open_source
 from llava_train.data.templates import get_template
 from llava_train.data.tokenize import tokenize_conversation
 from llava_train.llava_format import normalize_conversation
+from tiny_models import make_parts
 
 IMG = 512
 NUM_TOKENS = 16  # tiny CLIP: (32 // 8) ** 2 patches, CLS dropped
@@ -71,7 +74,8 @@ def _cfg(sources: list[SourceConfig], **kw: Any) -> DataConfig:
 
 
 def _build(cfg: DataConfig, tok: Any, proc: Any, **kw: Any) -> Any:
-    return build_dataset(cfg, tok, proc, NUM_TOKENS, IMG, **kw)
+    cache = None if cfg.cache_dir == "auto" else cfg.cache_dir
+    return build_dataset(cfg, make_parts(tok, NUM_TOKENS, IMG, cfg.template, proc), cache_dir=cache, **kw)
 
 
 def test_json_source_items_lengths_and_collator(data_dir: Path, llama_tokenizer: Any, clip_image_processor: Any):
@@ -185,13 +189,13 @@ def test_cache_reuse_does_not_retokenize(data_dir: Path, llama_tokenizer: Any, c
     assert not first.scans[0].from_cache
     assert isinstance(first.stores[0].buf, np.memmap)  # rows are memory-mapped, not a list of dicts
     calls = {"n": 0}
-    real = dataset_mod.scan_row
+    real = scan_mod.scan_row
 
     def counting(*args: Any, **kw: Any) -> Any:
         calls["n"] += 1
         return real(*args, **kw)
 
-    monkeypatch.setattr(dataset_mod, "scan_row", counting)
+    monkeypatch.setattr(scan_mod, "scan_row", counting)
     second = _build(cfg, llama_tokenizer, clip_image_processor)
     assert second.scans[0].from_cache and calls["n"] == 0
     assert second.lengths == first.lengths and second.modality_lengths == first.modality_lengths
@@ -206,9 +210,9 @@ def test_scan_in_worker_processes_matches(data_dir: Path, llama_tokenizer: Any) 
     rows = GOOD_ROWS + [r for r, _ in BAD_ROWS]
     src = SourceConfig(_write_json(data_dir / "mix.json", rows), image_folder=str(data_dir))
     store = open_source(src)
-    ctx = dataset_mod.make_context(_cfg([src]), src, llama_tokenizer, NUM_TOKENS, IMG)
-    one = dataset_mod.scan_source(store, ctx, num_workers=1, chunk_size=3)
-    two = dataset_mod.scan_source(store, ctx, num_workers=2, chunk_size=3)
+    ctx = dataset_mod.make_context(_cfg([src]), src, make_parts(llama_tokenizer, NUM_TOKENS, IMG))
+    one = scan_mod.scan_source(store, ctx, num_workers=1, chunk_size=3)
+    two = scan_mod.scan_source(store, ctx, num_workers=2, chunk_size=3)
     assert one.lengths.tolist() == two.lengths.tolist() and one.bad == two.bad
     assert [b["reason"] for b in one.bad] == [r for _, r in BAD_ROWS]
 
@@ -264,6 +268,6 @@ def test_custom_image_token_reads_llava_tags(data_dir: Path, llama_tokenizer_dir
     tok = load_tokenizer(llama_tokenizer_dir, image_token="<img>")
     img = tok.convert_tokens_to_ids("<img>")
     src = SourceConfig(_write_json(data_dir / "train.json", GOOD_ROWS), image_folder=str(data_dir))
-    ds = build_dataset(_cfg([src]), tok, clip_image_processor, NUM_TOKENS, img, image_token="<img>")
+    ds = build_dataset(_cfg([src]), make_parts(tok, NUM_TOKENS, img, "vicuna_v1", clip_image_processor, "<img>"))
     assert len(ds) == 4 and ds.skipped == {}
     assert [int((ds[i]["input_ids"] == img).sum()) for i in range(4)] == [16, 0, 32, 16]

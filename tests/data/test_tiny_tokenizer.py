@@ -1,11 +1,10 @@
-"""Tests for the tiny tokenizers, load_tokenizer and image-token counts."""
+"""Tests for the tiny tokenizers and load_tokenizer."""
 
 from __future__ import annotations
 
 import pytest
-from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPVisionConfig, SiglipVisionConfig
+from transformers import AutoTokenizer
 
-from llava_train.data.images import feature_select_strategy, num_image_tokens
 from llava_train.data.tiny_tokenizer import build_tiny_tokenizer
 
 
@@ -60,17 +59,3 @@ def test_load_tokenizer_adds_image_and_pad(llama_tokenizer, chatml_tokenizer) ->
     assert chatml_tokenizer.pad_token == "<|endoftext|>"
     ids = llama_tokenizer("<image>\nHi", add_special_tokens=False)["input_ids"]
     assert ids[0] == 512 and ids.count(512) == 1
-
-
-def test_image_token_counts(clip_vision_dir: str, siglip_vision_dir: str) -> None:
-    clip, siglip = AutoConfig.from_pretrained(clip_vision_dir), AutoConfig.from_pretrained(siglip_vision_dir)
-    assert num_image_tokens(clip, "patch") == 16
-    assert num_image_tokens(clip, "cls_patch") == 17
-    assert (feature_select_strategy(clip, "patch"), feature_select_strategy(clip, "cls_patch")) == ("default", "full")
-    assert num_image_tokens(siglip, "patch") == 16
-    assert feature_select_strategy(siglip, "patch") == "full"
-    with pytest.raises(ValueError, match="SigLIP has none"):
-        num_image_tokens(siglip, "cls_patch")
-    assert num_image_tokens(CLIPVisionConfig(image_size=336, patch_size=14), "patch") == 576
-    assert num_image_tokens(CLIPConfig(vision_config={"image_size": 336, "patch_size": 14}), "cls_patch") == 577
-    assert num_image_tokens(SiglipVisionConfig(image_size=384, patch_size=14), "patch") == 729

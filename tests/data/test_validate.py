@@ -11,6 +11,7 @@ from PIL import Image
 
 from llava_train.config import DataConfig, ModelConfig, RunConfig, SourceConfig
 from llava_train.data.validate import format_report, inspect_samples, validate
+from tiny_models import make_parts
 
 IMG = 512
 
@@ -35,13 +36,18 @@ def _run_config(tmp_path: Path, template: str = "plain") -> RunConfig:
         eval=[SourceConfig(str(tmp_path / "eval.jsonl"), image_folder=str(tmp_path))],
         template=template,
         model_max_length=1024,
+        cache_dir=None,
     )
     return RunConfig(stage="pretrain", model=ModelConfig(), data=data)
 
 
+def _parts(cfg: RunConfig, tokenizer: Any, n_img: int) -> Any:
+    return make_parts(tokenizer, n_img, IMG, cfg.data.template)
+
+
 def test_validate_report_and_summary(tmp_path: Path, llama_tokenizer: Any) -> None:
     cfg = _run_config(tmp_path)
-    report = validate(cfg, llama_tokenizer, None, 4, IMG, num_workers=1)
+    report = validate(cfg, _parts(cfg, llama_tokenizer, 4), num_workers=1)
     train, ev = report["sources"]
     assert (train["name"], train["split"], train["rows"], train["good"], train["bad"]) == (
         "train.json",
@@ -71,11 +77,11 @@ def test_validate_report_and_summary(tmp_path: Path, llama_tokenizer: Any) -> No
 
 def test_validate_parallel_equals_serial(tmp_path: Path, llama_tokenizer: Any) -> None:
     cfg = _run_config(tmp_path)
-    serial = validate(cfg, llama_tokenizer, None, 4, IMG, num_workers=1)
+    serial = validate(cfg, _parts(cfg, llama_tokenizer, 4), num_workers=1)
     rows = [{"id": f"r{i}", "conversations": _conv(f"q{i}", "a")} for i in range(1200)]
     (tmp_path / "train.json").write_text(json.dumps(rows))
-    parallel = validate(cfg, llama_tokenizer, None, 4, IMG, num_workers=2)
-    serial_big = validate(cfg, llama_tokenizer, None, 4, IMG, num_workers=1)
+    parallel = validate(cfg, _parts(cfg, llama_tokenizer, 4), num_workers=2)
+    serial_big = validate(cfg, _parts(cfg, llama_tokenizer, 4), num_workers=1)
     assert parallel["sources"] == serial_big["sources"] and parallel["bad_rows"] == serial_big["bad_rows"]
     assert serial["sources"][0]["rows"] == 5 and parallel["sources"][0]["rows"] == 1200
 
@@ -83,22 +89,22 @@ def test_validate_parallel_equals_serial(tmp_path: Path, llama_tokenizer: Any) -
 def test_inspect_markers_colour_and_jsonl(tmp_path: Path, llama_tokenizer: Any) -> None:
     cfg = _run_config(tmp_path)
     out = io.StringIO()
-    written = inspect_samples(cfg, llama_tokenizer, 576, IMG, indices=[0, 2], out=out)
+    written = inspect_samples(cfg, _parts(cfg, llama_tokenizer, 576), indices=[0, 2], out=out)
     assert written == 0
     text = out.getvalue()
     assert "<s><image x576>[[A green square.\n]]" in text
     assert "# sample 2 (train.json row 2, id 'm0'): BAD missing_image" not in text  # images are not opened
     out = io.StringIO()
-    inspect_samples(cfg, llama_tokenizer, 576, IMG, indices=[1], out=out, color=True)
+    inspect_samples(cfg, _parts(cfg, llama_tokenizer, 576), indices=[1], out=out, color=True)
     assert "<image x576>\033[32;1mGreen.\n\033[0m" in out.getvalue()
 
     vcfg = _run_config(tmp_path, template="vicuna_v1")
     out = io.StringIO()
-    inspect_samples(vcfg, llama_tokenizer, 2, IMG, indices=[3], out=out)
+    inspect_samples(vcfg, _parts(vcfg, llama_tokenizer, 2), indices=[3], out=out)
     assert out.getvalue().endswith("USER: Hi ASSISTANT:[[ Hello.</s>]]\n")
 
     path = tmp_path / "samples.jsonl"
-    written = inspect_samples(cfg, llama_tokenizer, 3, IMG, jsonl_path=str(path), out=io.StringIO())
+    written = inspect_samples(cfg, _parts(cfg, llama_tokenizer, 3), jsonl_path=str(path), out=io.StringIO())
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert written == len(lines) == 6  # 5 train rows + 1 good eval row; the malformed eval line is left out
     first = lines[0]
@@ -106,5 +112,8 @@ def test_inspect_markers_colour_and_jsonl(tmp_path: Path, llama_tokenizer: Any) 
     assert first["input_ids"][:4] == [1, IMG, IMG, IMG] and first["labels"][:4] == [-100] * 4
     assert first["labels"][4:] == first["input_ids"][4:]
     only = tmp_path / "one.jsonl"
-    assert inspect_samples(cfg, llama_tokenizer, 3, IMG, indices=[3], jsonl_path=str(only), out=io.StringIO()) == 1
+    assert (
+        inspect_samples(cfg, _parts(cfg, llama_tokenizer, 3), indices=[3], jsonl_path=str(only), out=io.StringIO())
+        == 1
+    )
     assert json.loads(only.read_text())["id"] == "t0"

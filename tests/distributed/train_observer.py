@@ -2,7 +2,7 @@
 
 Usage (what tests/distributed/test_deepspeed_cpu.py runs):
     deepspeed --num_gpus 2 tests/distributed/train_observer.py REPORT_DIR CONFIG.yaml [key=value ...]
-The train module's own steps are wrapped (not replaced): after `build_model` it records each
+The train module's own steps are wrapped (not replaced): after `build_components` it records each
 parameter's local and full size and, when `model.init_from` holds a projector, whether the
 gathered projector equals the saved one; after `build_trainer` it records every micro-batch's
 sample ids, image counts and trained-token counts, and after the first step the optimizer's named group learning rates
@@ -53,15 +53,16 @@ def _projector_matches(model: Any, folder: str) -> bool:
 
 def main(report_dir: str, argv: list[str]) -> int:
     report: dict[str, Any] = {"batches": []}
-    build_model, build_trainer = train_module.build_model, train_module.build_trainer
+    build_components, build_trainer = train_module.build_components, train_module.build_trainer
 
-    def observed_build_model(cfg: Any) -> Any:
-        model, processor, tokenizer = build_model(cfg)
+    def observed_build_components(cfg: Any) -> Any:
+        parts = build_components(cfg)
+        model = parts.model
         report["shards_built"] = {n: [local_numel(p), full_numel(p)] for n, p in model.named_parameters()}
         init = cfg.model.init_from
         if init and (Path(init) / PROJECTOR_FILE).is_file():
             report["projector_equals_init"] = _projector_matches(model, init)
-        return model, processor, tokenizer
+        return parts
 
     def observed_build_trainer(*args: Any, **kwargs: Any) -> Any:
         trainer = build_trainer(*args, **kwargs)
@@ -80,7 +81,7 @@ def main(report_dir: str, argv: list[str]) -> int:
         report["world_size"] = trainer.args.world_size
         return trainer
 
-    train_module.build_model = observed_build_model
+    train_module.build_components = observed_build_components
     train_module.build_trainer = observed_build_trainer
     code = train_module.main(argv)
     Path(report_dir).mkdir(parents=True, exist_ok=True)

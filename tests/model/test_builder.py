@@ -12,15 +12,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llava_train.model.builder import (
-    build_model,
-    init_from_kind,
-    load_components,
-    load_projector,
-    projector_module,
-    save_projector,
-    weight_files,
-)
+from llava_train.components import load_components
+from llava_train.model.builder import build_model, init_from_kind
+from llava_train.model.projector import load_projector, projector_module, save_projector
+from llava_train.model.weights import weight_files
 
 IMAGE_TOKEN_ID = 512
 PROJECTOR_KEYS = ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
@@ -45,7 +40,8 @@ def _source(folder: str) -> dict[str, torch.Tensor]:
 )
 def test_build_shapes_image_token_and_forward(make_cfg, lm, tower, select, strategy, n_tokens) -> None:
     cfg = make_cfg(lm=lm, tower=tower, model={"vision_feature_select": select})
-    model, processor, tokenizer = load_components(cfg)
+    parts = load_components(cfg)
+    model, processor, tokenizer = parts.model, parts.processor, parts.tokenizer
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
     assert model.config.image_token_id == IMAGE_TOKEN_ID
@@ -70,8 +66,8 @@ def test_build_shapes_image_token_and_forward(make_cfg, lm, tower, select, strat
 
 
 def test_processor_settings_per_tower(make_cfg) -> None:
-    _, clip_proc, _ = load_components(make_cfg(lm="llama", tower="clip"))
-    _, siglip_proc, _ = load_components(make_cfg(lm="qwen", tower="siglip"))
+    clip_proc = load_components(make_cfg(lm="llama", tower="clip")).processor
+    siglip_proc = load_components(make_cfg(lm="qwen", tower="siglip")).processor
     assert (clip_proc.patch_size, clip_proc.num_additional_image_tokens) == (8, 1)
     assert clip_proc.vision_feature_select_strategy == "default"
     assert (siglip_proc.patch_size, siglip_proc.num_additional_image_tokens) == (8, 0)
@@ -85,7 +81,7 @@ def test_processor_settings_per_tower(make_cfg) -> None:
 
 
 def test_pretrained_weights_really_loaded(make_cfg, tiny_parts) -> None:
-    model, _, _ = load_components(make_cfg(lm="llama", tower="clip"))
+    model = load_components(make_cfg(lm="llama", tower="clip")).model
     vt = _source(tiny_parts["clip"])
     vision = model.model.vision_tower.state_dict()
     for key, tensor in vt.items():
@@ -104,8 +100,8 @@ def test_pretrained_weights_really_loaded(make_cfg, tiny_parts) -> None:
 
 def test_resized_rows_are_mean_initialised_and_deterministic(make_cfg) -> None:
     cfg = make_cfg(lm="llama", tower="clip")
-    a, _, _ = load_components(cfg)
-    b, _, _ = load_components(cfg)
+    a = load_components(cfg).model
+    b = load_components(cfg).model
     emb = a.get_input_embeddings().weight
     assert torch.allclose(emb[512], emb[:512].mean(0), atol=1e-3)
     assert torch.equal(emb[512], b.get_input_embeddings().weight[512])
@@ -113,7 +109,8 @@ def test_resized_rows_are_mean_initialised_and_deterministic(make_cfg) -> None:
 
 
 def test_tied_lm_keeps_lm_head_tied(make_cfg, tiny_parts) -> None:
-    model, _, tokenizer = load_components(make_cfg(lm="qwen", tower="siglip"))
+    parts = load_components(make_cfg(lm="qwen", tower="siglip"))
+    model, tokenizer = parts.model, parts.tokenizer
     assert model.config.tie_word_embeddings is True
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     src = _source(tiny_parts["qwen"])
@@ -127,7 +124,7 @@ def test_tied_lm_keeps_lm_head_tied(make_cfg, tiny_parts) -> None:
 
 
 def test_generation_config_from_llama_tokenizer(make_cfg) -> None:
-    model, _, _ = load_components(make_cfg(lm="llama", tower="clip"))
+    model = load_components(make_cfg(lm="llama", tower="clip")).model
     gen = model.generation_config
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (1, 2, 0)
 
@@ -146,7 +143,8 @@ def test_full_clip_model_folder_as_vision_tower(make_cfg, tmp_path) -> None:
     folder = tmp_path / "clip_full"
     clip.save_pretrained(str(folder))
     _tiny_image_processor("clip", 32).save_pretrained(str(folder))
-    model, processor, _ = load_components(make_cfg(lm="llama", tower="clip", model={"vision_tower": str(folder)}))
+    parts = load_components(make_cfg(lm="llama", tower="clip", model={"vision_tower": str(folder)}))
+    model, processor = parts.model, parts.processor
     got = model.model.vision_tower.state_dict()
     for name, tensor in clip.vision_model.state_dict().items():
         assert torch.equal(got[name], tensor), name
@@ -161,7 +159,7 @@ def test_bin_checkpoint_is_read_weights_only(make_cfg, tiny_parts, tmp_path) -> 
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
     assert weight_files(folder) == [folder / "pytorch_model.bin"]
-    model, _, _ = load_components(make_cfg(model={"language_model": str(folder)}))
+    model = load_components(make_cfg(model={"language_model": str(folder)})).model
     assert torch.equal(
         model.model.language_model.layers[1].mlp.up_proj.weight, state["model.layers.1.mlp.up_proj.weight"]
     )
@@ -184,14 +182,14 @@ def test_no_weights_error_names_expected_files(tmp_path) -> None:
 
 def test_projector_save_load_round_trip(make_cfg, tmp_path) -> None:
     cfg = make_cfg()
-    model, _, _ = load_components(cfg)
+    model = load_components(cfg).model
     with torch.no_grad():
         for i, p in enumerate(projector_module(model).parameters()):
             p.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) / (100.0 + i))
     path = save_projector(model, tmp_path / "projector.safetensors")
     with safe_open(str(path), framework="pt") as f:
         assert sorted(f.keys()) == PROJECTOR_KEYS
-    other, _, _ = load_components(cfg)
+    other = load_components(cfg).model
     assert not torch.equal(
         other.model.multi_modal_projector.linear_2.weight, model.model.multi_modal_projector.linear_2.weight
     )
@@ -201,7 +199,7 @@ def test_projector_save_load_round_trip(make_cfg, tmp_path) -> None:
 
 
 def test_projector_shape_mismatch_names_both_shapes(make_cfg, tmp_path) -> None:
-    model, _, _ = load_components(make_cfg())
+    model = load_components(make_cfg()).model
     path = tmp_path / "projector.safetensors"
     shapes = {"linear_1.weight": (64, 16), "linear_1.bias": (64,), "linear_2.weight": (64, 64), "linear_2.bias": (64,)}
     save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(path))
@@ -219,19 +217,20 @@ def test_projector_shape_mismatch_names_both_shapes(make_cfg, tmp_path) -> None:
 
 
 def test_init_from_projector_folder(make_cfg, tmp_path) -> None:
-    stage1, _, _ = load_components(make_cfg(stage="pretrain", data={"template": "plain"}))
+    stage1 = load_components(make_cfg(stage="pretrain", data={"template": "plain"})).model
     with torch.no_grad():
         stage1.model.multi_modal_projector.linear_1.bias.fill_(0.25)
     save_projector(stage1, tmp_path / "stage1" / "projector.safetensors")
     assert init_from_kind(str(tmp_path / "stage1")) == "projector"
-    model, _, _ = load_components(make_cfg(model={"init_from": str(tmp_path / "stage1")}))
+    model = load_components(make_cfg(model={"init_from": str(tmp_path / "stage1")})).model
     assert torch.equal(model.model.multi_modal_projector.linear_1.bias, torch.full((64,), 0.25))
     for a, b in zip(stage1.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_init_from_full_folder(make_cfg, tmp_path) -> None:
-    stage1, processor, _ = load_components(make_cfg(stage="pretrain", data={"template": "plain"}))
+    parts = load_components(make_cfg(stage="pretrain", data={"template": "plain"}))
+    stage1, processor = parts.model, parts.processor
     with torch.no_grad():
         stage1.model.language_model.norm.weight.fill_(0.5)
     out = tmp_path / "stage1_full"
@@ -239,7 +238,8 @@ def test_init_from_full_folder(make_cfg, tmp_path) -> None:
     processor.save_pretrained(str(out))
     save_projector(stage1, out / "projector.safetensors")
     assert init_from_kind(str(out)) == "full"
-    model, proc2, tokenizer = load_components(make_cfg(model={"init_from": str(out)}))
+    parts = load_components(make_cfg(model={"init_from": str(out)}))
+    model, proc2, tokenizer = parts.model, parts.processor, parts.tokenizer
     assert len(tokenizer) == 513
     sd1, sd2 = stage1.state_dict(), model.state_dict()
     assert sorted(sd1) == sorted(sd2)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llava_train.model.builder import load_components
+from llava_train.components import load_components
 from llava_train.model.freeze import (
     format_parameter_table,
     group_of,
@@ -72,13 +72,13 @@ def test_group_of_unknown_lists_groups() -> None:
 
 
 def test_set_trainable_unknown_group(make_cfg) -> None:
-    model, _, _ = load_components(make_cfg())
+    model = load_components(make_cfg()).model
     with pytest.raises(KeyError, match=re.escape("unknown module group(s) projector; valid groups: vision_tower, ")):
         set_trainable(model, ["projector"])
 
 
 def test_set_trainable_projector_only_and_table(make_cfg) -> None:
-    model, _, _ = load_components(make_cfg())
+    model = load_components(make_cfg()).model
     set_trainable(model, ["multi_modal_projector"])
     assert trainable_names(model) == PROJECTOR
     table = parameter_table(model)
@@ -100,7 +100,7 @@ def test_set_trainable_projector_only_and_table(make_cfg) -> None:
 
 
 def test_vision_tower_from_layer(make_cfg) -> None:
-    model, _, _ = load_components(make_cfg(model={"vision_feature_layer": -1}))
+    model = load_components(make_cfg(model={"vision_feature_layer": -1})).model
     set_trainable(model, ["vision_tower"], vision_from_layer=1)
     # Layer 1 is the last one and feeds the projector with vision_feature_layer=-1; post_layernorm never does.
     assert _plain(trainable_names(model)) == [n.replace("layers.0", "layers.1") for n in VISION_LAYER_0]
@@ -110,7 +110,7 @@ def test_vision_tower_from_layer(make_cfg) -> None:
 
 
 def test_vision_layers_after_feature_layer_stay_frozen(make_cfg) -> None:
-    model, _, _ = load_components(make_cfg())  # vision_feature_layer=-2: layer 1's output is never used
+    model = load_components(make_cfg()).model  # vision_feature_layer=-2: layer 1's output is never used
     set_trainable(model, ["vision_tower"], vision_from_layer=0)
     assert _plain(trainable_names(model)) == VISION_STEM + VISION_LAYER_0
     with pytest.raises(ValueError, match=re.escape("vision_tower_train_from_layer=1 is outside the layers feeding")):

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from llava_train.components import load_components
 from llava_train.config import dump_config
-from llava_train.model.builder import load_components, projector_module
 from llava_train.model.freeze import group_of, strip_wrappers, trainable_names
-from llava_train.model.lora import apply_lora, lora_target_modules, merge_lora, save_lora_final
+from llava_train.model.lora import apply_lora, lora_target_modules, merge_lora
+from llava_train.model.projector import projector_module
 from llava_train.stages import apply_stage
 
 LM_LINEARS = [
@@ -41,7 +42,8 @@ PROJECTOR_COPY = [
 
 def _lora_model(make_cfg, tmp_path: Path | None = None, **lora):
     cfg = make_cfg(lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, **lora})
-    model, processor, tokenizer = load_components(cfg)
+    parts = load_components(cfg)
+    model, processor, tokenizer = parts.model, parts.processor, parts.tokenizer
     model = apply_lora(model, cfg)
     apply_stage(model, cfg)
     return cfg, model, processor, tokenizer
@@ -53,7 +55,7 @@ def _adapted_modules(model) -> list[str]:
 
 
 def test_target_modules_are_language_model_linears_only(make_cfg) -> None:
-    model, _, _ = load_components(make_cfg())
+    model = load_components(make_cfg()).model
     assert lora_target_modules(model) == LM_LINEARS
     assert lora_target_modules(model, ["q_proj", "v_proj"]) == [
         n for n in LM_LINEARS if n.endswith(("q_proj", "v_proj"))
@@ -139,15 +141,19 @@ def test_merge_matches_adapter_model(make_cfg, tmp_path) -> None:
     )
 
 
-def test_save_lora_final_writes_adapter_and_merged_folder(make_cfg, tmp_path) -> None:
-    cfg, model, _, _ = _lora_model(make_cfg)
+def test_final_save_of_a_lora_run_writes_adapter_and_merged_folder(make_cfg, tmp_path) -> None:
+    from llava_train.training.checkpoint import save_final
+
+    cfg, model, processor, _ = _lora_model(make_cfg)
     _train_like(model)
     out = tmp_path / "final"
+    cfg.train["output_dir"] = str(out)
     trainer = SimpleNamespace(
+        model=model,
         save_model=lambda path: model.save_pretrained(path),
         args=SimpleNamespace(world_size=1, should_save=True),
     )
-    save_lora_final(trainer, cfg, out)
+    save_final(cfg, trainer, processor)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -190,7 +196,7 @@ def test_qlora_4bit_builds_and_trains_adapters_only(make_cfg) -> None:
         pytest.skip("QLoRA needs CUDA")
     pytest.importorskip("bitsandbytes")
     cfg = make_cfg(lora={"enabled": True, "r": 4, "alpha": 8, "bits": 4}, model={"dtype": "bfloat16"})
-    model, _, _ = load_components(cfg)
+    model = load_components(cfg).model
     assert type(model.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert type(model.model.vision_tower.encoder.layers[0].self_attn.q_proj).__name__ == "Linear"
     model = apply_lora(model, cfg)

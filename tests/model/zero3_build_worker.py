@@ -24,8 +24,9 @@ def main(out_dir: str, ds_config: str, lm: str, vt: str) -> None:
     import torch.distributed as dist
     from transformers import TrainingArguments
 
+    from llava_train.components import load_components
     from llava_train.config import from_dict
-    from llava_train.model.builder import load_components, load_projector, projector_module, save_projector
+    from llava_train.model.projector import load_projector, projector_module, save_projector
     from llava_train.utils.distributed import (
         full_numel,
         gathered,
@@ -45,7 +46,7 @@ def main(out_dir: str, ds_config: str, lm: str, vt: str) -> None:
         model = {"language_model": lm, "vision_tower": vt, "dtype": "float32", "init_from": init_from}
         return from_dict({"stage": "finetune", "model": model, "train": {"output_dir": str(out / "run")}})
 
-    model, _, _ = load_components(cfg())
+    model = load_components(cfg()).model
     up = model.model.language_model.layers[0].mlp.up_proj.weight
     report: dict = {"rank": rank(), "partitioned": bool(hasattr(up, "ds_id") and local_numel(up) < full_numel(up))}
 
@@ -92,7 +93,7 @@ def main(out_dir: str, ds_config: str, lm: str, vt: str) -> None:
             for k in a.keys()  # noqa: SIM118
         )
     # A stage-2 model starting from the stage-1 folder gets the projector inside its partitions.
-    second, _, _ = load_components(cfg(init_from=str(out / "saved")))
+    second = load_components(cfg(init_from=str(out / "saved"))).model
     proj = projector_module(second)
     with gathered(list(proj.parameters()), modifier_rank=None):
         report["init_from_projector"] = bool(torch.equal(proj.linear_2.bias.detach(), torch.arange(64.0) / 1000))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-from llava_train.training.flops import FlopModel, peak_flops_for_device, vision_tokens_per_image
+from llava_train.training.flops import FlopModel, peak_flops_for_device
 
 # Hand count of the tiny config below (embedding tables and CLIP's class/position embeddings are lookups).
 # Llama layer, d=32, ff=64, 4 heads x 8, 2 kv heads: q 32*32 + k 16*32 + v 16*32 + o 32*32 = 3072;
@@ -120,13 +120,6 @@ def test_tied_lm_head_is_counted_once_as_a_matmul() -> None:
 def test_unknown_group_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown module group\(s\) \['llm'\]; valid: \['language_model', "):
         FlopModel.from_config(tiny_config(), {"llm"})
-
-
-def test_vision_tokens_per_image_clip_has_cls_siglip_not() -> None:
-    from transformers import SiglipVisionConfig
-
-    assert vision_tokens_per_image(CLIPVisionConfig(image_size=336, patch_size=14)) == 577
-    assert vision_tokens_per_image(SiglipVisionConfig(image_size=384, patch_size=14)) == 729
 
 
 @pytest.mark.parametrize(

@@ -10,16 +10,14 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
 from llava_train.config import RunConfig, SourceConfig
-from llava_train.data.dataset import REASON_CODES, make_context, open_source, process_record, scan_source
+from llava_train.data.dataset import make_context
 from llava_train.data.errors import BadSample
-from llava_train.data.templates import run_template
+from llava_train.data.rows import open_source
+from llava_train.data.scan import cached_scan, data_cache_dir, process_record, source_report
 from llava_train.data.tokenize import check_template_consistency, label_tokens
 from llava_train.llava_format import normalize_conversation, record_id
 
-FIRST_IDS = 5  # row ids listed per bad-row reason in the summary
 GREEN, RESET = "\033[32;1m", "\033[0m"
 
 
@@ -27,75 +25,40 @@ def _sources(cfg: RunConfig) -> list[tuple[str, SourceConfig]]:
     return [("train", s) for s in cfg.data.train] + [("eval", s) for s in cfg.data.eval]
 
 
-def _percentiles(lengths: np.ndarray) -> dict[str, int]:
-    if len(lengths) == 0:
-        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    p50, p90, p99 = np.percentile(lengths, [50, 90, 99], method="nearest")
-    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lengths.max())}
-
-
-def validate(
-    cfg: RunConfig,
-    tokenizer: Any,
-    image_processor: Any,
-    num_image_tokens: int,
-    image_token_id: int,
-    num_workers: int | None = None,
-) -> dict[str, Any]:
+def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict[str, Any]:
     """Scan every row of every train and eval source (in parallel processes) and return the report.
 
     Each row is normalised, rendered, tokenized with exact labels and image tokens, and its images
-    are checked for existence and decodability (PIL verify; not preprocessed). The report holds, per
-    source, rows / good / bad / images / text_only / truncated counts, token-length percentiles of
-    the good rows and bad rows by reason with the first few ids; `bad_rows` lists EVERY bad row as
-    {"source", "row", "id", "reason", "detail"}. `image_processor` is unused (kept for a uniform
-    signature with build_dataset; validation does not preprocess images).
+    are checked for existence and decodability (PIL verify; not preprocessed). The scan is the one
+    training uses, read from / written to the same cache (`data.cache_dir`), so a second validate or
+    the training start on unchanged data reads it instead of scanning again. The report holds, per
+    source, `data.scan.source_report` (rows, good, bad, images, text_only, truncated, token-length
+    percentiles, bad rows by reason with the first ids); `bad_rows` lists EVERY bad row as
+    {"source", "row", "id", "reason", "detail"}. `parts` is the run's `components.Components`.
     """
-    del image_processor
     start = time.perf_counter()
     workers = num_workers or cfg.data.num_workers or os.cpu_count() or 1
-    template = run_template(cfg)
-    consistency = check_template_consistency(template, tokenizer)
+    consistency = check_template_consistency(parts.template, parts.tokenizer)
+    cache_dir = data_cache_dir(cfg)
     report: dict[str, Any] = {
-        "template": template.name,
+        "template": parts.template.name,
         "template_check": {
             "consistent": consistency.consistent,
             "first_diff": consistency.first_diff,
             "detail": consistency.detail,
         },
         "model_max_length": cfg.data.model_max_length,
-        "num_image_tokens": num_image_tokens,
+        "num_image_tokens": parts.num_image_tokens,
         "num_workers": workers,
+        "cache_dir": cache_dir,
         "sources": [],
         "bad_rows": [],
     }
     for split, src in _sources(cfg):
-        store = open_source(src, cfg.data.cache_dir)
-        ctx = make_context(cfg.data, src, tokenizer, num_image_tokens, image_token_id, cfg.model.image_token)
-        scan = scan_source(store, ctx, num_workers=workers, check_images=True, chunk_size=500)
-        good = scan.reasons < 0
-        by_reason: dict[str, dict[str, Any]] = {}
-        for b in scan.bad:
-            entry = by_reason.setdefault(b["reason"], {"count": 0, "first_ids": []})
-            entry["count"] += 1
-            if len(entry["first_ids"]) < FIRST_IDS:
-                entry["first_ids"].append(b["id"])
-            report["bad_rows"].append({"source": src.name, **b})
-        report["sources"].append(
-            {
-                "name": src.name,
-                "path": src.path,
-                "split": split,
-                "rows": len(store),
-                "good": int(good.sum()),
-                "bad": len(scan.bad),
-                "images": int(scan.num_images[good].sum()),
-                "text_only": int((good & (scan.num_images == 0)).sum()),
-                "truncated": int(scan.truncated[good].sum()),
-                "tokens": _percentiles(scan.lengths[good]),
-                "bad_by_reason": {r: by_reason[r] for r in REASON_CODES if r in by_reason},
-            }
-        )
+        store = open_source(src, cache_dir)
+        scan = cached_scan(src, store, make_context(cfg.data, src, parts), cache_dir, num_workers=workers)
+        report["bad_rows"].extend({"source": src.name, **b} for b in scan.bad)
+        report["sources"].append({**source_report(src, split, scan), "from_cache": scan.from_cache})
     report["total_rows"] = sum(s["rows"] for s in report["sources"])
     report["total_bad"] = len(report["bad_rows"])
     report["seconds"] = round(time.perf_counter() - start, 2)
@@ -136,22 +99,25 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"  {s['name']}: {reason}: {entry['count']} (ids: {ids}{more})")
     else:
         lines.append(f"no bad rows in {report['total_rows']} rows")
-    lines.append(f"scanned in {report['seconds']} s with {report['num_workers']} worker(s)")
+    cached = sum(1 for s in report["sources"] if s.get("from_cache"))
+    if cached == len(report["sources"]):
+        how = "read from the scan cache"
+    else:
+        how = f"scanned with {report['num_workers']} worker(s) ({cached} of {len(report['sources'])} sources cached)"
+    lines.append(f"{how} in {report['seconds']} s (cache: {report.get('cache_dir') or 'off'})")
     return "\n".join(lines)
 
 
 # -- inspect ------------------------------------------------------------------------------------
 
 
-def render_labelled(
-    record: dict[str, Any], cfg: RunConfig, tokenizer: Any, num_image_tokens: int, image_token_id: int, color: bool
-) -> str:
+def render_labelled(record: dict[str, Any], parts: Any, color: bool) -> str:
     """A record's rendered prompt with trained spans marked (ANSI green, or `[[...]]`), images as `<image xN>`.
 
     The text is cut from the rendered prompt by each token's character offsets (so spaces show
     exactly); tokens with no characters in the prompt (an added BOS) show as their token string.
     """
-    template = run_template(cfg)
+    template, tokenizer = parts.template, parts.tokenizer
     turns = normalize_conversation(record.get("conversations"), template.image_token)
     segments = template.render(turns, tokenizer)
     prompt = "".join(s.text for s in segments)
@@ -165,8 +131,8 @@ def render_labelled(
         if trained != open_span:
             out.append(start_mark if trained else end_mark)
             open_span = trained
-        if tok_id == image_token_id:
-            text = f"<image x{num_image_tokens}>"
+        if tok_id == parts.image_token_id:
+            text = f"<image x{parts.num_image_tokens}>"
         elif end <= cursor or start == end:
             text = tokenizer.convert_ids_to_tokens(tok_id) if start == end else ""
         else:
@@ -183,9 +149,7 @@ def render_labelled(
 
 def inspect_samples(
     cfg: RunConfig,
-    tokenizer: Any,
-    num_image_tokens: int,
-    image_token_id: int,
+    parts: Any,
     indices: list[int] | None = None,
     jsonl_path: str | None = None,
     out: TextIO | None = None,
@@ -198,10 +162,11 @@ def inspect_samples(
     ANSI colour (None = when `out` is a TTY), else `[[...]]` markers. JSONL lines are
     {"id", "source", "input_ids", "labels", "num_images"} with image blocks fully expanded; bad rows
     are printed with their reason and not written. Returns the number of JSONL lines written.
+    `parts` is the run's `components.Components`.
     """
     stream = out if out is not None else sys.stdout
     use_color = color if color is not None else bool(getattr(stream, "isatty", lambda: False)())
-    opened = [(src, open_source(src, cfg.data.cache_dir)) for _, src in _sources(cfg)]
+    opened = [(src, open_source(src, data_cache_dir(cfg))) for _, src in _sources(cfg)]
     total = sum(len(store) for _, store in opened)
     wanted = sorted(set(indices)) if indices is not None else None
     for i in wanted or []:
@@ -214,7 +179,7 @@ def inspect_samples(
         write_all = wanted is None and sink is not None
         base = 0
         for src, store in opened:
-            ctx = make_context(cfg.data, src, tokenizer, num_image_tokens, image_token_id, cfg.model.image_token)
+            ctx = make_context(cfg.data, src, parts)
             rows = range(len(store)) if write_all else [i - base for i in show if base <= i < base + len(store)]
             for row in rows:
                 index = base + row
@@ -233,7 +198,7 @@ def inspect_samples(
                         f"# sample {index} ({src.name} row {row}, id {sample_id!r}): {len(sample.input_ids)} tokens, "
                         f"{trained} trained, {sample.num_images} image(s){', truncated' if sample.truncated else ''}\n"
                     )
-                    stream.write(render_labelled(record, cfg, tokenizer, num_image_tokens, image_token_id, use_color))
+                    stream.write(render_labelled(record, parts, use_color))
                     stream.write("\n")
                 if sink is not None:
                     line = {

@@ -139,14 +139,11 @@ def build_models(workdir: Path, data: shapes.DemoData, size: DemoSize, seed: int
 
 def validate_data(cfg: RunConfig, report_path: Path) -> dict[str, Any]:
     """`data validate` (the library function) on the stage's sources; writes the report, raises if any row is bad."""
-    from llava_train.data.images import num_image_tokens
+    from llava_train.components import load_components
     from llava_train.data.validate import validate
-    from llava_train.model.builder import load_components
 
-    model, processor, tokenizer = load_components(cfg)
-    n_img = num_image_tokens(model.config.vision_config, cfg.model.vision_feature_select)
     # One worker: the demo's files are small and worker start-up would cost more than the scan.
-    report = validate(cfg, tokenizer, processor.image_processor, n_img, model.config.image_token_id, num_workers=1)
+    report = validate(cfg, load_components(cfg, weights=False), num_workers=1)
     report_path.write_text(json.dumps(report, indent=1))
     if report["total_bad"]:
         raise RuntimeError(f"demo data has {report['total_bad']} bad rows; see {report_path}")
@@ -155,14 +152,11 @@ def validate_data(cfg: RunConfig, report_path: Path) -> dict[str, Any]:
 
 def save_untrained(cfg: RunConfig, out: Path) -> Path:
     """The stage-2 model as built before any training, saved HF-native (the "before" row of the table)."""
-    from llava_train.data.templates import run_template
-    from llava_train.model.builder import load_components
+    from llava_train.components import load_components
 
-    model, processor, tokenizer = load_components(cfg)
-    if not getattr(processor, "chat_template", None):
-        processor.chat_template = run_template(cfg).chat_template(tokenizer)
-    model.save_pretrained(str(out))
-    processor.save_pretrained(str(out))
+    parts = load_components(cfg)
+    parts.model.save_pretrained(str(out))
+    parts.processor.save_pretrained(str(out))
     return out
 
 

@@ -114,24 +114,16 @@ def merge_lora(run_dir_or_checkpoint: str | os.PathLike, out_dir: str | os.PathL
     """
     from peft import PeftModel
 
-    from llava_train.data.templates import run_template
-    from llava_train.data.tokenize import load_tokenizer
-    from llava_train.model.builder import (
-        PROJECTOR_FILE,
-        build_model,
-        build_processor,
-        load_projector,
-        tokenizer_source,
-    )
+    from llava_train.components import load_components
+    from llava_train.model.projector import PROJECTOR_FILE, load_projector
 
     src = Path(run_dir_or_checkpoint)
     cfg = load_config(find_run_config(src))
     adapter = find_adapter(src)
     model_cfg = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)
     base_cfg = dataclasses.replace(cfg, model=model_cfg, lora=dataclasses.replace(cfg.lora, bits=None))
-    tokenizer = load_tokenizer(tokenizer_source(base_cfg), image_token=base_cfg.model.image_token)
-    base = build_model(base_cfg, tokenizer)
-    peft_model = PeftModel.from_pretrained(base, str(adapter))
+    parts = load_components(base_cfg)
+    peft_model = PeftModel.from_pretrained(parts.model, str(adapter))
     merged = peft_model.merge_and_unload()
     projector = src / PROJECTOR_FILE
     if projector.is_file():
@@ -141,28 +133,8 @@ def merge_lora(run_dir_or_checkpoint: str | os.PathLike, out_dir: str | os.PathL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
-    processor = build_processor(base_cfg, tokenizer, run_template(cfg))
-    processor.save_pretrained(str(out))
+    parts.processor.save_pretrained(str(out))
     merged.generation_config.save_pretrained(str(out))
     dump_config(cfg, out / CONFIG_FILENAME)
     log.info("merged LoRA adapter %s into %s", adapter, out)
     return str(out)
-
-
-def save_lora_final(trainer: Any, cfg: RunConfig, out: str | os.PathLike) -> None:
-    """Final LoRA artifacts: the adapter in `<out>/adapter/`, and the merged HF-native model in `<out>`.
-
-    Every rank must call it (saving gathers ZeRO-3 shards). The merge rebuilds the base model from disk,
-    which a single process can do; with several processes it is left to `llava-train merge-lora`
-    (logged), because rebuilding inside one rank of a ZeRO-3 job would wait on the others forever.
-    """
-    out = Path(out)
-    trainer.save_model(str(out / ADAPTER_DIR))
-    if trainer.args.world_size > 1:
-        log.info(
-            "LoRA adapter saved to %s; merge with: llava-train merge-lora %s --out %s", out / ADAPTER_DIR, out, out
-        )
-        return
-    if trainer.args.should_save:
-        dump_config(cfg, out / CONFIG_FILENAME)
-        merge_lora(out, out)

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llava_train.model.vision import tower_tokens
+
 STREAMS = ("vision", "projector", "text")
 # bf16 / fp16 dense tensor-core peak (no structured sparsity), FLOP/s. Sources: NVIDIA data sheets
 # (H100/H200 data sheet, A100 data sheet, A10 / L4 / L40S product briefs, Ada architecture white
@@ -137,7 +139,7 @@ class FlopModel:
             *_module_blocks("language_model", inner.language_model, "text", heads * head_dim, head_ids),
             _block("lm_head", "text", list(head.parameters()), 0),
         ]
-        return cls(blocks=tuple(blocks), vision_tokens_per_image=vision_tokens_per_image(vision_cfg))
+        return cls(blocks=tuple(blocks), vision_tokens_per_image=tower_tokens(vision_cfg))
 
     @classmethod
     def from_config(cls, config: Any, trainable: Iterable[str], vision_train_from_layer: int = 0) -> FlopModel:
@@ -165,14 +167,6 @@ class FlopModel:
             for i, layer in enumerate(_layers(model.model.vision_tower)[1]):
                 layer.requires_grad_(i >= vision_train_from_layer)
         return cls.from_model(model)
-
-
-def vision_tokens_per_image(vision_config: Any) -> int:
-    """Tokens the vision tower runs per image: patches, plus the CLS token for CLIP towers."""
-    size = vision_config.image_size
-    size = size if isinstance(size, int) else size[0]
-    patches = (size // vision_config.patch_size) ** 2
-    return patches + (1 if "clip" in getattr(vision_config, "model_type", "") else 0)
 
 
 def _numel(p: torch.Tensor) -> int:

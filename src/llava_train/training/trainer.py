@@ -191,11 +191,20 @@ class LLaVATrainer(Trainer):
     # -- saving ---------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints store runtime-named weights (trainable only for partial stages); final saves are HF-native."""
-        if _internal_call and not self.is_deepspeed_enabled and not is_peft_model(self.model):
-            from llava_train.training.artifacts import save_checkpoint_weights
+        """Checkpoint folders get runtime-named weights (trainable only for partial stages); other saves are HF-native.
 
-            out = output_dir or self.args.output_dir
+        A save into one of the run's `checkpoint-<step>` folders is a checkpoint (what HF's checkpointing
+        writes); transformers saves LLaVA under legacy key names that its own resume does not map back.
+        DeepSpeed and peft runs keep HF's saving (engine states; adapters in runtime names).
+        """
+        from llava_train.training.checkpoint import is_checkpoint_folder, save_checkpoint_weights
+
+        out = output_dir or self.args.output_dir
+        if (
+            is_checkpoint_folder(out, self.args.output_dir)
+            and not self.is_deepspeed_enabled
+            and not is_peft_model(self.model)
+        ):
             save_checkpoint_weights(self.model, out, self.partial_checkpoints, self.frozen_from)
             if self.args.should_save and self.processing_class is not None:
                 self.processing_class.save_pretrained(out)

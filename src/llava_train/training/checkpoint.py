@@ -1,4 +1,10 @@
-"""Checkpoint artifacts: runtime-named weights (trainable-only for partial stages), projector and config."""
+"""Every write of a run: checkpoints (runtime-named weights, trainable-only for partial stages), the projector
+artifact and config in each checkpoint, and the final HF-native folder (LoRA: adapter + merged model).
+
+Checkpoints are written by HF Trainer's own checkpointing, which calls `LLaVATrainer.save_model` for a
+`checkpoint-<step>` folder (that is where `save_checkpoint_weights` comes in) and fires `on_save`
+(`CheckpointArtifactsCallback`); the final folder is `save_final`'s.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,22 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llava_train.model.builder import PROJECTOR_FILE, save_projector
+from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config
+from llava_train.model.projector import PROJECTOR_FILE, save_projector
 from llava_train.utils.distributed import gathered
-from llava_train.utils.logging import is_main_process
+from llava_train.utils.logging import get_logger, is_main_process
+
+log = get_logger(__name__)
 
 CHECKPOINT_INFO = "llava_train_checkpoint.json"
+
+
+def is_checkpoint_folder(path: str | os.PathLike, run_dir: str | os.PathLike) -> bool:
+    """Whether `path` is one of the run's HF checkpoint folders (`<run_dir>/checkpoint-<step>`)."""
+    p = Path(path)
+    return p.parent.resolve() == Path(run_dir).resolve() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
 
 
 def runtime_state_dict(
@@ -87,3 +103,34 @@ class CheckpointArtifactsCallback(TrainerCallback):
         if is_main_process():
             ckpt.mkdir(parents=True, exist_ok=True)
             (ckpt / "llava_train_config.yaml").write_text(self.config_yaml)
+
+
+def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
+    """The final HF-native folder: weights (merged for LoRA), processor, generation config, projector, config.
+
+    Every rank must call it (saving gathers ZeRO-3 shards); rank 0 writes.
+    """
+    out = Path(cfg.output_dir)
+    model = trainer.model
+    save_projector(model, out / PROJECTOR_FILE)
+    if cfg.lora.enabled:
+        from llava_train.model.lora import ADAPTER_DIR, merge_lora
+
+        trainer.save_model(str(out / ADAPTER_DIR))
+        if trainer.args.world_size > 1:
+            # Rebuilding the base model inside one rank of a ZeRO-3 job would wait on the others forever.
+            log.info(
+                "LoRA adapter saved to %s; merge with: llava-train merge-lora %s --out %s", out / ADAPTER_DIR, out, out
+            )
+        elif trainer.args.should_save:
+            dump_config(cfg, out / CONFIG_FILENAME)
+            merge_lora(out, out)
+    else:
+        trainer.save_model(str(out))
+    if trainer.args.should_save:
+        processor.save_pretrained(str(out))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(out))
+        dump_config(cfg, out / CONFIG_FILENAME)
+    log.info("saved final model to %s", out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llava_train.training.artifacts import CHECKPOINT_INFO, save_checkpoint_weights
+from llava_train.training.checkpoint import CHECKPOINT_INFO, save_checkpoint_weights
 from tiny_models import tiny_llava
 
 

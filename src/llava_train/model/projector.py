@@ -1,0 +1,69 @@
+"""The projector artifact: find the projector module (peft-wrapped too), save and load `projector.safetensors`.
+
+Stage 1's product is its projector; stage 2 starts from it with `model.init_from`. Every checkpoint
+and final folder carries the file, so a stage-1 run can hand over from any of its checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from llava_train.model.weights import assign, full_shape
+from llava_train.utils.distributed import gathered, rank
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def projector_module(model: Any) -> Any:
+    """The multimodal projector of a (possibly peft-wrapped) LLaVA model: the copy that runs in forward."""
+    for name, module in model.named_modules():
+        if name.endswith("multi_modal_projector"):
+            # peft's modules_to_save wraps the projector; the trained copy is the active adapter's.
+            copies = getattr(module, "modules_to_save", None)
+            if copies is not None:
+                return copies[module.active_adapters[0]]
+            return module
+    raise ValueError("the model has no multi_modal_projector module")
+
+
+def save_projector(model: Any, path: str | os.PathLike) -> Path:
+    """Write the projector's weights to `path` (safetensors; names like `linear_1.weight`; ZeRO-3 gathered).
+
+    Every rank must call it under ZeRO-3 (the gather is collective); only rank 0 writes.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    params = dict(projector_module(model).named_parameters())
+    with gathered(list(params.values()), modifier_rank=None):
+        if rank() == 0:
+            state = {k: p.detach().to("cpu").clone().contiguous() for k, p in params.items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(path), metadata={"format": "pt", "content": "llava multi_modal_projector"})
+    return path
+
+
+def load_projector(model: Any, path: str | os.PathLike) -> None:
+    """Load `projector.safetensors` into the model's projector (ZeRO-3 safe, names and shapes checked)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"projector file not found: {path}")
+    targets = projector_module(model).state_dict(keep_vars=True)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        keys = set(handle.keys())
+        if keys != set(targets):
+            raise ValueError(
+                f"{path} holds projector weights {sorted(keys)}, the model's projector has {sorted(targets)}"
+            )
+        for key in sorted(keys):
+            tensor = handle.get_tensor(key)
+            if tuple(tensor.shape) != full_shape(targets[key]):
+                raise ValueError(
+                    f"projector shape mismatch for {key}: {path} has {tuple(tensor.shape)}, the model expects "
+                    f"{full_shape(targets[key])} (was it trained for another vision tower / language model?)"
+                )
+            assign(targets[key], tensor, f"multi_modal_projector.{key}", str(path))

@@ -1,0 +1,222 @@
+"""Reading pretrained weights and copying them into a built model: files, names, shapes, ZeRO-3 safe assignment.
+
+Folders are resolved once (a local path, else a hub snapshot); tensors are read one at a time from
+safetensors (or `.bin` with `weights_only=True`), mapped to module names by prefix rules, and copied
+into parameters that ZeRO-3 may have partitioned (gathered one at a time, modifier rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llava_train.utils.distributed import gathered
+from llava_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+# Buffers that older checkpoints stored but current models recompute (never an error when left over).
+IGNORED_SUFFIXES = (".inv_freq", ".position_ids")
+# Files fetched for a hub id; `*.bin` only when a repo has no safetensors (then read weights_only).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_folder(name_or_path: str | os.PathLike, weights: bool = True) -> Path:
+    """A local folder for a hub id or path: the path itself, else a snapshot in the HF cache (downloaded if allowed).
+
+    Only safetensors are fetched, unless a repo has none (then `*.bin`, read with weights_only).
+    `weights=False` fetches configs, tokenizer and processor files only (data commands need no weights).
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    if not weights:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[p for p in _HUB_PATTERNS if "safe" not in p]))
+    folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS))
+    if not list(folder.glob("*.safetensors")):
+        folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS + ["*.bin"]))
+    return folder
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a pretrained folder: safetensors (single or sharded), else pytorch `.bin` files."""
+    folder = Path(folder)
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / n for n in names]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json"
+    )
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) pairs from weight files, one tensor in memory at a time for safetensors.
+
+    `.bin` files are read with `torch.load(weights_only=True)`: loading never unpickles arbitrary objects.
+    """
+    import torch
+    from safetensors import safe_open
+
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                    yield key, handle.get_tensor(key)
+        else:
+            try:
+                state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                # Files from before torch's zip format cannot be memory-mapped.
+                state = torch.load(str(file), map_location="cpu", weights_only=True)
+            yield from state.items()
+
+
+def tensor_names(files: list[Path]) -> list[str]:
+    """Tensor names of weight files, in file order (safetensors headers only; `.bin` files are loaded)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                names.extend(handle.keys())
+        else:
+            names.extend(k for k, _ in iter_tensors([file]))
+    return names
+
+
+def full_shape(param: Any) -> tuple[int, ...]:
+    """The full shape of a parameter (under ZeRO-3 `param.shape` is the empty local shard; ds_shape is whole)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def assign(target: Any, tensor: Any, name: str, source: str) -> None:
+    """Copy `tensor` into parameter `target` (ZeRO-3 gathered, cast to its dtype); a shape mismatch names both."""
+    import torch
+
+    if tuple(tensor.shape) != full_shape(target):
+        raise ValueError(
+            f"shape mismatch for {name}: {source} has {tuple(tensor.shape)}, the model expects {full_shape(target)}"
+        )
+    with gathered([target]), torch.no_grad():
+        target.data.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+
+def key_map(source: list[str], target: set[str], rules: list[tuple[str, str]]) -> dict[str, str]:
+    """The (strip prefix, add prefix) rule that maps the most checkpoint names onto module names."""
+    best: dict[str, str] = {}
+    for strip, add in rules:
+        mapping = {k: add + k[len(strip) :] for k in source if k.startswith(strip)}
+        mapping = {k: v for k, v in mapping.items() if v in target}
+        if len(mapping) > len(best):
+            best = mapping
+    return best
+
+
+def load_submodule_weights(
+    module: Any,
+    folder: str | os.PathLike,
+    rules: list[tuple[str, str]],
+    where: str,
+    allow_missing: tuple[str, ...] = (),
+    allow_unexpected: bool = False,
+) -> int:
+    """Copy a pretrained folder's weights into `module` (ZeRO-3 safe); returns the number of tensors copied.
+
+    Checkpoint names are mapped to module names by the best of `rules` (prefix renames, so both
+    `vision_model.`-prefixed and flat CLIP checkpoints work). Every module tensor must be covered
+    (except `allow_missing`); checkpoint tensors left over are an error unless `allow_unexpected`
+    (a full CLIP/SigLIP model whose text half is not used).
+    """
+    files = weight_files(folder)
+    targets = module.state_dict(keep_vars=True)
+    names = tensor_names(files)
+    mapping = key_map(names, set(targets), rules)
+    missing = sorted(set(targets) - set(mapping.values()) - set(allow_missing))
+    if missing:
+        raise ValueError(
+            f"{folder} does not provide {len(missing)} weight(s) of the {where}: {', '.join(missing[:8])}"
+            + (" ..." if len(missing) > 8 else "")
+        )
+    unexpected = sorted(k for k in names if k not in mapping and not k.endswith(IGNORED_SUFFIXES))
+    if unexpected and not allow_unexpected:
+        raise ValueError(
+            f"{folder} holds {len(unexpected)} weight(s) the {where} does not have: {', '.join(unexpected[:8])}"
+            + (" ..." if len(unexpected) > 8 else "")
+        )
+    copied = 0
+    for key, tensor in iter_tensors(files):
+        name = mapping.get(key)
+        if name is not None:
+            assign(targets[name], tensor, f"{where}.{name}", str(folder))
+            copied += 1
+    return copied
+
+
+# -- a LLaVA model from its two pretrained parts ------------------------------------------------
+
+
+def _vision_rules() -> list[tuple[str, str]]:
+    # CLIP/SigLIP checkpoints name the tower's weights with or without a `vision_model.` prefix
+    # depending on the class and the transformers version that saved them.
+    return [("", ""), ("vision_model.", ""), ("", "vision_model.")]
+
+
+def load_pretrained_parts(model: Any, lm_folder: Path, vt_folder: Path, vision_full_config: Any) -> None:
+    """Copy the LM's and the vision tower's pretrained weights into a freshly built LLaVA model (ZeRO-3 safe)."""
+    inner = model.model
+    tied = bool(model.config.tie_word_embeddings)
+    n_vt = load_submodule_weights(
+        inner.vision_tower,
+        vt_folder,
+        _vision_rules(),
+        "vision tower",
+        allow_unexpected=getattr(vision_full_config, "vision_config", None) is not None,
+    )
+    lm_files = weight_files(lm_folder)
+    names = tensor_names(lm_files)
+    body = {k for k in names if not k.startswith("lm_head.")}
+    head = [k for k in names if k.startswith("lm_head.")]
+    if head and tied:
+        raise ValueError(f"{lm_folder}: tie_word_embeddings is true but the checkpoint has its own lm_head")
+    n_lm = _load_lm_body(inner.language_model, lm_folder, lm_files, sorted(body))
+    if not tied:
+        n_lm += load_submodule_weights(model.lm_head, lm_folder, [("lm_head.", "")], "lm_head", allow_unexpected=True)
+    log.info("pretrained weights loaded: vision tower %d tensors (%s), LM %d (%s)", n_vt, vt_folder, n_lm, lm_folder)
+
+
+def _load_lm_body(module: Any, folder: Path, files: list[Path], body: list[str]) -> int:
+    targets = module.state_dict(keep_vars=True)
+    mapping = key_map(body, set(targets), [("model.", ""), ("", "")])
+    missing = sorted(set(targets) - set(mapping.values()))
+    unexpected = sorted(k for k in body if k not in mapping and not k.endswith(IGNORED_SUFFIXES))
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder} does not match the language model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    copied = 0
+    for key, tensor in iter_tensors(files):
+        name = mapping.get(key)
+        if name is not None:
+            assign(targets[name], tensor, f"language_model.{name}", str(folder))
+            copied += 1
+    return copied
+
+
+def llava_state_dict_from_parts(model: Any, lm_folder: Path, vt_folder: Path, vision_full: Any) -> dict[str, Any]:
+    """A LLaVA state dict (without the projector) assembled from the LM's and vision tower's checkpoints."""
+    load_pretrained_parts(model, lm_folder, vt_folder, vision_full)
+    return {k: v for k, v in model.state_dict().items() if ".multi_modal_projector." not in f".{k}"}
