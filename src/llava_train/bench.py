@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from llava_train.data.tokenize import IGNORE_INDEX
 from llava_train.model.vision import image_tokens
 from llava_train.utils.attention import sdpa_backends
+from llava_train.utils.modules import IGNORE_INDEX
 
 BOS_ID = 1
 PAD_ID = 0

@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-STAGES = ("pretrain", "finetune")
 TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "mistral", "chatml", "tokenizer")
 IMAGE_ASPECT_RATIOS = ("pad", "resize", "crop")
 FEATURE_SELECTS = ("patch", "cls_patch")
@@ -123,7 +122,8 @@ class DataConfig:
 
     train: one or more sources, mixed by weight.
     eval: optional held-out sources (same format).
-    template: conversation template (see `llava_train.data.templates`).
+    template: conversation template (see `llava_train.data.templates`); null = the stage's own
+        (`plain` for pretrain, `vicuna_v1` for finetune, as LLaVA-1.5).
     system_prompt: override the template's system prompt (null = the template's own).
     image_aspect_ratio: `pad` to a square with the processor mean colour (LLaVA-1.5), `resize`
         (squash), or `crop` (the processor's own resize + centre crop).
@@ -143,7 +143,7 @@ class DataConfig:
 
     train: list[SourceConfig] = field(default_factory=list)
     eval: list[SourceConfig] = field(default_factory=list)
-    template: str = "vicuna_v1"
+    template: str | None = None
     system_prompt: str | None = None
     image_aspect_ratio: str = "pad"
     model_max_length: int = 2048
@@ -159,7 +159,8 @@ class DataConfig:
             s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.train[]") for s in self.train
         ]
         self.eval = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.eval[]") for s in self.eval]
-        _choice("data.template", self.template, TEMPLATES)
+        if self.template is not None:
+            _choice("data.template", self.template, TEMPLATES)
         _choice("data.image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
         _choice("data.on_bad_sample", self.on_bad_sample, ON_BAD_SAMPLE)
         if self.model_max_length <= 0:
@@ -268,13 +269,19 @@ class RunConfig:
     metrics_every: int = 0
 
     def __post_init__(self) -> None:
-        _choice("stage", self.stage, STAGES)
+        from llava_train.stages import STAGES
+
+        _choice("stage", self.stage, tuple(STAGES))
+        spec = STAGES[self.stage]
         if not isinstance(self.train, dict):
             raise ConfigError(
                 f"`train` must be a mapping of TrainingArguments fields, got {type(self.train).__name__}"
             )
-        if self.lora.enabled and self.stage != "finetune":
-            raise ConfigError("lora.enabled is only valid with stage: finetune")
+        if self.lora.enabled and not spec.lora_allowed:
+            allowed = ", ".join(n for n, s in STAGES.items() if s.lora_allowed)
+            raise ConfigError(f"lora.enabled is only valid with stage: {allowed}")
+        if self.data.template is None:
+            self.data.template = spec.default_template
 
     @property
     def output_dir(self) -> str:

@@ -1,12 +1,17 @@
-"""Training stages as data: which module groups train, the default template, what the stage's output feeds."""
+"""Training stages as data: the one owner of every stage fact (what trains, template, checkpoints, LoRA).
+
+Imports nothing heavy (the config layer reads the registry); applying a stage to a model imports torch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llava_train.config import RunConfig
 from llava_train.utils.logging import get_logger
+
+if TYPE_CHECKING:
+    from llava_train.config import RunConfig
 
 log = get_logger(__name__)
 
@@ -18,17 +23,24 @@ class StageSpec:
     name: the `stage` config value.
     trainable: module groups that train (see `model.freeze.MODULE_GROUPS`); with LoRA the language
         model trains through its adapters only and lm_head stays frozen.
-    default_template: the conversation template LLaVA-1.5 uses in this stage.
-    saves_projector: the stage's product is its projector (`projector.safetensors`), which the next
-        stage starts from with `model.init_from`.
+    default_template: the conversation template LLaVA-1.5 uses in this stage (`data.template` when unset).
+    partial_checkpoints: checkpoints hold only the trainable weights (stage 1's projector: tens of MB
+        for 7B instead of 14 GB); the frozen rest is rebuilt from the base models on resume. Not when
+        the vision tower is unfrozen (then it trains too and is saved in full).
+    lora_allowed: `lora.enabled` is valid in this stage.
     description: one line for logs and docs.
     """
 
     name: str
     trainable: tuple[str, ...]
     default_template: str
-    saves_projector: bool
+    partial_checkpoints: bool
+    lora_allowed: bool
     description: str
+
+    def checkpoints_are_partial(self, cfg: RunConfig) -> bool:
+        """Whether this run's checkpoints hold only the trainable weights."""
+        return self.partial_checkpoints and not cfg.model.train_vision_tower
 
 
 STAGES: dict[str, StageSpec] = {
@@ -36,14 +48,16 @@ STAGES: dict[str, StageSpec] = {
         name="pretrain",
         trainable=("multi_modal_projector",),
         default_template="plain",
-        saves_projector=True,
+        partial_checkpoints=True,
+        lora_allowed=False,
         description="feature alignment: train the projector only (vision tower and language model frozen)",
     ),
     "finetune": StageSpec(
         name="finetune",
         trainable=("multi_modal_projector", "language_model", "lm_head"),
         default_template="vicuna_v1",
-        saves_projector=False,
+        partial_checkpoints=False,
+        lora_allowed=True,
         description="visual instruction tuning: train projector + language model (+ lm_head), vision tower frozen",
     ),
 }

@@ -179,6 +179,7 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
     """LLaVATrainer with our collator, sampler, lr groups and callbacks."""
     from llava_train.data.collator import PaddingCollator
     from llava_train.data.packing import PackedRows, PackingCollator
+    from llava_train.stages import get_stage
     from llava_train.training.callbacks import attach_callbacks, build_callbacks
     from llava_train.training.checkpoint import CheckpointArtifactsCallback
     from llava_train.training.metrics import ThroughputTracker
@@ -204,7 +205,7 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
         modality_lengths=train_ds.modality_lengths,
         group_by_modality_length=cfg.data.group_by_modality_length and not packing_length,
         tracker=tracker,
-        partial_checkpoints=_partial_checkpoints(cfg),
+        partial_checkpoints=get_stage(cfg.stage).checkpoints_are_partial(cfg),
         frozen_from={
             "language_model": cfg.model.language_model,
             "vision_tower": cfg.model.vision_tower,
@@ -225,12 +226,6 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
         ),
     )
     return trainer
-
-
-def _partial_checkpoints(cfg: RunConfig) -> bool:
-    # Stage 1 trains only the projector: checkpoints hold the trainable weights (tens of MB for 7B),
-    # the frozen rest is rebuilt from the named base models on resume.
-    return cfg.stage == "pretrain" and not cfg.model.train_vision_tower
 
 
 def resolve_resume(cfg: RunConfig, out: Path) -> str | None:

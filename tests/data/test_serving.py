@@ -16,7 +16,8 @@ from PIL import Image
 
 from llava_train.config import from_dict
 from llava_train.data.templates import TEMPLATES, run_template
-from llava_train.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_conversation
+from llava_train.data.tokenize import load_tokenizer, tokenize_conversation
+from llava_train.utils.modules import IGNORE_INDEX
 from llava_train.llava_format import count_images, normalize_conversation, to_messages
 from llava_train.model.builder import build_processor
 

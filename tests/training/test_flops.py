@@ -58,14 +58,16 @@ def test_hand_count_stage1_frozen_lm_gets_4n_and_frozen_vision_2n() -> None:
 
 
 def test_hand_count_finetune_trains_lm_with_6n() -> None:
-    fm = FlopModel.from_config(tiny_config(), {"multi_modal_projector", "language_model"})
+    fm = FlopModel.from_config(tiny_config(), {"multi_modal_projector", "language_model", "lm_head"})
     expected = 2 * V_TOTAL * 10 + 4 * D_V * 2 * 2 * 25 + 6 * PROJ * 8 + 6 * LM_TOTAL * 17 + 3 * 4 * D_LM * 2 * 149
     assert fm.flops_per_step(STATS) == expected
 
 
 def test_hand_count_partially_trained_vision_tower() -> None:
+    config = tiny_config()
+    config.vision_feature_layer = -1  # both encoder layers feed the projector, so layer 1 can train
     fm = FlopModel.from_config(
-        tiny_config(), {"vision_tower", "multi_modal_projector", "language_model"}, vision_train_from_layer=1
+        config, {"vision_tower", "multi_modal_projector", "language_model", "lm_head"}, vision_train_from_layer=1
     )
     # Embeddings + layer 0 frozen with nothing trainable before them: 2N, attention forward only.
     # Layer 1 trains: 6N, attention x3; post LayerNorm is frozen but the gradient passes: 4N.
@@ -118,7 +120,7 @@ def test_tied_lm_head_is_counted_once_as_a_matmul() -> None:
 
 
 def test_unknown_group_lists_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown module group\(s\) \['llm'\]; valid: \['language_model', "):
+    with pytest.raises(KeyError, match=r"unknown module group\(s\) llm; valid groups: vision_tower, "):
         FlopModel.from_config(tiny_config(), {"llm"})
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from llava_train.data.tokenize import IGNORE_INDEX
+from llava_train.utils.modules import IGNORE_INDEX
 
 # Keys our collators add for bookkeeping (sample ids, image counts, which positions are real tokens of a
 # packed row): read by the trainer's statistics and error messages, never given to the model.

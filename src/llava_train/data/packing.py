@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from llava_train.data.collator import PaddingCollator
-from llava_train.data.tokenize import IGNORE_INDEX
+from llava_train.utils.modules import IGNORE_INDEX
 
 
 def best_fit_decreasing(indices: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -28,8 +28,8 @@ import numpy as np
 from llava_train.data.errors import BadSample
 from llava_train.data.templates import Segment, Template
 from llava_train.llava_format import ASSISTANT, DATA_IMAGE_TAG, USER, Turn
+from llava_train.utils.modules import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _WHITESPACE = re.compile(r"\s+")
 logger = logging.getLogger(__name__)
 

@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from llava_train.utils.distributed import full_numel
+from llava_train.utils.modules import unwrap
 
-# Group -> exact name prefix in transformers' LlavaForConditionalGeneration (v5 layout).
-MODULE_GROUPS: dict[str, str] = {
-    "vision_tower": "model.vision_tower.",
-    "multi_modal_projector": "model.multi_modal_projector.",
-    "language_model": "model.language_model.",
-    "lm_head": "lm_head.",
+
+@dataclass(frozen=True)
+class ModuleGroup:
+    """A module group of LlavaForConditionalGeneration: the one table that freezing, lr groups and FLOPs read.
+
+    prefix: exact parameter-name prefix in transformers' v5 layout.
+    lr_group: optimizer group (its own lr: `optim.projector_lr` / `optim.vision_tower_lr`, else the main lr).
+    stream: which tokens pass through it (FLOP accounting): `vision` (patches per image), `projector`
+        (image tokens) or `text` (every real token).
+    """
+
+    prefix: str
+    lr_group: str
+    stream: str
+
+
+MODULE_GROUPS: dict[str, ModuleGroup] = {
+    "vision_tower": ModuleGroup("model.vision_tower.", "vision_tower", "vision"),
+    "multi_modal_projector": ModuleGroup("model.multi_modal_projector.", "projector", "projector"),
+    "language_model": ModuleGroup("model.language_model.", "language_model", "text"),
+    # lm_head learns at the language model's rate.
+    "lm_head": ModuleGroup("lm_head.", "language_model", "text"),
 }
+LR_GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g.lr_group for g in MODULE_GROUPS.values()))
 # Prefixes that wrappers put in front of the model's own names (peft, DDP/DeepSpeed engines).
 _WRAPPER_PREFIXES = ("module.", "base_model.model.")
 _LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
@@ -34,16 +53,16 @@ def strip_wrappers(name: str) -> str:
 def group_of(param_name: str) -> str:
     """The module group of a parameter name (plain, peft-wrapped or engine-wrapped); unknown names raise KeyError."""
     name = strip_wrappers(param_name)
-    for group, prefix in MODULE_GROUPS.items():
-        if name.startswith(prefix):
+    for group, spec in MODULE_GROUPS.items():
+        if name.startswith(spec.prefix):
             return group
     raise KeyError(
         f"parameter {param_name!r} is in no module group; groups and their prefixes: "
-        + ", ".join(f"{g}={p}" for g, p in MODULE_GROUPS.items())
+        + ", ".join(f"{g}={s.prefix}" for g, s in MODULE_GROUPS.items())
     )
 
 
-def _check_groups(groups: list[str] | tuple[str, ...] | set[str]) -> None:
+def check_groups(groups: list[str] | tuple[str, ...] | set[str]) -> None:
     unknown = sorted(set(groups) - set(MODULE_GROUPS))
     if unknown:
         raise KeyError(f"unknown module group(s) {', '.join(unknown)}; valid groups: {', '.join(MODULE_GROUPS)}")
@@ -86,9 +105,9 @@ def set_trainable(model: Any, groups: list[str] | tuple[str, ...], vision_from_l
     `language_model` means its adapters only (base weights stay frozen) and peft's frozen copies
     (`original_module`) stay frozen.
     """
-    _check_groups(groups)
+    check_groups(groups)
     lora = is_peft_model(model)
-    last_layer = last_used_vision_layer(_unwrapped(model)) if "vision_tower" in groups else -1
+    last_layer = last_used_vision_layer(unwrap(model)) if "vision_tower" in groups else -1
     from_layer = vision_from_layer or 0
     if "vision_tower" in groups and not 0 <= from_layer <= last_layer:
         raise ValueError(
@@ -101,17 +120,8 @@ def set_trainable(model: Any, groups: list[str] | tuple[str, ...], vision_from_l
         if train and group == "language_model" and lora:
             train = ".lora_" in plain
         if train and group == "vision_tower":
-            train = vision_param_trainable(plain[len(MODULE_GROUPS["vision_tower"]) :], from_layer, last_layer)
+            train = vision_param_trainable(plain[len(MODULE_GROUPS["vision_tower"].prefix) :], from_layer, last_layer)
         param.requires_grad_(train)
-
-
-def _unwrapped(model: Any) -> Any:
-    # peft's PeftModel keeps the LLaVA model (and its config) at base_model.model.
-    base = getattr(model, "base_model", None)
-    inner = getattr(base, "model", None)
-    if inner is not None and hasattr(inner, "config") and hasattr(inner.config, "vision_config"):
-        return inner
-    return model
 
 
 def parameter_table(model: Any) -> list[dict[str, Any]]:
@@ -132,7 +142,7 @@ def parameter_table(model: Any) -> list[dict[str, Any]]:
 def trainable_names(model: Any, group: str | None = None) -> list[str]:
     """Names (wrappers stripped) of the parameters that train, optionally of one group only, in model order."""
     if group is not None:
-        _check_groups([group])
+        check_groups([group])
     return [
         strip_wrappers(n)
         for n, p in model.named_parameters()

@@ -31,7 +31,7 @@ def lora_target_modules(model: Any, suffixes: list[str] | None = None) -> list[s
     """
     import torch
 
-    prefix = MODULE_GROUPS["language_model"]
+    prefix = MODULE_GROUPS["language_model"].prefix
     linears = [
         name
         for name, module in model.named_modules()

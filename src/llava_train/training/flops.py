@@ -32,7 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from llava_train.model.freeze import MODULE_GROUPS, set_trainable
 from llava_train.model.vision import tower_tokens
+from llava_train.utils.modules import unwrap
 
 STREAMS = ("vision", "projector", "text")
 # bf16 / fp16 dense tensor-core peak (no structured sparsity), FLOP/s. Sources: NVIDIA data sheets
@@ -124,48 +126,38 @@ class FlopModel:
         weights as frozen) and on ZeRO-3 partitioned parameters (uses `ds_numel`). Call it after the
         stage and LoRA have been applied.
         """
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         cfg = base.config
-        inner = base.model
-        head = base.get_output_embeddings()
-        head_ids = {id(p) for p in head.parameters()}
-        vision_cfg = cfg.vision_config
+        head_ids = {id(p) for p in base.get_output_embeddings().parameters()}
         text_cfg = cfg.get_text_config()
         heads = text_cfg.num_attention_heads
         head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
-        blocks = [
-            *_module_blocks("vision_tower", inner.vision_tower, "vision", vision_cfg.hidden_size, head_ids),
-            *_module_blocks("multi_modal_projector", inner.multi_modal_projector, "projector", 0, head_ids),
-            *_module_blocks("language_model", inner.language_model, "text", heads * head_dim, head_ids),
-            _block("lm_head", "text", list(head.parameters()), 0),
-        ]
-        return cls(blocks=tuple(blocks), vision_tokens_per_image=tower_tokens(vision_cfg))
+        attn_dims = {"vision": cfg.vision_config.hidden_size, "projector": 0, "text": heads * head_dim}
+        blocks: list[Block] = []
+        # MODULE_GROUPS lists the groups in forward order (vision tower, projector, LM, lm_head).
+        for group, spec in MODULE_GROUPS.items():
+            module = base.get_submodule(spec.prefix.rstrip("."))
+            if group == "lm_head":
+                # A tied lm_head owns the embedding matrix here: the lookup costs nothing, the projection does.
+                blocks.append(_block(group, spec.stream, list(module.parameters()), 0))
+            else:
+                blocks += _module_blocks(group, module, spec.stream, attn_dims[spec.stream], head_ids)
+        return cls(blocks=tuple(blocks), vision_tokens_per_image=tower_tokens(cfg.vision_config))
 
     @classmethod
     def from_config(cls, config: Any, trainable: Iterable[str], vision_train_from_layer: int = 0) -> FlopModel:
         """Build the FlopModel of a LlavaConfig without weights (meta device), e.g. for the bench.
 
-        trainable: module groups that train: any of `vision_tower`, `multi_modal_projector`,
-            `language_model` (includes lm_head); e.g. stage 1 = {"multi_modal_projector"}.
+        trainable: module groups (`model.freeze.MODULE_GROUPS`) that train, set exactly as a run sets them
+            (`freeze.set_trainable`); e.g. stage 1 = {"multi_modal_projector"}, stage 2 =
+            {"multi_modal_projector", "language_model", "lm_head"}.
         vision_train_from_layer: with `vision_tower` trainable, only encoder layers >= this train.
         """
         from transformers import LlavaForConditionalGeneration
 
-        groups = {"vision_tower", "multi_modal_projector", "language_model"}
-        wanted = set(trainable)
-        if wanted - groups:
-            raise ValueError(f"unknown module group(s) {sorted(wanted - groups)}; valid: {sorted(groups)}")
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(config)
-        model.requires_grad_(False)
-        if "multi_modal_projector" in wanted:
-            model.model.multi_modal_projector.requires_grad_(True)
-        if "language_model" in wanted:
-            model.model.language_model.requires_grad_(True)
-            model.lm_head.requires_grad_(True)
-        if "vision_tower" in wanted:
-            for i, layer in enumerate(_layers(model.model.vision_tower)[1]):
-                layer.requires_grad_(i >= vision_train_from_layer)
+        set_trainable(model, tuple(trainable), vision_from_layer=vision_train_from_layer)
         return cls.from_model(model)
 
 
@@ -196,9 +188,9 @@ def _module_blocks(prefix: str, module: nn.Module, stream: str, attn_dim: int, s
 
     Parameters before the layer list in registration order go to `pre`, after it to `post`;
     nn.Embedding tables and CLIP's class embedding are lookups (no FLOPs) but still mark the block
-    trainable when they train.
+    trainable when they train. A module without a layer list (the projector) is one block.
     """
-    if stream == "projector":
+    if not any(isinstance(m, nn.ModuleList) and n.split(".")[-1] == "layers" for n, m in module.named_modules()):
         return [_block(prefix, stream, [p for p in module.parameters() if id(p) not in skip], 0)]
     layer_name, layers = _layers(module)
     lookup_ids = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}

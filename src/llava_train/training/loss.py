@@ -34,18 +34,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llava_train.data.collator import BATCH_ONLY_KEYS
-from llava_train.data.tokenize import IGNORE_INDEX
+from llava_train.utils.modules import IGNORE_INDEX, unwrap
 
 DEFAULT_CHUNK = 4096
 # Batch keys the model's forward must not get (the loss is computed here, labels included).
 NON_MODEL_KEYS = ("labels", "num_items_in_batch", *BATCH_ONLY_KEYS)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The LlavaForConditionalGeneration under DDP/DeepSpeed (`.module`) and peft (`get_base_model()`)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import torch
 
 from llava_train.training.flops import FlopModel, peak_flops_for_current_device
 from llava_train.utils.distributed import collective_device
+from llava_train.utils.modules import IGNORE_INDEX, unwrap
 
-IGNORE_INDEX = -100
 STAT_KEYS = ("real_tokens", "padded_tokens", "trained_tokens", "samples", "images", "image_tokens", "sum_sq_lengths")
 
 
@@ -105,7 +105,7 @@ class ThroughputTracker:
         FLOP/s of the current CUDA device for the compute dtype (`args.bf16` / `args.fp16`, else the
         weights' dtype); no MFU on CPU or unknown GPUs.
         """
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         if args is not None and getattr(args, "bf16", False):
             dtype = torch.bfloat16
         elif args is not None and getattr(args, "fp16", False):

@@ -13,18 +13,11 @@ from transformers import Trainer, TrainerCallback
 from llava_train.data.collator import BATCH_ONLY_KEYS
 from llava_train.data.packing import PackedRowSampler
 from llava_train.data.sampler import ModalityLengthGroupedSampler
-from llava_train.model.freeze import group_of, is_peft_model
+from llava_train.model.freeze import LR_GROUPS, MODULE_GROUPS, group_of, is_peft_model
 from llava_train.utils.logging import get_logger
+from llava_train.utils.modules import unwrap
 
 log = get_logger(__name__)
-
-# Module group -> optimizer group name. lm_head learns at the language model's rate.
-LR_GROUP = {
-    "vision_tower": "vision_tower",
-    "multi_modal_projector": "projector",
-    "language_model": "language_model",
-    "lm_head": "language_model",
-}
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +41,7 @@ def build_param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr_group = LR_GROUP[group_of(name)]
+        lr_group = MODULE_GROUPS[group_of(name)].lr_group
         kind = "decay" if name in decay_names else "no_decay"
         buckets.setdefault(f"{lr_group}/{kind}", []).append(param)
     groups = []
@@ -68,10 +61,7 @@ def build_param_groups(
 
 def expected_group_lrs(base_lr: float, lr_overrides: dict[str, float | None]) -> dict[str, float]:
     """The learning rate each optimizer group must carry, by lr-group name."""
-    return {
-        g: (base_lr if lr_overrides.get(g) is None else float(lr_overrides[g]))
-        for g in ("projector", "vision_tower", "language_model")
-    }
+    return {g: (base_lr if lr_overrides.get(g) is None else float(lr_overrides[g])) for g in LR_GROUPS}
 
 
 def verify_group_lrs(optimizer: Any, expected: dict[str, float]) -> list[tuple[str, float]]:
@@ -274,7 +264,7 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
     every setting and 1-GPU and N-GPU runs optimise alike.
     """
     model = trainer.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     llava = base.model
     vision_cfg = base.config.vision_config
     size = vision_cfg.image_size

@@ -206,19 +206,26 @@ def collective_device() -> Any:
     return torch.device("cpu")
 
 
-def world_size() -> int:
-    """Number of processes: torch.distributed's when initialised, else the launcher's WORLD_SIZE, else 1."""
-    import torch.distributed as dist
+def _process_group() -> Any:
+    """torch.distributed when torch is already imported and a process group is up, else None (never imports torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
 
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_world_size())
-    return int(os.environ.get("WORLD_SIZE", "1"))
+
+def world_size() -> int:
+    """Number of processes: the process group's when one is up, else the launcher's WORLD_SIZE, else 1."""
+    dist = _process_group()
+    return int(dist.get_world_size()) if dist is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    """Global rank: torch.distributed's when initialised, else the launcher's RANK, else 0."""
-    import torch.distributed as dist
+    """Global rank: the process group's when one is up, else the launcher's RANK (or SLURM_PROCID), else 0.
 
-    if dist.is_available() and dist.is_initialized():
+    The one rank of the package (logging asks it too); cheap enough for any code path: it never imports torch.
+    """
+    dist = _process_group()
+    if dist is not None:
         return int(dist.get_rank())
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-
-def rank() -> int:
-    """Global rank from the launcher's environment (0 when not distributed)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+from llava_train.utils.distributed import rank
 
 
 def is_main_process() -> bool:
