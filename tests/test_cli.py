@@ -75,3 +75,33 @@ def test_config_reference_lists_documented_keys(capsys: pytest.CaptureFixture) -
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     assert "data.on_bad_sample" in out and "perf.loss_on_trained_only" in out and "TrainingArguments" in out
+
+
+def test_second_validate_reads_the_scan_cache_and_training_reuses_it(
+    config_file: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cache is on by default (`<output_dir>/../.cache`): a second validate of unchanged data does not scan,
+    says so, and reports the same rows; changing the data file rescans it."""
+    import logging
+    import shutil
+
+    cache = config_file.parent / ".cache"
+    shutil.rmtree(cache, ignore_errors=True)  # earlier tests of this module validated the same data
+    report_path = config_file.parent / "r.json"
+    args = ["data", "validate", str(config_file), "--report", str(report_path), "--workers", "1"]
+    main(args)
+    first = json.loads(report_path.read_text())
+    assert list(cache.glob("scan-*.npz")) and first["cache_dir"] == str(cache.resolve())
+    capsys.readouterr()
+    logger = logging.getLogger("llava_train")
+    logger.addHandler(caplog.handler)
+    try:
+        main(args)
+    finally:
+        logger.removeHandler(caplog.handler)
+    second = json.loads(report_path.read_text())
+    assert [s.pop("from_cache") for s in second["sources"]] == [True]
+    assert [s.pop("from_cache") for s in first["sources"]] == [False]
+    assert second["sources"] == first["sources"] and second["bad_rows"] == first["bad_rows"]
+    assert "read from the scan cache" in capsys.readouterr().out
+    assert any("read the cached scan of pretrain.json" in r.getMessage() for r in caplog.records)

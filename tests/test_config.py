@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava_train.config import (
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    describe,
-    dump_config,
-    from_dict,
-    load_config,
-    parse_override,
-)
+from llava_train import config as config_mod
+from llava_train.config import RunConfig, config_reference, dump_config, from_dict, load_config
+from llava_train.config_io import ConfigError, apply_overrides, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_YAML = sorted(glob.glob(str(REPO / "configs/**/*.yaml"), recursive=True))
@@ -114,16 +107,50 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_reference_documents_every_key() -> None:
-    rows = {key: doc for key, _, doc in describe()}
-    for key in (
-        "stage",
-        "model.language_model",
-        "model.vision_feature_select",
-        "data.template",
-        "data.on_bad_sample",
-        "data.train[].image_folder",
-        "optim.projector_lr",
-        "lora.r",
-        "train",
-    ):
-        assert rows.get(key), f"{key} has no documentation"
+    """Every key of every config dataclass is listed by `llava-train config`, with its documentation."""
+    import dataclasses
+    import types
+    import typing
+
+    rows = config_reference()
+    keys = [key for key, _, _ in rows]
+    assert len(keys) == len(set(keys))
+    assert [key for key, _, doc in rows if not doc] == []
+
+    def leaves(cls: type, prefix: str = "") -> list[str]:
+        out = []
+        for name, tp in typing.get_type_hints(cls).items():
+            if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None -> X
+                tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            if dataclasses.is_dataclass(tp):
+                out += leaves(tp, f"{prefix}{name}.")
+                continue
+            out.append(prefix + name)
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if dataclasses.is_dataclass(item):
+                out += leaves(item, f"{prefix}{name}[].")
+        return out
+
+    assert sorted(keys) == sorted(leaves(RunConfig))
+    assert "data.train[].image_folder" in keys and "lora.r" in keys
+
+
+def test_config_choice_lists_are_the_registries() -> None:
+    """The choices config validates against are exactly what the code has registered."""
+    from llava_train.data.images import ASPECT_RATIOS
+    from llava_train.data.templates import TEMPLATES
+    from llava_train.model.tiny import TINY_PRESETS
+    from llava_train.model.vision import FEATURE_SELECTS
+    from llava_train.stages import STAGES
+    from llava_train.training.safety import NAN_POLICIES
+    from llava_train.utils.attention import SDPA_BACKENDS
+
+    assert tuple(TEMPLATES) == config_mod.TEMPLATES
+    assert config_mod.IMAGE_ASPECT_RATIOS == ASPECT_RATIOS
+    assert config_mod.FEATURE_SELECTS == FEATURE_SELECTS
+    assert tuple(SDPA_BACKENDS) == config_mod.SDPA_BACKENDS
+    assert tuple(TINY_PRESETS) == config_mod.TINY_PRESETS
+    assert config_mod.NAN_POLICIES == NAN_POLICIES
+    assert tuple(STAGES) == ("pretrain", "finetune")
+    with pytest.raises(ConfigError, match="stage='x' is not valid; choose one of: pretrain, finetune"):
+        from_dict({"stage": "x"})

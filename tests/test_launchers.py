@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ def _run(script: str, args: list[str], env: dict[str, str], bin_dir: Path) -> li
     full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "MASTER_PORT", "CONFIG", "MASTER_ADDR")}
     full_env.update(env)
     full_env["PATH"] = f"{bin_dir}{os.pathsep}{full_env['PATH']}"
+    full_env["PYTHON"] = sys.executable  # the SLURM scripts read the run folder with the venv's python
     proc = subprocess.run(
         ["bash", str(REPO / script), *args], env=full_env, capture_output=True, text=True, timeout=30, check=True
     )
@@ -87,10 +89,29 @@ def test_slurm_script_starts_torchrun_per_node_with_rendezvous(name: str, stub_b
     out = _run(f"scripts/slurm/{name}.sbatch", ["train.gradient_accumulation_steps=2"], env, stub_bin)
     config = f"configs/llava-1.5-7b/{name}.yaml"
     assert out[0] == (
-        "+ srun torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint gpu-node-07:29500 "
-        f"--rdzv_id 4242 -m llava_train.train {config} train.gradient_accumulation_steps=2"
+        '+ srun bash -c trap "" USR1; exec "$0" "$@" torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d '
+        f"--rdzv_endpoint gpu-node-07:29500 --rdzv_id 4242 -m llava_train.train {config} "
+        "train.resume_from_checkpoint=auto train.gradient_accumulation_steps=2"
     )
-    assert out[1:4] == ["srun called", "arg:--kill-on-bad-exit=1", "arg:torchrun"]
+    assert out[1:6] == [
+        "srun called",
+        "arg:--kill-on-bad-exit=1",
+        "arg:bash",
+        "arg:-c",
+        'arg:trap "" USR1; exec "$0" "$@"',
+    ]
+    assert out[6] == "arg:torchrun"
+
+
+def test_slurm_script_requeues_a_preempted_run(stub_bin: Path, tmp_path: Path) -> None:
+    """The ranks left the preempted marker in the run folder: the script asks SLURM to requeue the job."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "llava_train_preempted.json").write_text("{}")
+    _stub(stub_bin, "scontrol", 'if [ "$1" = requeue ]; then echo "requeue $2"; else printf "node-1\\n"; fi')
+    env = {"SLURM_JOB_NODELIST": "node-1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "77", "SLURM_GPUS_ON_NODE": "8"}
+    out = _run("scripts/slurm/finetune.sbatch", [f"train.output_dir={run_dir}"], env, stub_bin)
+    assert out[-2:] == [f"preempted: a complete checkpoint is in {run_dir}; requeueing job 77", "requeue 77"]
 
 
 @pytest.mark.parametrize("zero", [2, 3])

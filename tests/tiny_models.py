@@ -1,4 +1,4 @@
-"""Shared test helpers: a tiny random-init LLaVA built from config, and dataset-like items for it.
+"""Shared test helpers: a tiny random-init LLaVA, dataset-like items for it, the tiny end-to-end runs' data.
 
 Importable from any test module (pytest puts `tests/` on sys.path for its conftest.py).
 """
@@ -95,3 +95,92 @@ def make_parts(
         template = get_template(template, image_token=image_token)
     processor = SimpleNamespace(image_processor=image_processor, tokenizer=tokenizer)
     return Components(tokenizer, template, processor, num_image_tokens, image_token_id)
+
+
+# -- the tiny end-to-end runs (tests/test_train.py, tests/training/test_safety.py) ----------------------
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
+
+
+def write_tiny_data(root: Path, n: int = 32, text_only: int = 4) -> dict[str, str]:
+    """Solid-colour images with captions (stage 1) and colour Q&A with a few text-only rows (stage 2)."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    pre, ft = [], []
+    names = list(COLOURS)
+    from PIL import Image
+
+    for i in range(n):
+        colour = names[i % len(names)]
+        Image.new("RGB", (40, 32), COLOURS[colour]).save(images / f"{i}.png")
+        pre.append(
+            {
+                "id": f"p{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "Describe the image.\n<image>"},
+                    {"from": "gpt", "value": f"a {colour} image"},
+                ],
+            }
+        )
+        ft.append(
+            {
+                "id": f"f{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": colour},
+                    {"from": "human", "value": "Answer again."},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
+    for i in range(text_only):
+        ft.append(
+            {
+                "id": f"t{i}",
+                "conversations": [
+                    {"from": "human", "value": f"Say {names[i % 4]}."},
+                    {"from": "gpt", "value": names[i % 4]},
+                ],
+            }
+        )
+    (root / "pretrain.json").write_text(json.dumps(pre))
+    (root / "finetune.json").write_text(json.dumps(ft))
+    return {"pretrain": str(root / "pretrain.json"), "finetune": str(root / "finetune.json"), "images": str(images)}
+
+
+def tiny_config(ws: dict[str, str], stage: str, out: str, **train: object):
+    template = "plain" if stage == "pretrain" else "vicuna_v1"
+    data = ws["pretrain"] if stage == "pretrain" else ws["finetune"]
+    train_args = {
+        "output_dir": out,
+        "max_steps": 20,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 10,
+        "seed": 0,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "report_to": [],
+        "disable_tqdm": True,
+    }
+    train_args.update(train)
+    return {
+        "stage": stage,
+        "model": {"language_model": ws["lm"], "vision_tower": ws["vision"], "preset": "tiny", "dtype": "float32"},
+        "data": {
+            "train": [{"path": data, "image_folder": ws["images"]}],
+            "template": template,
+            "model_max_length": 256,
+            "group_by_modality_length": stage == "finetune",
+        },
+        "train": train_args,
+    }
+
+
+def losses(history: list[dict]) -> dict[int, float]:
+    """step -> logged training loss of a Trainer log history."""
+    return {h["step"]: h["loss"] for h in history if "loss" in h}

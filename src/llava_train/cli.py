@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from llava_train.config import ConfigError, describe, load_config
+from llava_train.config import config_reference, load_config
+from llava_train.config_io import ConfigError
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -52,8 +53,8 @@ def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
     if args.config is None:
-        width = max(len(k) for k, _, _ in describe())
-        for key, typ, doc in describe():
+        width = max(len(k) for k, _, _ in config_reference())
+        for key, typ, doc in config_reference():
             print(f"{key:<{width}}  {typ}\n{'':<{width}}  {doc}" if doc else f"{key:<{width}}  {typ}")
         print("\ntrain.*: any transformers.TrainingArguments field, passed through untouched.")
         return 0
@@ -65,7 +66,7 @@ def cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.plan import plan
+    from llava_train.tools.plan import plan
 
     print(plan(_load(args, extra), num_gpus=args.num_gpus, num_nodes=args.num_nodes))
     return 0
@@ -118,7 +119,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.demo.run import run_demo
+    from llava_train.tools.demo.run import run_demo
 
     kwargs = {}
     if args.pretrain_steps is not None:
@@ -130,19 +131,41 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.sweep import run_local_sweep
+    """Exit 0 when every trial finished with its metric, 1 when one did not, 2 for a bad sweep file."""
+    import shlex
 
-    launcher = args.launcher.split() if args.launcher else None
-    run_local_sweep(
-        args.sweep, dry_run=args.dry_run, max_runs=args.max_runs, launcher=launcher, sweep_dir=args.sweep_dir
-    )
-    return 0
+    from llava_train.tools.sweep.run import run_local_sweep
+    from llava_train.tools.sweep.spec import SweepError
+
+    try:
+        summary = run_local_sweep(
+            args.sweep,
+            dry_run=args.dry_run,
+            max_runs=args.max_runs,
+            launcher=shlex.split(args.launcher) if args.launcher else None,
+            sweep_dir=args.sweep_dir,
+            seed=args.seed,
+            extra_overrides=list(args.overrides) + _split_overrides(extra),
+        )
+    except SweepError as e:
+        raise ConfigError(str(e)) from e
+    if args.dry_run:
+        for trial in summary.trials:
+            print(shlex.join(trial.command))
+        return 0
+    if summary.md_path:
+        print(Path(summary.md_path).read_text())
+    return 0 if all(t.status == "ok" for t in summary.trials) else 1
 
 
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.bench import main as bench_main
+    from llava_train.tools.bench import bench
 
-    return bench_main(args, extra)
+    if extra:
+        raise ConfigError(f"llava-train bench: unknown arguments {' '.join(extra)}")
+    overrides = {k: getattr(args, k) for k in ("batch_size", "packing_length", "rows", "warmup")}
+    bench(args.preset, args.modes, args.steps, args.profile, args.repeat, args.threads, overrides)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,17 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("sweep", help="run a wandb-format sweep YAML locally (grid/random)")
-    p.add_argument("sweep")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--max-runs", type=int)
-    p.add_argument("--sweep-dir", help="folder for trial runs and the summary")
-    p.add_argument("--launcher", help='e.g. "deepspeed --num_gpus 2 --module" (default: python -m)')
+    p.add_argument("sweep", help="wandb sweep YAML (method grid or random)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides added to every trial")
+    p.add_argument("--dry-run", action="store_true", help="print the trial commands, run nothing")
+    p.add_argument("--max-runs", type=int, help="at most N trials (random: exactly N)")
+    p.add_argument("--sweep-dir", help="folder for trial run folders and the summary")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument(
+        "--launcher",
+        help='run each trial through a launcher, e.g. "deepspeed --num_gpus 2 --module" (default: python -m)',
+    )
     p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser("bench", help="throughput benchmark of the real trainer step")
-    p.add_argument("--preset", default="cpu-tiny")
-    p.add_argument("--modes", default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p = sub.add_parser("bench", help="throughput benchmark of the real trainer step (one JSON line per mode)")
+    p.add_argument("--preset", default="cpu-tiny", help="model + data + batch shape (cpu-tiny, gpu-1b-finetune, ...)")
+    p.add_argument("--modes", default=None, help="comma-separated modes (default: hf-padded,grouped,packed,ours)")
+    p.add_argument("--steps", type=int, default=None, help="measured optimizer steps (default: the preset's)")
+    p.add_argument("--profile", action="store_true", help="add each mode's top-5 ops (torch.profiler)")
+    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds of all modes; the fastest round is kept")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 without CUDA)")
+    for name in ("batch-size", "packing-length", "rows", "warmup"):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
     p.set_defaults(fn=cmd_bench)
     return parser
 
@@ -236,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from llava_train.train import EXIT_USER_ERROR, user_errors
+    from llava_train.errors import EXIT_USER_ERROR, user_errors
 
     try:
         return args.fn(args, extra)

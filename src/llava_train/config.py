@@ -6,29 +6,29 @@ runner read configs on machines (and in processes) where importing the training 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import types
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llava_train.config_io import ConfigError, apply_overrides, build, describe, load_yaml
+
 TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "mistral", "chatml", "tokenizer")
 IMAGE_ASPECT_RATIOS = ("pad", "resize", "crop")
 FEATURE_SELECTS = ("patch", "cls_patch")
+TINY_PRESETS = ("tiny", "tiny_chatml")
+NAN_POLICIES = ("error", "skip")
 PROJECTORS = ("mlp2x_gelu",)
 DTYPES = ("bfloat16", "float16", "float32")
 ON_BAD_SAMPLE = ("error", "skip")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+# Files of a run folder that more than one module reads or writes.
 CONFIG_FILENAME = "llava_train_config.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message says what and where."""
+METRICS_FILENAME = "metrics.jsonl"
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -113,7 +113,7 @@ class ModelConfig:
             ("sdpa", "eager", "flex_attention", "flash_attention_2"),
         )
         if self.preset is not None:
-            _choice("model.preset", self.preset, ("tiny", "tiny_chatml"))
+            _choice("model.preset", self.preset, TINY_PRESETS)
 
 
 @dataclass
@@ -155,10 +155,8 @@ class DataConfig:
     num_workers: int | None = None
 
     def __post_init__(self) -> None:
-        self.train = [
-            s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.train[]") for s in self.train
-        ]
-        self.eval = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.eval[]") for s in self.eval]
+        self.train = [s if isinstance(s, SourceConfig) else build(SourceConfig, s, "data.train[]") for s in self.train]
+        self.eval = [s if isinstance(s, SourceConfig) else build(SourceConfig, s, "data.eval[]") for s in self.eval]
         if self.template is not None:
             _choice("data.template", self.template, TEMPLATES)
         _choice("data.image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
@@ -254,7 +252,11 @@ class RunConfig:
 
     stage: `pretrain` (projector only) or `finetune` (projector + language model).
     train: any `transformers.TrainingArguments` field, passed through untouched (output_dir,
-        learning_rate, per_device_train_batch_size, deepspeed, bf16, ...).
+        learning_rate, per_device_train_batch_size, deepspeed, bf16, ...), and llava-train's own
+        `resume_from_checkpoint` (a path, or `auto` for the newest complete checkpoint), `nan_policy`
+        (`error`: a non-finite loss or gradient stops the run naming its samples; `skip`: that step is
+        skipped on every rank) and `max_skipped_steps` (with `skip`: stop after this many skipped steps in
+        a row; default 10). `save_total_limit` keeps the newest N complete checkpoints.
     metrics_every: log the compact throughput line every N optimizer steps (0 = with each log).
     """
 
@@ -282,6 +284,10 @@ class RunConfig:
             raise ConfigError(f"lora.enabled is only valid with stage: {allowed}")
         if self.data.template is None:
             self.data.template = spec.default_template
+        _choice("train.nan_policy", self.train.get("nan_policy", "error"), NAN_POLICIES)
+        skips = self.train.get("max_skipped_steps", 10)
+        if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:
+            raise ConfigError(f"train.max_skipped_steps must be an integer >= 0, got {skips!r}")
 
     @property
     def output_dir(self) -> str:
@@ -296,135 +302,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Building dataclasses from nested dicts, with errors that list the valid keys.
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _strip_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Coerce YAML scalars to the annotated type (ints given for floats, etc.)."""
-    if value is None:
-        return None
-    tp = _strip_optional(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return _build(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, list):
-            value = [value]
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError as e:
-            raise ConfigError(f"{where} must be a number, got {value!r}") from e
-    if tp is int and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError as e:
-            raise ConfigError(f"{where} must be an integer, got {value!r}") from e
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if tp is str and not isinstance(value, str):
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid keys in "
-            f"{where or 'the top level'}: {', '.join(sorted(names))}"
-        )
-    hints = _field_types(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where or 'config'}: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------
-# Overrides: `a.b=c` and the `--a.b=c` form a wandb sweep agent passes.
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse `data.model_max_length=1024` or `--data.model_max_length=1024` into (path, value).
-
-    The value is parsed as YAML, so `1e-3`, `true`, `null`, `[a, b]` get their natural types.
-    """
-    body = text[2:] if text.startswith("--") else text
-    if "=" not in body:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. data.model_max_length=1024)")
-    key, raw = body.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if value == "None":  # a wandb sweep agent writes a null sweep value as Python's None
-        value = None
-    # YAML 1.1 reads 1e-3 as a string; sweeps pass exactly such values.
-    if isinstance(value, str) and any(c in value for c in ".eE"):
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a nested config dict (returns the same dict)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a mapping")
-            node = nxt
-        node[path[-1]] = value
-    return data
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file into a dict, with a clear error for a missing or malformed file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    return data
+# -- reading and writing run configs --------------------------------------------------------------
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig from a nested dict."""
-    return _build(RunConfig, data, "")
+    return build(RunConfig, data, "")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
@@ -442,53 +325,18 @@ def dump_config(config: RunConfig, path: str | os.PathLike) -> Path:
     return p
 
 
-def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, type, documentation) for every config key: the generated config reference."""
-    doc = (cls.__doc__ or "").strip()
-    docs = _parse_field_docs(doc)
-    rows: list[tuple[str, str, str]] = []
-    hints = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        tp = _strip_optional(hints[f.name])
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key + "."))
-            continue
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        )
-        rows.append((key, f"{_type_name(hints[f.name])} = {default!r}", docs.get(f.name, "")))
-        if f.name == "train" and prefix == "data.":
-            rows.extend(describe(SourceConfig, f"{key}[]."))
-    return rows
+def config_reference() -> list[tuple[str, str, str]]:
+    """(dotted key, type = default, documentation) of every run-config key (`llava-train config`)."""
+    return describe(RunConfig)
 
 
-def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+def sweep_run_output_dir(output_dir: str, environ: Mapping[str, str] | None = None) -> str:
+    """The run folder to use under a wandb agent: `<output_dir>/<WANDB_RUN_ID>` when WANDB_SWEEP_ID is set.
 
-
-def _parse_field_docs(doc: str) -> dict[str, str]:
-    """Read `name: text` paragraphs (continuation lines indented) from a dataclass docstring."""
-    out: dict[str, str] = {}
-    current: list[str] = []
-    for line in doc.splitlines():
-        stripped = line.strip()
-        head = stripped.split(":", 1)[0]
-        if (
-            ":" in stripped
-            and head
-            and all(part.isidentifier() for part in head.split(", "))
-            and line.startswith("    ")
-            and not line.startswith("        ")
-        ):
-            current = [n.strip() for n in head.split(",")]
-            for n in current:
-                out[n] = stripped.split(":", 1)[1].strip()
-        elif current and stripped:
-            for n in current:
-                out[n] += " " + stripped
-        elif not stripped:
-            current = []
-    return out
+    Every agent trial runs the same command, so without this all trials would share one folder
+    (wandb's `${envvar:...}` macros are expanded once per agent, not per run).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
+        return str(Path(output_dir) / env["WANDB_RUN_ID"])
+    return output_dir

@@ -11,32 +11,26 @@ from typing import Any
 
 import yaml
 
-from llava_train.config import CONFIG_FILENAME, ConfigError, RunConfig, dump_config, load_config
-from llava_train.utils.attention import sdpa_backends
+from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config, sweep_run_output_dir
+from llava_train.config_io import ConfigError
+from llava_train.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, user_errors
 from llava_train.utils.logging import get_logger, is_main_process
 
 log = get_logger(__name__)
 
-# Exit codes of a training process (`python -m llava_train.train`, `llava-train train`), the same on every
-# rank: 0 = trained and saved; 1 = an unexpected error (traceback on stderr); 2 = a configuration or data
-# error (one line naming the key, file or row).
-EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR = 0, 1, 2
 
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
-    from llava_train.data.errors import BadSampleError
-
-    return (ConfigError, BadSampleError, FileNotFoundError)
+# `train.` keys that llava-train reads itself (documented in RunConfig), never passed to TrainingArguments.
+LLAVA_TRAIN_KEYS = ("resume_from_checkpoint", "nan_policy", "max_skipped_steps")
 
 
 @dataclass
 class TrainResult:
-    """What a finished run produced."""
+    """What a run produced; `preempted`: stopped by SIGTERM/SIGUSR1 after saving a checkpoint (no final save)."""
 
     output_dir: str
     global_step: int
     log_history: list[dict[str, Any]]
+    preempted: bool = False
 
 
 def run(cfg: RunConfig) -> TrainResult:
@@ -51,12 +45,10 @@ def run(cfg: RunConfig) -> TrainResult:
     trainer = build_trainer(cfg, args, model, parts, train_ds, eval_ds)
     resume = resolve_resume(cfg, out)
     log.info("training: %d samples, resume from %s", len(train_ds), resume or "scratch")
-    with sdpa_backends(cfg.perf.sdpa_backends):
-        result = trainer.train(resume_from_checkpoint=resume)
-    from llava_train.training.checkpoint import save_final
-
-    save_final(cfg, trainer, parts.processor)
-    return TrainResult(str(out), int(result.global_step), list(trainer.state.log_history))
+    preempted = train_steps(cfg, trainer, resume)
+    if not preempted:
+        save_final(cfg, trainer, parts.processor)
+    return TrainResult(str(out), int(trainer.state.global_step), list(trainer.state.log_history), preempted)
 
 
 def execute(cfg: RunConfig) -> TrainResult:
@@ -84,10 +76,13 @@ def execute(cfg: RunConfig) -> TrainResult:
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run folder and write the resolved config there."""
+    from llava_train.training.safety import PREEMPTED_FILE
+
     out = Path(cfg.output_dir)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / CONFIG_FILENAME)
+        (out / PREEMPTED_FILE).unlink(missing_ok=True)  # this run picks up where a preempted one stopped
     log.info("run folder %s (stage %s)", out, cfg.stage)
     return out
 
@@ -96,10 +91,13 @@ def build_training_arguments(cfg: RunConfig) -> Any:
     """TrainingArguments from `train:` untouched, plus what our runs need (distributed set-up, wandb env)."""
     from transformers import TrainingArguments
 
-    from llava_train.training.callbacks import wandb_env
+    from llava_train.training.wandb_logging import wandb_env
     from llava_train.utils.distributed import prepare_distributed
 
-    kwargs = {k: v for k, v in cfg.train.items() if k != "resume_from_checkpoint"}
+    # llava-train's own `train.` keys are not TrainingArguments fields; save_total_limit is applied by
+    # our checkpoint callback, after a new checkpoint is complete (HF deleted the old one first).
+    kwargs = {k: v for k, v in cfg.train.items() if k not in LLAVA_TRAIN_KEYS}
+    kwargs["save_total_limit"] = None
     # Our collator consumes dataset columns the model does not take (ids, num_images); keep them.
     kwargs.setdefault("remove_unused_columns", False)
     kwargs.setdefault("report_to", [])
@@ -119,6 +117,47 @@ def seed_everything(args: Any) -> None:
 
     set_seed(args.seed)
     log.info("seed %d", args.seed)
+
+
+def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
+    """The final HF-native folder (`training.checkpoint.save_final`)."""
+    from llava_train.training.checkpoint import save_final as write_final
+
+    write_final(cfg, trainer, processor)
+
+
+def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
+    """The checkpoint to resume from (`train.resume_from_checkpoint`), complete ones only."""
+    from llava_train.training.resume import resolve_resume as newest
+
+    return newest(cfg, out)
+
+
+def train_steps(cfg: RunConfig, trainer: Any, resume: str | None) -> bool:
+    """HF's training loop; True when a preemption signal stopped it (after its checkpoint was saved).
+
+    A checkpoint write that runs out of disk is reported with the last complete checkpoint (untouched).
+    """
+    import errno
+
+    from llava_train.training.checkpoint import CheckpointWriteError
+    from llava_train.training.resume import newest_complete_checkpoint
+    from llava_train.training.safety import SafetyCallback
+    from llava_train.utils.attention import sdpa_backends
+
+    try:
+        with sdpa_backends(cfg.perf.sdpa_backends):
+            trainer.train(resume_from_checkpoint=resume)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last, _ = newest_complete_checkpoint(cfg.output_dir)
+        raise CheckpointWriteError(
+            f"out of disk space while writing to {cfg.output_dir} ({e}); the last complete checkpoint, "
+            f"{last or 'none yet'}, is intact: free space and resume with train.resume_from_checkpoint=auto"
+        ) from e
+    safety = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SafetyCallback))
+    return safety.preempted_at is not None
 
 
 def build_components(cfg: RunConfig) -> Any:
@@ -184,9 +223,11 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
     from llava_train.training.checkpoint import CheckpointArtifactsCallback
     from llava_train.training.metrics import ThroughputTracker
     from llava_train.training.predictions import eval_predictions_fn
+    from llava_train.training.safety import SafetyCallback, StepGuard
     from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
 
     tracker = ThroughputTracker.for_model(model, args)
+    guard = StepGuard(cfg.train.get("nan_policy", "error"), cfg.train.get("max_skipped_steps", 10), cfg.output_dir)
     packing_length = (cfg.data.packing_length or cfg.data.model_max_length) if cfg.data.packing else None
     if packing_length:
         # Each item is a packed row of whole samples; per_device_train_batch_size counts rows.
@@ -214,10 +255,13 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
         packing_length=packing_length,
         loss_on_trained_only=cfg.perf.loss_on_trained_only,
         loss_chunk_size=cfg.perf.loss_chunk_size,
+        guard=guard,
     )
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trainer.add_callback(LrCheckCallback(trainer))
-    trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml))
+    trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml, cfg.train.get("save_total_limit")))
+    # First of all callbacks (like the throughput one): `skipped_steps` must be in the logs HF's reporters see.
+    trainer.callback_handler.callbacks.insert(0, SafetyCallback(guard))
     # Throughput keys must reach the logs before HF's reporters (wandb) see them.
     attach_callbacks(
         trainer,
@@ -228,31 +272,11 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
     return trainer
 
 
-def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
-    """`train.resume_from_checkpoint`: a path, or `auto`/true for the last complete checkpoint (opt-in)."""
-    value = cfg.train.get("resume_from_checkpoint")
-    if value in (None, False, "", "false"):
-        return None
-    if value in (True, "auto", "true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            log.info("resume requested but no checkpoint in %s: starting from scratch", out)
-            return None
-        if not (Path(last) / "trainer_state.json").is_file():
-            raise ConfigError(f"last checkpoint {last} is incomplete (no trainer_state.json)")
-        return last
-    path = Path(str(value))
-    if not path.is_dir():
-        raise ConfigError(f"train.resume_from_checkpoint: no checkpoint folder at {path}")
-    return str(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m llava_train.train CONFIG.yaml [key=value | --key=value ...]`.
 
-    Exit codes: 0 trained and saved, 1 unexpected error, 2 configuration or data error.
+    Exit codes (`llava_train.errors`): 0 trained and saved, 1 unexpected error, 2 configuration or data
+    error, 3 preempted (checkpoint saved), 4 non-finite loss or gradients.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher appends --local_rank=N; the environment already carries it.
@@ -267,15 +291,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, overrides)
         # Under a wandb sweep agent every trial runs this same command: give each its own folder.
-        from llava_train.sweep import sweep_run_output_dir
-
         cfg.train["output_dir"] = sweep_run_output_dir(cfg.output_dir)
-        execute(cfg)
+        result = execute(cfg)
     except Exception as e:
+        from llava_train.training.safety import NonFiniteStepError
+
+        if isinstance(e, NonFiniteStepError):
+            print(f"llava-train: stopped: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
         if not isinstance(e, user_errors()):
             raise  # traceback, exit code 1
         print(f"llava-train: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if result.preempted:
+        print(
+            f"llava-train: preempted: checkpoint-{result.global_step} saved; resume with "
+            "train.resume_from_checkpoint=auto",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
     return EXIT_OK
 
 

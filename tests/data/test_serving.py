@@ -17,9 +17,9 @@ from PIL import Image
 from llava_train.config import from_dict
 from llava_train.data.templates import TEMPLATES, run_template
 from llava_train.data.tokenize import load_tokenizer, tokenize_conversation
-from llava_train.utils.modules import IGNORE_INDEX
 from llava_train.llava_format import count_images, normalize_conversation, to_messages
 from llava_train.model.builder import build_processor
+from llava_train.utils.modules import IGNORE_INDEX
 
 N_IMG = 16  # tiny CLIP tower: (32 // 8) ** 2 patches, CLS dropped
 # A Mistral-instruct style template: writes BOS itself, as Llama-2 / Mistral / Llama-3 templates do.
@@ -222,3 +222,21 @@ def test_exported_template_file_is_written(
     _, _, processor = _case(tmp_path_factory, chatml_tokenizer_dir, siglip_vision_dir, "tokenizer")
     processor.save_pretrained(tmp_path)
     assert "macro content(m)" in (tmp_path / "chat_template.jinja").read_text()
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_jinja_export_renders_every_conversation_as_training_does(
+    name: str,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Whole conversations (replies included): the saved chat template's text equals `Template.prompt`."""
+    chatml = name in ("chatml", "tokenizer")
+    tok_dir = request.getfixturevalue("chatml_tokenizer_dir" if chatml else "llama_tokenizer_dir")
+    vision = request.getfixturevalue("siglip_vision_dir" if chatml else "clip_vision_dir")
+    template, tokenizer, processor = _case(tmp_path_factory, tok_dir, vision, name)
+    conversations = PLAIN if name == "plain" else CONVERSATIONS
+    for conv in conversations.values():
+        turns = normalize_conversation(conv, template.image_token)
+        served = processor.apply_chat_template(to_messages(turns, template.image_token))
+        assert served == template.prompt(turns, tokenizer), conv

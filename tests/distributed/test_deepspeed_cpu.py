@@ -322,6 +322,7 @@ def test_both_stages_two_ranks(zero: str, workspace: Path, tmp_path: Path) -> No
     assert "process group destroyed (run finished)" in pre_log
     p0, p1 = reports(tmp_path / "r_pre")
     assert (p0["world_size"], p1["world_size"]) == (2, 2)
+    assert (p0["scans"], p1["scans"]) == (1, 0)  # rank 0 scanned, rank 1 read its cache
     assert_sharded(p0, p1, per_rank=2)
     assert_partitioned(p0, p1, zero)
     assert_straddles(p0, p1)
@@ -334,6 +335,7 @@ def test_both_stages_two_ranks(zero: str, workspace: Path, tmp_path: Path) -> No
     ft_wall, ft_log = launch([str(HERE / "train_observer.py"), str(tmp_path / "r_ft"), str(ft_cfg)], cwd=tmp_path)
     assert "process group destroyed (run finished)" in ft_log
     f0, f1 = reports(tmp_path / "r_ft")
+    assert (f0["scans"], f1["scans"]) == (1, 0)
     assert f0["projector_equals_init"] is True and f1["projector_equals_init"] is True
     assert_sharded(f0, f1, per_rank=1)
     assert_partitioned(f0, f1, zero)
@@ -444,3 +446,101 @@ def torch_equal(a: Any, b: Any) -> bool:
     import torch
 
     return bool(torch.equal(a, b.to(a.dtype)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-safety drills on 2 ranks (tests/fault_runner.py injects the fault; the product code is unchanged).
+
+FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
+
+
+def drill_config(workspace: Path, zero: str, out: Path, **train: Any) -> dict[str, Any]:
+    """Stage 2 from the base models, 6 steps, 1 sample per rank (text-only and image micro-batches mixed)."""
+    config = tiny_config(workspace, "finetune", zero, out, init_from=None)
+    config["model"].pop("init_from")
+    config["train"].update(train)
+    return config
+
+
+def test_sigterm_to_one_rank_saves_on_both_exits_3_and_resumes_exactly(workspace: Path, tmp_path: Path) -> None:
+    """SIGTERM reaches rank 1 only (after step 2): both ranks save checkpoint-3 and exit 3; resume=auto continues
+    the uninterrupted 2-rank ZeRO-3 run's losses exactly."""
+    from llava_train.training.resume import complete_checkpoints
+    from llava_train.training.safety import PREEMPTED_FILE
+
+    ref = tmp_path / "reference"
+    launch(
+        ["--module", "llava_train.train", str(write_config(tmp_path, "ref", drill_config(workspace, "zero3", ref)))],
+        cwd=tmp_path,
+    )
+    out = tmp_path / "preempted"
+    cfg = write_config(tmp_path, "run", drill_config(workspace, "zero3", out, resume_from_checkpoint="auto"))
+    _, output = launch([str(FAULT_RUNNER), "sigterm", "2", "1", str(cfg)], cwd=tmp_path, expect_rc=3)
+    assert "SIGTERM received" in output and "llava-train: preempted: checkpoint-3 saved" in output
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-3"]
+    shards = sorted(p.name for p in (out / "checkpoint-3").rglob("*_optim_states.pt"))
+    assert len(shards) == 2, shards  # both ranks' ZeRO-3 partitions are in the checkpoint
+    assert (out / PREEMPTED_FILE).is_file() and not (out / "model.safetensors").exists()
+    launch(["--module", "llava_train.train", str(cfg)], cwd=tmp_path)
+    assert logged_losses(out) == pytest.approx(logged_losses(ref), rel=1e-5)
+    assert not (out / PREEMPTED_FILE).exists()
+
+
+def test_nan_on_one_rank_is_skipped_on_both(workspace: Path, tmp_path: Path) -> None:
+    """A NaN loss on rank 1 only (step 3) under ZeRO-2 with nan_policy=skip: both ranks skip that step."""
+    out = tmp_path / "nan"
+    cfg = write_config(tmp_path, "nan", drill_config(workspace, "zero2", out, nan_policy="skip"))
+    _, output = launch([str(FAULT_RUNNER), "nan", "2", "1", str(cfg)], cwd=tmp_path)
+    assert output.count("skipped step 3 on every rank") == 2, output[-3000:]  # rank 0 and rank 1 both say so
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows if "loss" in r] == [0, 0, 1, 1, 1, 1]
+    assert_loads_in_transformers(out)
+
+
+def test_zero2_resume_continues_the_loss_sequence_exactly(workspace: Path, tmp_path: Path) -> None:
+    import shutil
+
+    full = tmp_path / "full"
+    cfg = drill_config(workspace, "zero2", full, save_strategy="steps", save_steps=3)
+    launch(["--module", "llava_train.train", str(write_config(tmp_path, "full", cfg))], cwd=tmp_path)
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "checkpoint-3", cut / "checkpoint-3")  # kill -9 right after the checkpoint
+    resumed = drill_config(workspace, "zero2", cut, save_strategy="steps", save_steps=3, resume_from_checkpoint="auto")
+    launch(["--module", "llava_train.train", str(write_config(tmp_path, "cut", resumed))], cwd=tmp_path)
+    assert logged_losses(cut) == pytest.approx(logged_losses(full)[3:], rel=1e-5)
+
+
+DEAD_RANK_BOUND_S = 60
+
+
+def test_a_dead_rank_ends_the_survivor_within_the_bound(workspace: Path, tmp_path: Path) -> None:
+    """No launcher to clean up: rank 1 is SIGKILLed after step 2 and rank 0, waiting in the next collective,
+    exits non-zero by itself (gloo sees the closed connection) within DEAD_RANK_BOUND_S seconds."""
+    cfg = write_config(tmp_path, "dead", drill_config(workspace, "zero2", tmp_path / "dead"))
+    port = str(_free_port())
+    procs = []
+    for r in (0, 1):
+        env = {**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(REPO / "tests")}  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(FAULT_RUNNER), "sigkill", "2", "1", str(cfg)],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        )
+    survivor, victim = procs
+    assert victim.wait(timeout=LAUNCH_TIMEOUT) == -9
+    died = time.monotonic()
+    try:
+        code = survivor.wait(timeout=DEAD_RANK_BOUND_S)
+    except subprocess.TimeoutExpired:
+        survivor.kill()
+        pytest.fail(f"rank 0 still running {DEAD_RANK_BOUND_S}s after rank 1 died")
+    waited = time.monotonic() - died
+    output = survivor.stdout.read()
+    assert code != 0, output[-3000:]
+    print(f"survivor exited {code} {waited:.1f}s after its peer died")

@@ -5,8 +5,9 @@ Usage (what tests/distributed/test_deepspeed_cpu.py runs):
 The train module's own steps are wrapped (not replaced): after `build_components` it records each
 parameter's local and full size and, when `model.init_from` holds a projector, whether the
 gathered projector equals the saved one; after `build_trainer` it records every micro-batch's
-sample ids, image counts and trained-token counts, and after the first step the optimizer's named group learning rates
-and the parameter sizes again (now inside the DeepSpeed engine). Each rank writes
+sample ids, image counts and trained-token counts, and after the first step the optimizer's named
+group learning rates and the parameter sizes again (now inside the DeepSpeed engine). It also counts
+the sources this rank really scanned (a scan read from the cache does not count). Each rank writes
 `REPORT_DIR/rank<R>.json` after training.
 """
 
@@ -81,6 +82,16 @@ def main(report_dir: str, argv: list[str]) -> int:
         report["world_size"] = trainer.args.world_size
         return trainer
 
+    import llava_train.data.scan as scan_module
+
+    scan_source = scan_module.scan_source
+    report["scans"] = 0
+
+    def counted_scan(*args: Any, **kwargs: Any) -> Any:
+        report["scans"] += 1  # a real scan; a cached one never gets here
+        return scan_source(*args, **kwargs)
+
+    scan_module.scan_source = counted_scan
     train_module.build_components = observed_build_components
     train_module.build_trainer = observed_build_trainer
     code = train_module.main(argv)

@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 
 from llava_train.config import load_config
-from llava_train.plan import (
+from llava_train.tools.plan import (
     GIB,
     OVERHEAD_BYTES,
     ZeroSettings,
     estimate,
-    format_plan,
     plan,
     read_zero_settings,
     verdict,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DS = REPO / "configs" / "deepspeed"
 SEVEN = REPO / "configs" / "llava-1.5-7b"
 # LlavaForConditionalGeneration(vicuna-7b-v1.5 + <image> row, CLIP-L/14-336, mlp2x_gelu projector).
@@ -142,6 +141,21 @@ def test_bad_world_size_is_an_error() -> None:
         estimate(load_config(SEVEN / "finetune.yaml"), num_gpus=0)
 
 
-def test_format_plan_is_what_plan_prints() -> None:
-    cfg = load_config(SEVEN / "pretrain.yaml")
-    assert format_plan(estimate(cfg, num_gpus=2, num_nodes=2)) == plan(cfg, num_gpus=2, num_nodes=2)
+def test_plan_prints_the_exact_table_for_the_7b_pretrain_recipe() -> None:
+    """What `llava-train plan configs/llava-1.5-7b/pretrain.yaml --num-gpus 2 --num-nodes 2` prints, line by line."""
+    lines = plan(load_config(SEVEN / "pretrain.yaml"), num_gpus=2, num_nodes=2).splitlines()
+    assert lines[0] == (
+        "world: 2 node(s) x 2 GPU(s) = 4; ZeRO-2 (configs/deepspeed/zero2.json); micro-batch 32 x 2048 tokens; "
+        "gradient checkpointing on"
+    )
+    assert lines[3:9] == [
+        "vision_tower                           0     303,507,456",
+        "multi_modal_projector         20,979,712               0",
+        "language_model                         0   6,607,347,712",
+        "lm_head                                0     131,076,096",
+        "total                         20,979,712   7,041,931,264",
+        "",
+    ]
+    rows = [line.split("  ")[-1].strip() for line in lines[10:17]]
+    assert rows == ["13.16 GiB", "0.01 GiB", "0.08 GiB", "24.50 GiB", "1.22 GiB", "2.00 GiB", "40.96 GiB"]
+    assert "verdict: 24 GB GPU: OOM, 40 GB GPU: OOM, 80 GB GPU: fits" in lines

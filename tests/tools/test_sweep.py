@@ -11,25 +11,26 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava_train.config import load_config
-from llava_train.sweep import (
-    SweepError,
+from llava_train.config import load_config, sweep_run_output_dir
+from llava_train.tools.sweep.run import (
     agent_args_to_overrides,
     expand_command,
-    grid_trials,
     jsonl_key,
+    read_final_metric,
+    run_local_sweep,
+)
+from llava_train.tools.sweep.spec import (
+    SweepError,
+    grid_trials,
     load_sweep,
     parse_sweep,
     plan_trials,
     random_trials,
-    read_final_metric,
-    run_local_sweep,
-    sweep_run_output_dir,
     trial_name,
 )
 from tiny_models import write_caption_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "configs" / "sweeps" / "lr_x_projector_lr.yaml"
 TINY = REPO / "configs" / "sweeps" / "tiny_cpu.yaml"
 

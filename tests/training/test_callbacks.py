@@ -17,15 +17,14 @@ from llava_train.training.callbacks import (
     LossPlotCallback,
     MetricsJsonlCallback,
     ThroughputCallback,
-    WandbExtrasCallback,
     attach_callbacks,
     build_callbacks,
     format_console_line,
     group_learning_rates,
-    wandb_env,
     write_loss_plot,
 )
 from llava_train.training.metrics import ThroughputTracker
+from llava_train.training.wandb_logging import WandbExtrasCallback, wandb_env
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 THROUGHPUT_KEYS = {

@@ -10,7 +10,7 @@ from llava_train.utils.modules import IGNORE_INDEX
 
 # Keys our collators add for bookkeeping (sample ids, image counts, which positions are real tokens of a
 # packed row): read by the trainer's statistics and error messages, never given to the model.
-BATCH_ONLY_KEYS = ("ids", "num_images", "real_mask")
+BATCH_ONLY_KEYS = ("ids", "sources", "num_images", "real_mask")
 
 
 class PaddingCollator:
@@ -45,6 +45,7 @@ class PaddingCollator:
             batch["pixel_values"] = torch.cat(images, dim=0)  # [N, 3, H, W]
         batch["num_images"] = torch.tensor([int(it.get("num_images", 0)) for it in items], dtype=torch.long)
         batch["ids"] = [it.get("id") for it in items]
+        batch["sources"] = [f"{it['source']} row {it['row']}" if "source" in it else None for it in items]
         return batch
 
     def padded_length(self, longest: int) -> int:

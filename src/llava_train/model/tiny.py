@@ -166,11 +166,16 @@ def ensure_tiny_components(model_cfg: Any) -> None:
     """For `model.preset` set, write the tiny LM and vision tower into their folders when missing.
 
     `model_cfg` is a `ModelConfig`; `language_model` and `vision_tower` must be local paths. Existing
-    folders (with a config.json) are left untouched. Does nothing when no preset is set.
+    folders (with a config.json) are left untouched. Does nothing when no preset is set. The global RNG
+    is left as it was: writing the parts seeds torch, and a run that wrote them must initialise its
+    projector exactly as a run that found them (same config, same losses).
     """
     if model_cfg.preset is None:
         return
+    import torch
+
     preset = get_tiny_preset(model_cfg.preset)
     lm_dir, vt_dir = Path(model_cfg.language_model), Path(model_cfg.vision_tower)
-    _write_atomically(lm_dir, lambda d: write_tiny_language_model(d, tokenizer_style=preset.tokenizer_style))
-    _write_atomically(vt_dir, lambda d: write_tiny_vision_tower(d, kind=preset.vision_kind))
+    with torch.random.fork_rng(devices=[]):
+        _write_atomically(lm_dir, lambda d: write_tiny_language_model(d, tokenizer_style=preset.tokenizer_style))
+        _write_atomically(vt_dir, lambda d: write_tiny_vision_tower(d, kind=preset.vision_kind))

@@ -126,6 +126,19 @@ def key_map(source: list[str], target: set[str], rules: list[tuple[str, str]]) -
     return best
 
 
+def copy_mapped(
+    files: list[Path], mapping: dict[str, str], targets: dict[str, Any], where: str, folder: str | os.PathLike
+) -> int:
+    """Copy each checkpoint tensor that `mapping` names into its target parameter, one tensor in memory at a time."""
+    copied = 0
+    for key, tensor in iter_tensors(files):
+        name = mapping.get(key)
+        if name is not None:
+            assign(targets[name], tensor, f"{where}.{name}", str(folder))
+            copied += 1
+    return copied
+
+
 def load_submodule_weights(
     module: Any,
     folder: str | os.PathLike,
@@ -157,13 +170,7 @@ def load_submodule_weights(
             f"{folder} holds {len(unexpected)} weight(s) the {where} does not have: {', '.join(unexpected[:8])}"
             + (" ..." if len(unexpected) > 8 else "")
         )
-    copied = 0
-    for key, tensor in iter_tensors(files):
-        name = mapping.get(key)
-        if name is not None:
-            assign(targets[name], tensor, f"{where}.{name}", str(folder))
-            copied += 1
-    return copied
+    return copy_mapped(files, mapping, targets, where, folder)
 
 
 # -- a LLaVA model from its two pretrained parts ------------------------------------------------
@@ -207,13 +214,7 @@ def _load_lm_body(module: Any, folder: Path, files: list[Path], body: list[str])
         raise ValueError(
             f"{folder} does not match the language model: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
-    copied = 0
-    for key, tensor in iter_tensors(files):
-        name = mapping.get(key)
-        if name is not None:
-            assign(targets[name], tensor, f"language_model.{name}", str(folder))
-            copied += 1
-    return copied
+    return copy_mapped(files, mapping, targets, "language_model", folder)
 
 
 def llava_state_dict_from_parts(model: Any, lm_folder: Path, vt_folder: Path, vision_full: Any) -> dict[str, Any]:

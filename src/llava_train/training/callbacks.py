@@ -12,14 +12,22 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from llava_train.config import METRICS_FILENAME
 from llava_train.training.metrics import ThroughputTracker
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-METRICS_FILENAME = "metrics.jsonl"
 LOSS_PLOT_FILENAME = "loss.png"
 PredictionsFn = Callable[[Any], list[dict[str, Any]]]
+
+
+def wandb_enabled(report_to: Any) -> bool:
+    """Whether `train.report_to` includes wandb."""
+    if report_to is None:
+        return False
+    targets = [report_to] if isinstance(report_to, str) else list(report_to)
+    return "wandb" in targets or "all" in targets
 
 
 @contextlib.contextmanager
@@ -150,7 +158,7 @@ class ThroughputCallback(TrainerCallback):
             self._last_printed = state.global_step
 
 
-def _scalar(value: Any) -> float | int | bool | None:
+def scalar(value: Any) -> float | int | bool | None:
     if isinstance(value, (bool, int, float)):
         return value
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
@@ -183,36 +191,51 @@ class MetricsJsonlCallback(TrainerCallback):
             return
         record: dict[str, Any] = {"step": state.global_step}
         for key, value in logs.items():
-            scalar = _scalar(value)
-            if scalar is None:
+            number = scalar(value)
+            if number is None:
                 continue
-            record[key] = None if isinstance(scalar, float) and not math.isfinite(scalar) else scalar
+            record[key] = None if isinstance(number, float) and not math.isfinite(number) else number
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def write_loss_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
-    """Plot train `loss` and `eval_loss` against step from a Trainer log history; None when no loss was logged."""
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    if not train and not evals:
-        return None
+def write_loss_plot(
+    history: list[dict[str, Any]] | dict[str, list[dict[str, Any]]], path: str | os.PathLike
+) -> Path | None:
+    """Plot train `loss` (and `eval_loss`) against step from Trainer log histories; None when no loss was logged.
+
+    `history` is one run's log history, or {panel title: log history} for one panel per run (the demo's
+    stages side by side; always drawn).
+    """
+    panels = history if isinstance(history, dict) else {"": history}
+    curves = {
+        title: (
+            [(h["step"], h["loss"]) for h in hist if "loss" in h and "step" in h],
+            [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h and "step" in h],
+        )
+        for title, hist in panels.items()
+    }
+    if not isinstance(history, dict) and not any(train or evals for train, evals in curves.values()):
+        return None  # one run that logged no loss: no figure (panels are drawn even when empty)
     # The Figure + Agg canvas API leaves pyplot's global backend and figure registry untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7 if len(panels) == 1 else 5 * len(panels), 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, (train, evals)) in zip(axes, curves.items()):
+        if train:
+            ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+        if title:
+            ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,155 +263,6 @@ class LossPlotCallback(TrainerCallback):
                 log.info("loss curve written to %s", self.path)
 
 
-def _wandb_enabled(report_to: Any) -> bool:
-    if report_to is None:
-        return False
-    targets = [report_to] if isinstance(report_to, str) else list(report_to)
-    return "wandb" in targets or "all" in targets
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "/"))
-        else:
-            out[name] = value
-    return out
-
-
-class WandbExtrasCallback(TrainerCallback):
-    """What HF's WandbCallback does not log: the nested resolved config, name/tags, data report, predictions.
-
-    Install it AFTER HF's WandbCallback (plain `trainer.add_callback` / `callbacks=`), which creates
-    the run in its own `on_train_begin`. All wandb calls happen on rank 0 and only while a run is
-    active. `predictions_fn` runs on EVERY rank (under ZeRO-3 generation needs all ranks; it must
-    then generate with `synced_gpus=True`) and only rank 0 logs its rows.
-
-    config_dict: the resolved RunConfig as a nested dict (`RunConfig.to_dict()`); logged as
-        `wandb.config["llava_train"]`; its `wandb` section supplies the run name and tags.
-    data_report: the data validation summary (logged to the run summary under `data_report/...`
-        and as a `data_report` table).
-    predictions_fn: model -> rows {image (PIL or None), prompt, prediction, reference}; logged as
-        the `eval/predictions` table after each evaluation and at the end of training.
-    """
-
-    def __init__(
-        self,
-        config_dict: dict[str, Any],
-        data_report: dict[str, Any] | None = None,
-        predictions_fn: PredictionsFn | None = None,
-    ) -> None:
-        self.config_dict = config_dict
-        self.data_report = data_report
-        self.predictions_fn = predictions_fn
-        self._done_setup = False
-
-    @staticmethod
-    def _run() -> Any:
-        try:
-            import wandb
-        except ImportError:
-            return None
-        return wandb.run
-
-    def _setup(self, state: TrainerState) -> None:
-        run = self._run() if state.is_world_process_zero else None
-        if self._done_setup or run is None:
-            return
-        run.config.update({"llava_train": self.config_dict}, allow_val_change=True)
-        wb = self.config_dict.get("wandb") or {}
-        if wb.get("name"):
-            run.name = wb["name"]
-        if wb.get("tags"):
-            run.tags = tuple(dict.fromkeys([*(run.tags or ()), *wb["tags"]]))
-        if self.data_report:
-            import wandb
-
-            flat = _flatten(self.data_report)
-            run.summary.update({f"data_report/{k}": v for k, v in flat.items() if _scalar(v) is not None})
-            rows = [[k, json.dumps(v, default=str)] for k, v in flat.items()]
-            table = wandb.Table(columns=["key", "value"], data=rows)
-            run.log({"data_report": table}, commit=False)
-        self._done_setup = True
-
-    def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        """Log the nested config, name/tags and data report once HF's WandbCallback has started the run."""
-        with optional_artifact("wandb run set-up (config, data report)"):
-            self._setup(state)
-
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Retry the set-up if the run started after on_train_begin (e.g. callback order)."""
-        with optional_artifact("wandb run set-up (config, data report)"):
-            self._setup(state)
-
-    def _log_predictions(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
-        if self.predictions_fn is None or not _wandb_enabled(args.report_to) or model is None:
-            return
-        rows = self.predictions_fn(model)
-        run = self._run() if state.is_world_process_zero else None
-        if run is None or not rows:
-            return
-        import wandb
-
-        columns = ["step", "image", "prompt", "prediction", "reference"]
-        data = [
-            [
-                state.global_step,
-                wandb.Image(r["image"]) if r.get("image") is not None else None,
-                r.get("prompt"),
-                r.get("prediction"),
-                r.get("reference"),
-            ]
-            for r in rows
-        ]
-        run.log({"eval/predictions": wandb.Table(columns=columns, data=data), "train/global_step": state.global_step})
-
-    def on_evaluate(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
-    ) -> None:
-        """Log the sample-predictions table after each evaluation."""
-        with optional_artifact("wandb prediction table"):
-            self._log_predictions(args, state, model)
-
-    def on_train_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
-    ) -> None:
-        """Log the final sample-predictions table."""
-        with optional_artifact("wandb run set-up (config, data report)"):
-            self._setup(state)
-        with optional_artifact("wandb prediction table"):
-            self._log_predictions(args, state, model)
-
-
-def wandb_env(cfg: Any) -> dict[str, str]:
-    """Set WANDB_PROJECT / ENTITY / NAME / RUN_GROUP / TAGS from `cfg.wandb` before TrainingArguments exist.
-
-    HF's WandbCallback calls `wandb.init` itself and wandb reads these variables. Variables already
-    set in the environment win (a wandb sweep agent sets its own project). Does nothing unless
-    `train.report_to` includes wandb. Returns the variables it set.
-    """
-    if not _wandb_enabled(cfg.train.get("report_to")):
-        return {}
-    wb = cfg.wandb
-    wanted = {
-        "WANDB_PROJECT": wb.project,
-        "WANDB_ENTITY": wb.entity,
-        "WANDB_NAME": wb.name or Path(cfg.output_dir).name,
-        "WANDB_RUN_GROUP": wb.group,
-        "WANDB_TAGS": ",".join(wb.tags) if wb.tags else None,
-    }
-    set_now = {}
-    for key, value in wanted.items():
-        if value and key not in os.environ:
-            os.environ[key] = str(value)
-            set_now[key] = str(value)
-    return set_now
-
-
 def build_callbacks(
     cfg: Any,
     tracker: ThroughputTracker | None,
@@ -406,7 +280,9 @@ def build_callbacks(
         callbacks.append(ThroughputCallback(tracker, every=cfg.metrics_every))
     callbacks.append(MetricsJsonlCallback(out_dir / METRICS_FILENAME))
     callbacks.append(LossPlotCallback(out_dir / LOSS_PLOT_FILENAME))
-    if _wandb_enabled(cfg.train.get("report_to")):
+    if wandb_enabled(cfg.train.get("report_to")):
+        from llava_train.training.wandb_logging import WandbExtrasCallback
+
         predictions = predictions_fn if cfg.wandb.log_predictions > 0 else None
         callbacks.append(WandbExtrasCallback(cfg.to_dict(), data_report, predictions))
     return callbacks

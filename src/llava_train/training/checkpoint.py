@@ -26,6 +26,13 @@ from llava_train.utils.logging import get_logger, is_main_process
 log = get_logger(__name__)
 
 CHECKPOINT_INFO = "llava_train_checkpoint.json"
+# Written last into a checkpoint folder, after every file in it is on disk (fsync'd): its manifest of file
+# sizes is what makes the folder a complete checkpoint (`training.resume.check_checkpoint`).
+COMPLETE_MARKER = "llava_train_complete.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or final save could not be written (disk full); the message names the last complete one."""
 
 
 def is_checkpoint_folder(path: str | os.PathLike, run_dir: str | os.PathLike) -> bool:
@@ -87,22 +94,83 @@ def save_checkpoint_weights(
     return len(state)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_complete_marker(folder: str | os.PathLike, step: int) -> Path:
+    """fsync every file of a finished checkpoint folder, then write the completion marker (atomically) last.
+
+    The marker lists every file (relative path -> size); a folder without it, or whose files no longer
+    match it, is a torn checkpoint that resume never picks.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    for f in files:
+        _fsync(f)
+    manifest = {"step": step, "files": {str(f.relative_to(folder)): f.stat().st_size for f in files}}
+    tmp = folder / f".{COMPLETE_MARKER}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, folder / COMPLETE_MARKER)
+    _fsync(folder)  # the rename itself is durable once the folder's entry is
+    return folder / COMPLETE_MARKER
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, limit: int | None, keep: str | None = None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `limit` (the run's `train.save_total_limit`); returns them.
+
+    Runs only after a new checkpoint is complete, so the last complete one is never deleted before its
+    successor exists; torn folders are left for inspection (resume skips them). `keep` (the best
+    checkpoint of `load_best_model_at_end`) is never deleted.
+    """
+    import shutil
+
+    from llava_train.training.resume import complete_checkpoints
+
+    if not limit or limit <= 0:
+        return []
+    done = complete_checkpoints(run_dir)  # oldest first
+    removable = [c for c in done if keep is None or c.resolve() != Path(keep).resolve()]
+    extra = len(done) - limit
+    gone = removable[: max(0, extra)]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("deleted %s (train.save_total_limit=%d)", folder, limit)
+    return gone
+
+
 class CheckpointArtifactsCallback(TrainerCallback):
-    """Adds `projector.safetensors` and `llava_train_config.yaml` to every checkpoint.
+    """Completes every checkpoint: `projector.safetensors` and `llava_train_config.yaml`, then the completion
+    marker (written last, after a barrier, once every rank's files are on disk), then the rotation.
 
     Runs on every rank (the projector gather under ZeRO-3 is collective); rank 0 writes.
+    save_total_limit: the run's `train.save_total_limit` (HF's own rotation is turned off: it deleted the
+        oldest checkpoint before the new one was known to be complete).
     """
 
-    def __init__(self, model: torch.nn.Module, config_yaml: str) -> None:
+    def __init__(self, model: torch.nn.Module, config_yaml: str, save_total_limit: int | None = None) -> None:
         self.model = model
         self.config_yaml = config_yaml
+        self.save_total_limit = save_total_limit
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        from llava_train.utils.distributed import barrier
+
+        ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         save_projector(self.model, ckpt / PROJECTOR_FILE)
         if is_main_process():
             ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "llava_train_config.yaml").write_text(self.config_yaml)
+            (ckpt / CONFIG_FILENAME).write_text(self.config_yaml)
+        barrier()  # every rank's files (DeepSpeed shards, RNG states) are written
+        if is_main_process():
+            write_complete_marker(ckpt, state.global_step)
+            rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
+        barrier()  # nobody goes on (or exits) before the checkpoint is complete
 
 
 def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
@@ -133,4 +201,21 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
         if gen is not None:
             gen.save_pretrained(str(out))
         dump_config(cfg, out / CONFIG_FILENAME)
+        for folder in (out, out / "adapter"):
+            replace_pickled_args(folder, trainer.args)
+        from llava_train.training.safety import PREEMPTED_FILE
+
+        (out / PREEMPTED_FILE).unlink(missing_ok=True)
     log.info("saved final model to %s", out)
+
+
+def replace_pickled_args(folder: Path, args: Any) -> None:
+    """The final folder holds no pickle: HF's `training_args.bin` (a pickled TrainingArguments) becomes JSON.
+
+    Serving folders must be safe to load anywhere; checkpoints keep HF's file (resume unpickles DeepSpeed
+    and optimizer states anyway, so resume only from folders you trust).
+    """
+    pickled = folder / "training_args.bin"
+    if pickled.is_file():
+        pickled.unlink()
+        (folder / "training_args.json").write_text(args.to_json_string())

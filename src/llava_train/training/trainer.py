@@ -98,8 +98,9 @@ class LLaVATrainer(Trainer):
     `modality_lengths` (signed exact lengths from the dataset) with `group_by_modality_length`,
     `tracker` (throughput statistics fed with every micro-batch), `partial_checkpoints` (checkpoints
     hold only the trainable weights; `frozen_from` records where the frozen rest comes from),
-    `packing_length` (train on packed rows of this many tokens: see data/packing.py), and
-    `loss_on_trained_only` / `loss_chunk_size` (lm_head + loss only on trained positions).
+    `packing_length` (train on packed rows of this many tokens: see data/packing.py),
+    `loss_on_trained_only` / `loss_chunk_size` (lm_head + loss only on trained positions), and `guard`
+    (`training.safety.StepGuard`: non-finite steps and preemption, agreed by every rank each step).
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class LLaVATrainer(Trainer):
         packing_length: int | None = None,
         loss_on_trained_only: bool = False,
         loss_chunk_size: int = 4096,
+        guard: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -126,6 +128,7 @@ class LLaVATrainer(Trainer):
         self.modality_lengths = list(modality_lengths) if modality_lengths is not None else None
         self.group_by_modality_length = group_by_modality_length
         self.tracker = tracker
+        self.guard = guard
         self._text_only_batch = False
         # Also with one process: then a text-only step gives the projector a zero gradient, as it must with
         # several (where it is all-reduced), so AdamW moves it the same way (momentum, weight decay) on
@@ -147,6 +150,9 @@ class LLaVATrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             optimizer_kwargs.pop("lr", None)  # each group carries its own lr
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+            if self.guard is not None:
+                # Every optimizer step (DeepSpeed's ZeRO optimizers call this one too) asks the guard first.
+                self.guard.wrap(self.optimizer)
             for g in groups:
                 log.info(
                     "optimizer group %-26s lr %-9g weight_decay %-6g params %d",
@@ -207,6 +213,8 @@ class LLaVATrainer(Trainer):
         """Record throughput statistics (no host sync), mark text-only micro-batches, drop bookkeeping keys."""
         if self.tracker is not None:
             self.tracker.observe(inputs)
+        if self.guard is not None:
+            self.guard.observe_batch(inputs)
         self._text_only_batch = "pixel_values" not in inputs
         try:
             return super().training_step(model, model_inputs(inputs), num_items_in_batch)
@@ -236,13 +244,16 @@ class LLaVATrainer(Trainer):
         `average_tokens_across_devices` divides by the token count of all ranks.
         """
         if not self.loss_on_trained_only or return_outputs or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from llava_train.training.loss import trained_positions_loss
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            from llava_train.training.loss import trained_positions_loss
 
-        loss = trained_positions_loss(model, inputs, num_items_in_batch, self.loss_chunk_size)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        return loss
+            out = trained_positions_loss(model, inputs, num_items_in_batch, self.loss_chunk_size)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                out = out * self.accelerator.num_processes
+        if self.guard is not None and not return_outputs and model.training:
+            self.guard.observe_loss(out)  # before its backward: a non-finite step is caught before the update
+        return out
 
 
 def _install_vision_keepalive(trainer: LLaVATrainer) -> None:

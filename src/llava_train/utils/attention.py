@@ -6,6 +6,15 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.nn.attention import SDPBackend
+
+# `perf.sdpa_backends` names -> PyTorch's SDPA backends.
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 @contextlib.contextmanager
@@ -14,16 +23,10 @@ def sdpa_backends(names: tuple[str, ...] | list[str]) -> Iterator[None]:
     if not names or not torch.cuda.is_available():
         yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    table = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if n not in SDPA_BACKENDS]
     if unknown:
-        raise KeyError(f"unknown SDPA backend(s) {unknown}; valid: {', '.join(table)}")
-    with sdpa_kernel([table[n] for n in names]):
+        raise KeyError(f"unknown SDPA backend(s) {unknown}; valid: {', '.join(SDPA_BACKENDS)}")
+    with sdpa_kernel([SDPA_BACKENDS[n] for n in names]):
         yield

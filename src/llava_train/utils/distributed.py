@@ -214,6 +214,13 @@ def _process_group() -> Any:
     return None
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    dist = _process_group()
+    if dist is not None and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def world_size() -> int:
     """Number of processes: the process group's when one is up, else the launcher's WORLD_SIZE, else 1."""
     dist = _process_group()

@@ -13,12 +13,24 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current `sys.stderr` (not the one at start-up: test runners and notebooks replace it)."""
+
+    @property
+    def stream(self) -> object:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def get_logger(name: str = "llava_train") -> logging.Logger:
     """The package logger; INFO on rank 0, WARNING elsewhere, one handler."""
     logger = logging.getLogger(name if name.startswith("llava_train") else f"llava_train.{name}")
     root = logging.getLogger("llava_train")
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[llava-train %(asctime)s] %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(logging.INFO if is_main_process() else logging.WARNING)

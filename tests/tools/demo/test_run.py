@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from llava_train.config import load_config
-from llava_train.demo import run as demo
-from llava_train.demo.run import DemoSize, build_table, format_table, run_demo, stage_config
+from llava_train.tools.demo import run as demo
+from llava_train.tools.demo.run import DemoSize, build_table, format_table, run_demo, stage_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_demo_configs_parse() -> None:
@@ -64,9 +64,9 @@ def test_table() -> None:
 
 def test_plot_losses(tmp_path: Path) -> None:
     history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"train_runtime": 1.0}]
-    out = demo.plot_losses({"stage 1": history, "stage 2": history[:1]}, tmp_path / "loss.png")
+    out = demo.write_loss_plot({"stage 1": history, "stage 2": history[:1]}, tmp_path / "loss.png")
     with Image.open(out) as img:
-        assert img.format == "PNG" and img.size == (1000, 350)
+        assert img.format == "PNG" and img.size == (1000, 400)  # one 5 x 4 inch panel per stage
 
 
 # A process that never imports llava_train: the exported folder must work with plain transformers.

@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_train.demo import shapes
-from llava_train.demo.shapes import COLORS, HELD_OUT, POSITIONS, SHAPES, Item, caption, corpus, describe, generate
+from llava_train.tools.demo import shapes
+from llava_train.tools.demo.shapes import (
+    COLORS,
+    HELD_OUT,
+    POSITIONS,
+    SHAPES,
+    Item,
+    caption,
+    corpus,
+    describe,
+    generate,
+)
 
 
 @pytest.fixture(scope="module")

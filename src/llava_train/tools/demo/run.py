@@ -16,14 +16,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from llava_train import infer
-from llava_train.config import RunConfig, apply_overrides, from_dict, load_yaml
-from llava_train.demo import shapes
+from llava_train.config import RunConfig, from_dict
+from llava_train.config_io import apply_overrides, load_yaml
+from llava_train.tools.demo import shapes
+from llava_train.training.callbacks import optional_artifact, write_loss_plot
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
+# The demo's stage YAMLs are package data (configs/demo/ in the repository links here), so `llava-train demo`
+# works from a plain `pip install .` too.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TABLE_MD, TABLE_JSON, LOSS_PNG, SUMMARY_JSON = (
     "eval_table.md",
     "eval_table.json",
@@ -196,29 +200,6 @@ def format_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(histories: dict[str, list[dict[str, Any]]], out: Path) -> Path:
-    """One panel per stage: training loss against optimizer step, from the trainer's log history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
-    for ax, (name, history) in zip(axes[0], histories.items()):
-        points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker=".")
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
 def sample_chat(model_dir: Path, image_size: int, seed: int, out_dir: Path) -> dict[str, str]:
     """Draw a new held-out image, ask its colour through the exported folder; returns question/answer/truth."""
     rng = random.Random(f"{seed}-chat")
@@ -339,7 +320,9 @@ def _run_demo(
     for name, history in histories.items():
         slug = name.split(" (")[0].replace(" ", "_")
         (w / f"log_history_{slug}.json").write_text(json.dumps(history, indent=1))
-    loss_png = plot_losses(histories, w / LOSS_PNG)
+    loss_png = w / LOSS_PNG
+    with optional_artifact(f"loss curves {loss_png} (needs the `plot` extra: matplotlib)"):
+        write_loss_plot(histories, loss_png)
     chat = sample_chat(w / "model", size.image_size, seed, w)
     timings["total"] = round(time.perf_counter() - start, 1)
     summary = {"timings_s": timings, "table": table, "chat": chat, "model_dir": str(w / "model")}
