@@ -1,0 +1,26 @@
+"""The exit codes of every `llava-train` command and training process, and the errors that are the user's to fix.
+
+Light on purpose (no torch, no transformers): the CLI maps errors to codes before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+# The same on every rank: 0 = done (trained and saved); 1 = an unexpected error (traceback on stderr);
+# 2 = a configuration or data error (one line naming the key, file or row); 3 = stopped for a preemption
+# signal (SIGTERM / SIGUSR1) after saving a complete checkpoint: resume with
+# `train.resume_from_checkpoint=auto`; 4 = a non-finite loss or gradients stopped the run (one line
+# naming the step, its samples and the last complete checkpoint).
+EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_NONFINITE = 0, 1, 2, 3, 4
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
+    from llava_train.config_io import ConfigError
+    from llava_train.data.errors import BadSampleError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, BadSampleError, FileNotFoundError)
+    try:  # a disk-full save: the message says what is intact and how to resume
+        from llava_train.training.checkpoint import CheckpointWriteError
+    except ImportError:  # the training stack is not importable (a data-only install)
+        return errors
+    return (*errors, CheckpointWriteError)

@@ -1,0 +1,339 @@
+"""Bench presets (model + data + batch shapes), modes (how a run batches and computes the loss) and the
+synthetic LLaVA mixes they train on (token ids + random pixel tensors: no JPEG decode is measured).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from llava_train.config_io import ConfigError
+from llava_train.model.vision import image_tokens
+from llava_train.utils.modules import IGNORE_INDEX
+
+BOS_ID = 1
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """A model + data + batch shape to benchmark.
+
+    text: LlamaConfig kwargs of the language model (its last vocabulary id is the image token).
+    vision: CLIPVisionConfig kwargs of the vision tower (CLS dropped: (size // patch)^2 tokens per image).
+    stage: `pretrain` (projector trains) or `finetune` (projector + LM + lm_head train).
+    mix: `665k` (llava_v1_5_mix665k-like) or `stage1` (one image + 20-60 caption tokens).
+    batch_size: samples per micro-batch in the padded modes.
+    packing_length, rows: tokens per packed row and rows per micro-batch in the packed modes.
+    steps, warmup: measured optimizer steps and untimed steps before them.
+    num_samples: synthetic dataset size (enough that no mode runs out within one epoch).
+    max_length: longest sample (model_max_length).
+    length_scale: multiplies every text length of the mix (medians, caption range, minimum).
+    dtype: weight dtype (`float32` = fp32 master weights under bf16 autocast when `bf16`).
+    bf16: mixed precision (TrainingArguments.bf16).
+    baseline_checkpointing: activation checkpointing in hf-padded / grouped / packed (as the
+        measured HF-native baseline); `ours` turns it off.
+    num_workers: DataLoader worker processes.
+    """
+
+    text: dict[str, Any]
+    vision: dict[str, Any]
+    stage: str
+    mix: str
+    batch_size: int
+    packing_length: int
+    rows: int
+    steps: int
+    warmup: int
+    num_samples: int
+    max_length: int = 2048
+    length_scale: float = 1.0
+    dtype: str = "float32"
+    bf16: bool = False
+    baseline_checkpointing: bool = False
+    num_workers: int = 0
+
+
+_CLIP_L_336 = {
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "projection_dim": 768,
+}
+
+
+_CLIP_L_336 = {
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "projection_dim": 768,
+}
+_LLAMA = {"vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+PRESETS: dict[str, BenchPreset] = {
+    # The 665k mix at 1/4 scale (144 image tokens, text medians 30 / 125, rows of 512): with a
+    # 256-wide LM, attention then costs about what it does relative to the matmuls in a 1B model at
+    # full scale (~L / (6 d)); at full scale a tiny LM is attention-bound, unlike any real one.
+    "cpu-tiny": BenchPreset(
+        text={
+            **_LLAMA,
+            "vocab_size": 4096,
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        vision={
+            "image_size": 48,
+            "patch_size": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        stage="finetune",
+        mix="665k",
+        length_scale=0.25,
+        max_length=512,
+        batch_size=8,
+        packing_length=512,
+        rows=3,
+        steps=8,
+        warmup=2,
+        num_samples=1024,
+    ),
+    # The same at full scale (576 image tokens, rows of 2048): attention-bound on CPU, see above.
+    "cpu-tiny-576": BenchPreset(
+        text={
+            **_LLAMA,
+            "vocab_size": 8000,
+            "hidden_size": 128,
+            "intermediate_size": 344,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        vision={
+            "image_size": 96,
+            "patch_size": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        stage="finetune",
+        mix="665k",
+        batch_size=8,
+        packing_length=2048,
+        rows=3,
+        steps=4,
+        warmup=1,
+        num_samples=256,
+    ),
+    "gpu-1b-finetune": BenchPreset(
+        text={
+            **_LLAMA,
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 22,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+        },
+        vision=_CLIP_L_336,
+        stage="finetune",
+        mix="665k",
+        batch_size=8,
+        packing_length=4096,
+        rows=2,
+        steps=10,
+        warmup=3,
+        num_samples=4096,
+        dtype="float32",
+        bf16=True,
+        baseline_checkpointing=True,
+        num_workers=4,
+    ),
+    "gpu-7b-pretrain": BenchPreset(
+        text={
+            **_LLAMA,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+        },
+        vision=_CLIP_L_336,
+        stage="pretrain",
+        mix="stage1",
+        batch_size=16,
+        packing_length=5120,
+        rows=2,
+        steps=8,
+        warmup=3,
+        num_samples=4096,
+        dtype="bfloat16",
+        bf16=True,
+        baseline_checkpointing=True,
+        num_workers=4,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """How one bench mode batches and computes the loss.
+
+    batching: `random` (HF's random sampler, padded), `grouped` (HF's length-grouped sampler,
+        padded), `packed` (best-fit packed rows).
+    fixed_rows: pad every packed row to `packing_length` (one shape for the whole run).
+    trained_only_loss: lm_head + loss only on trained positions (`perf.loss_on_trained_only`).
+    checkpointing: activation checkpointing (None = the preset's baseline setting).
+    sdpa_backends: SDPA backends allowed on CUDA (empty = PyTorch's choice).
+    attn: attention implementation.
+    """
+
+    batching: str
+    fixed_rows: bool = False
+    trained_only_loss: bool = False
+    checkpointing: bool | None = None
+    sdpa_backends: tuple[str, ...] = field(default_factory=tuple)
+    attn: str = "sdpa"
+
+
+MODES: dict[str, ModeSpec] = {
+    "hf-padded": ModeSpec(batching="random"),
+    "grouped": ModeSpec(batching="grouped"),
+    "packed": ModeSpec(batching="packed"),
+    "ours": ModeSpec(
+        batching="packed",
+        fixed_rows=True,
+        trained_only_loss=True,
+        checkpointing=False,
+        sdpa_backends=("flash", "efficient"),
+    ),
+    # Opt-in (GPU): block-sparse flex attention for packed rows; not in the default mode list.
+    "ours-flex": ModeSpec(
+        batching="packed", fixed_rows=True, trained_only_loss=True, checkpointing=False, attn="flex_attention"
+    ),
+}
+
+
+MODES: dict[str, ModeSpec] = {
+    "hf-padded": ModeSpec(batching="random"),
+    "grouped": ModeSpec(batching="grouped"),
+    "packed": ModeSpec(batching="packed"),
+    "ours": ModeSpec(
+        batching="packed",
+        fixed_rows=True,
+        trained_only_loss=True,
+        checkpointing=False,
+        sdpa_backends=("flash", "efficient"),
+    ),
+    # Opt-in (GPU): block-sparse flex attention for packed rows; not in the default mode list.
+    "ours-flex": ModeSpec(
+        batching="packed", fixed_rows=True, trained_only_loss=True, checkpointing=False, attn="flex_attention"
+    ),
+}
+DEFAULT_MODES = ("hf-padded", "grouped", "packed", "ours")
+
+
+def get_preset(name: str) -> BenchPreset:
+    """The preset called `name`; an unknown name raises KeyError listing the valid ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown bench preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def parse_modes(text: str | None) -> list[str]:
+    """`hf-padded,ours` -> ["hf-padded", "ours"]; None = the default modes; unknown names list the valid ones."""
+    if not text:
+        return list(DEFAULT_MODES)
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"unknown bench mode(s) {', '.join(unknown)}; valid modes: {', '.join(MODES)}")
+    return modes
+
+
+# -- synthetic data ------------------------------------------------------------------------------
+
+
+def image_tokens_per_image(preset: BenchPreset) -> int:
+    """Feature tokens per image: the one formula (`model.vision.image_tokens`) on the preset's CLIP tower."""
+    from transformers import CLIPVisionConfig
+
+    return image_tokens(CLIPVisionConfig(**preset.vision), "patch")
+
+
+def synthetic_layout(preset: BenchPreset, seed: int = 0) -> list[tuple[int, int, int]]:
+    """(images, text tokens, trained tokens) per sample, deterministic in the seed.
+
+    665k: 94% one image + lognormal text (median 120 tokens, sigma 1.0), 6% text-only lognormal
+    (median 500, sigma 0.8); 60% of the text is answer tokens (trained). stage1: one image +
+    uniform 20-60 caption tokens, all trained. Text lengths are multiplied by `length_scale`.
+    Every sample fits `max_length` (BOS included).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_img = image_tokens_per_image(preset)
+    out = []
+    for _ in range(preset.num_samples):
+        u = float(torch.rand((), generator=g))
+        z = float(torch.randn((), generator=g))
+        s = preset.length_scale
+        if preset.mix == "stage1":
+            text = max(1, round(s * (20 + int(torch.randint(0, 41, (), generator=g)))))
+            out.append((1, text, text))
+            continue
+        if preset.mix != "665k":
+            raise KeyError(f"unknown mix {preset.mix!r}; valid mixes: 665k, stage1")
+        images = 1 if u < 0.94 else 0
+        median, sigma = (120, 1.0) if images else (500, 0.8)
+        room = preset.max_length - 1 - images * n_img
+        text = max(round(16 * s), min(room, round(s * median * math.exp(sigma * z))))
+        out.append((images, text, max(1, int(0.6 * text))))
+    return out
+
+
+class SyntheticMix(Dataset):
+    """Dataset items like `LlavaDataset`'s: BOS + image tokens + text; labels on the trailing answer tokens.
+
+    `lengths` / `modality_lengths` are exact (what the samplers use); every image is the same random
+    tensor (decoding is not what the bench measures; `data_wait_fraction` reports the loader cost).
+    """
+
+    def __init__(self, preset: BenchPreset, image_token_id: int, seed: int = 0) -> None:
+        self.layout = synthetic_layout(preset, seed)
+        self.n_img = image_tokens_per_image(preset)
+        self.image_token_id = image_token_id
+        self.vocab = preset.text["vocab_size"]
+        self.seed = seed
+        size = preset.vision["image_size"]
+        self.image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        self.lengths = [1 + k * self.n_img + t for k, t, _ in self.layout]
+        self.modality_lengths = [n if k else -n for n, (k, _, _) in zip(self.lengths, self.layout, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        images, text, trained = self.layout[i]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        words = torch.randint(3, self.image_token_id, (text,), generator=g)
+        ids = torch.cat([torch.tensor([BOS_ID]), torch.full((images * self.n_img,), self.image_token_id), words])
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[-trained:] = ids[-trained:]
+        item: dict[str, Any] = {"input_ids": ids, "labels": labels, "num_images": images, "id": i}
+        if images:
+            item["pixel_values"] = self.image.expand(images, -1, -1, -1)
+        return item
