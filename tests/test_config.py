@@ -55,6 +55,44 @@ def test_llava_7b_recipes_match_reference() -> None:
         assert c.train["weight_decay"] == 0.0 and c.train["bf16"] and c.train["gradient_checkpointing"]
 
 
+def test_next_and_onevision_recipes_match_the_published_values() -> None:
+    pre = load_config(REPO / "configs/llava-next-7b/pretrain.yaml")
+    ft = load_config(REPO / "configs/llava-next-7b/finetune.yaml")
+    assert (pre.model.arch, pre.data.image_aspect_ratio, pre.train["learning_rate"]) == ("llava_next", "anyres", 1e-3)
+    assert pre.train["per_device_train_batch_size"] * 8 == 256
+    assert (ft.model.train_vision_tower, ft.optim.vision_tower_lr, ft.train["learning_rate"]) == (True, 2e-6, 2e-5)
+    assert ft.model.init_from == pre.train["output_dir"] and ft.data.model_max_length == 4096
+    assert ft.train["per_device_train_batch_size"] * 8 == 128 and ft.train["deepspeed"].endswith("zero3.json")
+    for size, lm in (("0.5b", "Qwen/Qwen2-0.5B-Instruct"), ("7b", "Qwen/Qwen2-7B-Instruct")):
+        stages = [load_config(REPO / f"configs/llava-onevision-{size}/{n}.yaml") for n in ONEVISION_STAGES]
+        s1, mid, si, ov = stages
+        for c in stages:
+            assert (c.model.arch, c.model.language_model) == ("llava_onevision", lm)
+            assert c.model.vision_tower == "google/siglip-so400m-patch14-384"
+            assert c.data.image_aspect_ratio == "anyres_max_9" and c.train["deepspeed"].endswith("zero3.json")
+            assert c.train["num_train_epochs"] == 1 and c.train["warmup_steps"] == 0.03
+        assert (s1.stage, s1.data.template, s1.train["learning_rate"], s1.model.train_vision_tower) == (
+            "pretrain",
+            "plain",
+            1e-3,
+            False,
+        )
+        for c in (mid, si, ov):
+            assert (c.stage, c.data.template, c.train["learning_rate"], c.optim.vision_tower_lr) == (
+                "finetune",
+                "chatml",
+                1e-5,
+                2e-6,
+            )
+            assert c.model.train_vision_tower and c.data.model_max_length == 32768 and c.data.video_frames == 32
+            assert c.train["per_device_train_batch_size"] * c.train["gradient_accumulation_steps"] * 8 == 256
+        # Each stage starts from the one before it.
+        assert [c.model.init_from for c in (mid, si, ov)] == [c.train["output_dir"] for c in (s1, mid, si)]
+
+
+ONEVISION_STAGES = ("pretrain", "stage1_5", "finetune_si", "finetune_ov")
+
+
 def test_overrides_dotted_and_sweep_forms() -> None:
     cfg = load_config(
         None,

@@ -66,9 +66,9 @@ def make_cfg(tiny_root: Path) -> Callable[..., RunConfig]:
 
 def test_stage_registry() -> None:
     assert list(STAGES) == ["pretrain", "finetune"]
-    assert get_stage("pretrain").trainable == ("multi_modal_projector",)
+    assert get_stage("pretrain").trainable == ("multi_modal_projector", "image_newline")
     assert get_stage("pretrain").default_template == "plain"
-    assert get_stage("finetune").trainable == ("multi_modal_projector", "language_model", "lm_head")
+    assert get_stage("finetune").trainable == ("multi_modal_projector", "image_newline", "language_model", "lm_head")
     with pytest.raises(KeyError, match=re.escape("unknown stage 'align'; valid stages: pretrain, finetune")):
         get_stage("align")
 
@@ -94,7 +94,7 @@ def test_finetune_trains_projector_language_model_and_lm_head(make_cfg) -> None:
 
 def test_finetune_with_vision_tower_from_layer(make_cfg) -> None:
     cfg = make_cfg(model={"train_vision_tower": True, "vision_tower_train_from_layer": 1, "vision_feature_layer": -1})
-    assert stage_groups(cfg) == ("multi_modal_projector", "language_model", "lm_head", "vision_tower")
+    assert stage_groups(cfg) == ("multi_modal_projector", "image_newline", "language_model", "lm_head", "vision_tower")
     model = load_components(cfg).model
     apply_stage(model, cfg)
     names = [n.replace("vision_tower.vision_model.", "vision_tower.") for n in trainable_names(model, "vision_tower")]
@@ -104,7 +104,7 @@ def test_finetune_with_vision_tower_from_layer(make_cfg) -> None:
 
 def test_lora_needs_adapters_first(make_cfg) -> None:
     cfg = make_cfg(lora={"enabled": True, "r": 4, "alpha": 8})
-    assert stage_groups(cfg) == ("multi_modal_projector", "language_model")
+    assert stage_groups(cfg) == ("multi_modal_projector", "image_newline", "language_model")
     model = load_components(cfg).model
     with pytest.raises(ValueError, match=re.escape("call model.lora.apply_lora(model, cfg) before apply_stage")):
         apply_stage(model, cfg)

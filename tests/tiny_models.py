@@ -79,17 +79,22 @@ def write_caption_data(root: Path, n: int = 16) -> dict[str, str]:
 
 def make_parts(
     tokenizer: Any,
-    num_image_tokens: int,
+    num_image_tokens: Any,
     image_token_id: int,
     template: Any = "vicuna_v1",
     image_processor: Any = None,
     image_token: str = "<image>",
 ) -> Any:
-    """The `components.Components` the data functions take, from test pieces (a template name or a Template)."""
+    """The `components.Components` the data functions take, from test pieces (a template name or a Template;
+    tokens per image as an int (LLaVA-1.5, `pad`) or a `model.vision.ImageGeometry`)."""
     from types import SimpleNamespace
 
     from llava_train.components import Components
     from llava_train.data.templates import Template, get_template
+    from llava_train.model.vision import ImageGeometry
+
+    if isinstance(num_image_tokens, int):
+        num_image_tokens = ImageGeometry("llava", 0, 0, num_image_tokens, num_image_tokens)
 
     if not isinstance(template, Template):
         template = get_template(template, image_token=image_token)
@@ -184,3 +189,81 @@ def tiny_config(ws: dict[str, str], stage: str, out: str, **train: object):
 def losses(history: list[dict]) -> dict[int, float]:
     """step -> logged training loss of a Trainer log history."""
     return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+# -- anyres / OneVision runs (tests/test_archs.py, tests/distributed/test_anyres_zero3.py) -----------------
+
+# (width, height) of the mixed-size images: wide, tall, square, very wide, very tall, large square.
+ANYRES_SIZES = [(40, 32), (32, 96), (80, 30), (50, 50), (20, 70), (64, 64)]
+
+
+def write_anyres_data(root: Path, arch: str, n: int = 24, text_only: int = 3, frames: int = 5) -> dict[str, str]:
+    """Solid-colour images of mixed sizes: captions (stage 1) and colour Q&A (stage 2) with text-only rows;
+    for llava_onevision also two-image rows (every 6th) and one video row (a folder of `frames` frames)."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    pre, ft = [], []
+    for i in range(n):
+        w, h = ANYRES_SIZES[i % len(ANYRES_SIZES)]
+        colour = names[i % 4]
+        Image.new("RGB", (w, h), COLOURS[colour]).save(images / f"{i}.png")
+        pre.append(
+            {
+                "id": f"p{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>"},
+                    {"from": "gpt", "value": f"a {colour} image"},
+                ],
+            }
+        )
+        row: dict = {
+            "id": f"f{i}",
+            "image": f"{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is it?"},
+                {"from": "gpt", "value": colour},
+            ],
+        }
+        if arch == "llava_onevision" and i % 6 == 5:
+            other = names[(i - 1) % 4]
+            row = {
+                "id": f"m{i}",
+                "image": [f"{i}.png", f"{i - 1}.png"],
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<image>\nWhich colours?"},
+                    {"from": "gpt", "value": f"{colour} and {other}"},
+                ],
+            }
+        ft.append(row)
+    if arch == "llava_onevision":
+        video = images / "video0"
+        video.mkdir(exist_ok=True)
+        for k in range(frames):
+            Image.new("RGB", (48, 36), COLOURS[names[k % 4]]).save(video / f"{k:03d}.png")
+        ft.append(
+            {
+                "id": "v0",
+                "video": "video0",
+                "conversations": [
+                    {"from": "human", "value": "<video>\nWhat happens?"},
+                    {"from": "gpt", "value": "the colour changes"},
+                ],
+            }
+        )
+    for i in range(text_only):
+        ft.append(
+            {
+                "id": f"t{i}",
+                "conversations": [
+                    {"from": "human", "value": f"Say {names[i % 4]}."},
+                    {"from": "gpt", "value": names[i % 4]},
+                ],
+            }
+        )
+    (root / "pretrain.json").write_text(json.dumps(pre))
+    (root / "finetune.json").write_text(json.dumps(ft))
+    return {"pretrain": str(root / "pretrain.json"), "finetune": str(root / "finetune.json"), "images": str(images)}

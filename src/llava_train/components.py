@@ -1,4 +1,4 @@
-"""One build of the model side of a run: tokenizer, template, processor, tokens per image, image-token id, model.
+"""One build of the model side of a run: tokenizer, template, processor, image geometry, placeholder ids, model.
 
 Training, the data commands (`data validate` / `inspect`, with no weights), the demo and merge-lora all
 take this object instead of asking the builder, the template registry and the vision geometry each
@@ -13,6 +13,7 @@ from typing import Any
 
 from llava_train.config import RunConfig
 from llava_train.data.templates import Template, run_template
+from llava_train.model.vision import ImageGeometry
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -24,18 +25,25 @@ class Components:
 
     tokenizer: the LM's tokenizer with the image token added (right padding, pad = unk or eos).
     template: `data.template` with the run's system prompt and image token.
-    processor: LlavaProcessor (image processor + tokenizer + the template as its chat template).
-    num_image_tokens: feature tokens one image becomes (`model.vision.image_tokens`).
+    processor: the arch's processor (image processor + tokenizer + the template as its chat template).
+    geometry: how many tokens (and tower crops) each image / video becomes (`model.vision.ImageGeometry`).
     image_token_id: the image token's id.
-    model: the LlavaForConditionalGeneration (None when built with `weights=False`).
+    video_token_id: the video token's id (llava_onevision), else None.
+    model: the arch's model (None when built with `weights=False`).
     """
 
     tokenizer: Any
     template: Template
     processor: Any
-    num_image_tokens: int
+    geometry: ImageGeometry
     image_token_id: int
+    video_token_id: int | None = None
     model: Any = None
+
+    @property
+    def image_processor(self) -> Any:
+        """The image processor training preprocesses with: the one saved with the model."""
+        return self.processor.image_processor
 
 
 def load_components(cfg: RunConfig, weights: bool = True) -> Components:
@@ -46,12 +54,20 @@ def load_components(cfg: RunConfig, weights: bool = True) -> Components:
     image token id and the tokens per image the model will produce).
     """
     from llava_train.data.tokenize import load_tokenizer
-    from llava_train.model.builder import build_model, build_processor, image_token_id, tokenizer_source, vision_source
+    from llava_train.model.builder import (
+        build_model,
+        config_geometry,
+        image_token_id,
+        tokenizer_source,
+        video_token_id,
+    )
+    from llava_train.model.processor import build_processor, vision_source
     from llava_train.model.tiny import ensure_tiny_components
-    from llava_train.model.vision import image_tokens
+    from llava_train.model.vision import run_geometry
 
     ensure_tiny_components(cfg.model)
-    tokenizer = load_tokenizer(tokenizer_source(cfg), image_token=cfg.model.image_token)
+    extra = (cfg.model.video_token,) if cfg.model.arch == "llava_onevision" else ()
+    tokenizer = load_tokenizer(tokenizer_source(cfg), image_token=cfg.model.image_token, extra_tokens=extra)
     template = run_template(cfg)
     processor = build_processor(cfg, tokenizer, template)
     _, vision = vision_source(cfg)
@@ -59,18 +75,17 @@ def load_components(cfg: RunConfig, weights: bool = True) -> Components:
         tokenizer=tokenizer,
         template=template,
         processor=processor,
-        num_image_tokens=image_tokens(vision, cfg.model.vision_feature_select),
+        geometry=run_geometry(cfg, vision),
         image_token_id=image_token_id(tokenizer, cfg.model.image_token),
+        video_token_id=video_token_id(tokenizer, cfg),
     )
     if weights:
         parts.model = build_model(cfg, tokenizer)
-        built = (
-            int(parts.model.config.image_token_id),
-            image_tokens(parts.model.config, cfg.model.vision_feature_select),
-        )
-        if built != (parts.image_token_id, parts.num_image_tokens):
+        config = parts.model.config
+        built = (int(config.image_token_id), getattr(config, "video_token_id", None), config_geometry(cfg, config))
+        if built != (parts.image_token_id, parts.video_token_id, parts.geometry):
             raise ValueError(
-                f"the model has image token id {built[0]} and {built[1]} tokens per image, the data side "
-                f"{parts.image_token_id} and {parts.num_image_tokens}"
+                f"the model has image/video token ids {built[:2]} and image geometry {built[2]}, the data side "
+                f"{(parts.image_token_id, parts.video_token_id)} and {parts.geometry}"
             )
     return parts

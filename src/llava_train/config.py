@@ -18,7 +18,12 @@ import yaml
 from llava_train.config_io import ConfigError, apply_overrides, build, describe, load_yaml
 
 TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "mistral", "chatml", "tokenizer")
+ARCHS = ("llava", "llava_next", "llava_onevision")
+# data.image_aspect_ratio per arch: LLaVA-1.5's one crop per image; NeXT's anyres grid; OneVision's anyres_max_N.
 IMAGE_ASPECT_RATIOS = ("pad", "resize", "crop")
+ANYRES = "anyres"
+ANYRES_MAX = "anyres_max_"
+DEFAULT_ASPECT_RATIO = {"llava": "pad", "llava_next": ANYRES, "llava_onevision": "anyres_max_9"}
 FEATURE_SELECTS = ("patch", "cls_patch")
 TINY_PRESETS = ("tiny", "tiny_chatml")
 NAN_POLICIES = ("error", "skip")
@@ -29,6 +34,30 @@ SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 # Files of a run folder that more than one module reads or writes.
 CONFIG_FILENAME = "llava_train_config.yaml"
 METRICS_FILENAME = "metrics.jsonl"
+
+
+def anyres_max_patches(image_aspect_ratio: str) -> int | None:
+    """N of `anyres_max_N` (OneVision's cap on grid crops before downsampling), None for other values."""
+    if image_aspect_ratio.startswith(ANYRES_MAX):
+        tail = image_aspect_ratio[len(ANYRES_MAX) :]
+        if tail.isdigit() and int(tail) > 0:
+            return int(tail)
+    return None
+
+
+def check_aspect_ratio(arch: str, value: str) -> None:
+    """`data.image_aspect_ratio` must suit `model.arch`: pad/resize/crop for llava, anyres for llava_next,
+    anyres_max_N for llava_onevision (transformers' OneVision always downsamples to N crops)."""
+    if arch == "llava":
+        _choice("data.image_aspect_ratio", value, IMAGE_ASPECT_RATIOS)
+    elif arch == "llava_next":
+        if value != ANYRES:
+            raise ConfigError(f"data.image_aspect_ratio={value!r} is not valid with model.arch=llava_next; use anyres")
+    elif anyres_max_patches(value) is None:
+        raise ConfigError(
+            f"data.image_aspect_ratio={value!r} is not valid with model.arch=llava_onevision; use anyres_max_N "
+            "(N >= 1, OneVision's recipe: anyres_max_9)"
+        )
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -87,6 +116,13 @@ class ModelConfig:
     vision_tower_train_from_layer: with train_vision_tower, train encoder layers >= this index.
     image_token: the image placeholder token of the tokenizer (added when missing) and the saved processor.
         Data keeps LLaVA's `<image>` tag (the token itself is accepted too); prompts use this token.
+    arch: `llava` (LLaVA-1.5: one crop per image, LlavaForConditionalGeneration), `llava_next`
+        (LLaVA-NeXT anyres grids + image newline, LlavaNextForConditionalGeneration) or
+        `llava_onevision` (anyres_max_N, multi-image and video, LlavaOnevisionForConditionalGeneration).
+    image_grid_pinpoints: anyres grid resolutions as [height, width] pixel pairs (null = the arch's
+        own in units of the tower's crop S: NeXT [1,2],[2,1],[2,2],[3,1],[1,3] x S; OneVision every
+        [i,j] x S for i, j in 1..6).
+    video_token: OneVision's video placeholder token (added to the tokenizer when missing).
     """
 
     language_model: str = "lmsys/vicuna-7b-v1.5"
@@ -102,8 +138,23 @@ class ModelConfig:
     train_vision_tower: bool = False
     vision_tower_train_from_layer: int = 0
     image_token: str = "<image>"
+    arch: str = "llava"
+    image_grid_pinpoints: list[list[int]] | None = None
+    video_token: str = "<video>"
 
     def __post_init__(self) -> None:
+        _choice("model.arch", self.arch, ARCHS)
+        if self.image_grid_pinpoints is not None:
+            pairs = self.image_grid_pinpoints
+            if not pairs or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
+                for p in pairs
+            ):
+                raise ConfigError(
+                    "model.image_grid_pinpoints must be a non-empty list of [height, width] pixel pairs, "
+                    f"got {pairs!r}"
+                )
+            self.image_grid_pinpoints = [list(p) for p in pairs]
         _choice("model.projector", self.projector, PROJECTORS)
         _choice("model.vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         _choice("model.dtype", self.dtype, DTYPES)
@@ -125,8 +176,14 @@ class DataConfig:
     template: conversation template (see `llava_train.data.templates`); null = the stage's own
         (`plain` for pretrain, `vicuna_v1` for finetune, as LLaVA-1.5).
     system_prompt: override the template's system prompt (null = the template's own).
-    image_aspect_ratio: `pad` to a square with the processor mean colour (LLaVA-1.5), `resize`
-        (squash), or `crop` (the processor's own resize + centre crop).
+    image_aspect_ratio: model.arch llava: `pad` to a square with the processor mean colour (LLaVA-1.5),
+        `resize` (squash), or `crop` (the processor's own resize + centre crop); llava_next: `anyres`
+        (base crop + the best pinpoint grid, unpadded, one newline per row); llava_onevision:
+        `anyres_max_N` (anyres, then the grid downsampled to about N crops' worth of tokens). null =
+        the arch's own (pad / anyres / anyres_max_9).
+    video_frames: frames sampled uniformly from every video (OneVision `video` rows: a folder of frame
+        images or a list of frame files); each video is exactly this many frames (shorter ones repeat
+        frames), since transformers encodes a batch's videos as one [B, F, 3, S, S] tensor.
     model_max_length: longest sample in tokens, image tokens included.
     on_bad_sample: `error` stops at the first bad row (with its source and row); `skip` counts and
         logs each skipped row by reason.
@@ -145,7 +202,8 @@ class DataConfig:
     eval: list[SourceConfig] = field(default_factory=list)
     template: str | None = None
     system_prompt: str | None = None
-    image_aspect_ratio: str = "pad"
+    image_aspect_ratio: str | None = None
+    video_frames: int = 32
     model_max_length: int = 2048
     on_bad_sample: str = "error"
     group_by_modality_length: bool = False
@@ -159,7 +217,8 @@ class DataConfig:
         self.eval = [s if isinstance(s, SourceConfig) else build(SourceConfig, s, "data.eval[]") for s in self.eval]
         if self.template is not None:
             _choice("data.template", self.template, TEMPLATES)
-        _choice("data.image_aspect_ratio", self.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
+        if self.video_frames <= 0:
+            raise ConfigError(f"data.video_frames must be > 0, got {self.video_frames}")
         _choice("data.on_bad_sample", self.on_bad_sample, ON_BAD_SAMPLE)
         if self.model_max_length <= 0:
             raise ConfigError(f"data.model_max_length must be > 0, got {self.model_max_length}")
@@ -284,6 +343,9 @@ class RunConfig:
             raise ConfigError(f"lora.enabled is only valid with stage: {allowed}")
         if self.data.template is None:
             self.data.template = spec.default_template
+        if self.data.image_aspect_ratio is None:
+            self.data.image_aspect_ratio = DEFAULT_ASPECT_RATIO[self.model.arch]
+        check_aspect_ratio(self.model.arch, self.data.image_aspect_ratio)
         _choice("train.nan_policy", self.train.get("nan_policy", "error"), NAN_POLICIES)
         skips = self.train.get("max_skipped_steps", 10)
         if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:

@@ -30,11 +30,13 @@ from llava_train.llava_format import (
     to_messages,
     user_text,
 )
+from llava_train.utils.logging import get_logger
 
 DEFAULT_TYPE = "all"
 REPORT_FILENAME = "eval_report.json"
 PREDICTIONS_FILENAME = "eval_predictions.jsonl"
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+log = get_logger(__name__)
 
 
 @dataclass
@@ -97,7 +99,16 @@ def load(model_dir: str | Path, device: str | None = None, dtype: str | None = N
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(str(model_dir))
+    try:
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+    except ImportError:
+        if getattr(model.config, "model_type", "") != "llava_onevision":
+            raise
+        # transformers' OneVision processor insists on its torchvision-only video processor.
+        from llava_train.model.processor import load_onevision_processor
+
+        log.warning("torchvision is not installed: OneVision processor loaded without video support")
+        processor = load_onevision_processor(model_dir)
     tok = processor.tokenizer
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -117,7 +128,11 @@ def make_predictor(model: Any, processor: Any, options: GenerationOptions | None
 
     def predict_batch(requests: list[Request]) -> list[str]:
         prompts = [processor.apply_chat_template(r.messages, add_generation_prompt=True) for r in requests]
-        images = [img for r in requests for img in r.images]
+        images: Any = [img for r in requests for img in r.images]
+        if images and getattr(model.config, "model_type", "") == "llava_onevision":
+            # Nested per request: OneVision gives a request with several images one crop + newline per
+            # image (as trained) and a one-image request its anyres grid.
+            images = [list(r.images) for r in requests if r.images]
         inputs = processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
         inputs = inputs.to(model.device)
         if "pixel_values" in inputs:

@@ -17,6 +17,7 @@ from typing import Any
 from llava_train.data.errors import BadSample
 
 DATA_IMAGE_TAG = "<image>"  # the placeholder LLaVA-format data uses, whatever the model's image token is
+DATA_VIDEO_TAG = "<video>"  # a video row's placeholder (LLaVA-Video data writes <image> for it: both are read)
 USER, ASSISTANT = "user", "assistant"
 ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
 
@@ -34,10 +35,21 @@ def image_markers(image_token: str) -> tuple[str, ...]:
     return (DATA_IMAGE_TAG,) if image_token == DATA_IMAGE_TAG else (image_token, DATA_IMAGE_TAG)
 
 
-def split_images(text: str, image_token: str = DATA_IMAGE_TAG) -> tuple[int, str]:
-    """(number of image markers in `text`, the text without them, stripped when there was any marker)."""
+def video_markers(video_token: str | None) -> tuple[str, ...]:
+    """Strings that mark a video in data text: `<video>` and the model's video token (none without video)."""
+    if video_token is None:
+        return ()
+    return (DATA_VIDEO_TAG,) if video_token == DATA_VIDEO_TAG else (video_token, DATA_VIDEO_TAG)
+
+
+def split_images(
+    text: str, image_token: str = DATA_IMAGE_TAG, markers: tuple[str, ...] | None = None
+) -> tuple[int, str]:
+    """(number of image markers in `text`, the text without them, stripped when there was any marker).
+
+    `markers` replaces the image markers (e.g. a video row's, where every placeholder is the video)."""
     count = 0
-    for marker in image_markers(image_token):  # the model's token first: it may contain `<image>`
+    for marker in image_markers(image_token) if markers is None else markers:  # the model's token first
         count += text.count(marker)
         text = text.replace(marker, "")
     return count, text.strip() if count else text
@@ -52,7 +64,8 @@ def user_text(n_images: int, text: str, image_token: str = DATA_IMAGE_TAG) -> st
 
 
 def message_text(content: Any, where: str) -> tuple[int, str]:
-    """(images, text) of a message's content: a string with image markers, or typed items (`image` / `text`)."""
+    """(images, text) of a message's content: a string with image markers, or typed items (`image` / `video` /
+    `text`; a video row counts its one `video` item here)."""
     if isinstance(content, str):
         return 0, content
     if not isinstance(content, list):
@@ -60,7 +73,7 @@ def message_text(content: Any, where: str) -> tuple[int, str]:
     images, texts = 0, []
     for item in content:
         kind = item.get("type") if isinstance(item, dict) else None
-        if kind == "image":
+        if kind in ("image", "video"):
             images += 1
         elif kind == "text" and isinstance(item.get("text"), str):
             texts.append(item["text"])
@@ -69,15 +82,21 @@ def message_text(content: Any, where: str) -> tuple[int, str]:
     return images, "".join(texts)
 
 
-def normalize_conversation(conversations: Any, image_token: str = DATA_IMAGE_TAG) -> list[Turn]:
+def normalize_conversation(
+    conversations: Any, image_token: str = DATA_IMAGE_TAG, video_token: str | None = None
+) -> list[Turn]:
     """A record's `conversations` -> alternating user/assistant turns, ending with a reply.
 
     One leading assistant turn is dropped (LLaVA data has rows that start with gpt); roles must then
     alternate starting with the user; replies must be non-empty and hold no image. Each user turn
     becomes `user_text(k, text)`: for one image the original's `"<image>\\n" + text`, and one
-    `<image>\\n` per image as llava-hf's chat template writes them. Raises BadSample (bad_roles,
-    empty_conversation, empty_reply, image_in_assistant_turn, malformed_json).
+    `<image>\\n` per image as llava-hf's chat template writes them. A video row (`video_token` given)
+    reads every placeholder (`<image>`, `<video>`, the model's tokens) as its video and writes
+    `video_token` instead. Raises BadSample (bad_roles, empty_conversation, empty_reply,
+    image_in_assistant_turn, malformed_json).
     """
+    placeholder = image_token if video_token is None else video_token
+    markers = None if video_token is None else (*video_markers(video_token), *image_markers(image_token))
     if not isinstance(conversations, list):
         raise BadSample("malformed_json", f"`conversations` must be a list, got {type(conversations).__name__}")
     raw: list[tuple[str, int, str]] = []
@@ -88,7 +107,7 @@ def normalize_conversation(conversations: Any, image_token: str = DATA_IMAGE_TAG
         if role not in ROLES:
             raise BadSample("bad_roles", f"turn {i} has unknown role {role!r}; valid roles: {', '.join(ROLES)}")
         typed, text = message_text(msg.get("value", msg.get("content")), f"turn {i}")
-        tagged, text = split_images(text, image_token)
+        tagged, text = split_images(text, image_token, markers)
         raw.append((ROLES[role], typed + tagged, text))
     if raw and raw[0][0] == ASSISTANT:
         raw = raw[1:]
@@ -106,7 +125,7 @@ def normalize_conversation(conversations: Any, image_token: str = DATA_IMAGE_TAG
                 raise BadSample("empty_reply", f"assistant turn {i} is empty")
             turns.append(Turn(role, text))
         else:
-            turns.append(Turn(role, user_text(images, text, image_token)))
+            turns.append(Turn(role, user_text(images, text, placeholder)))
     if turns[-1].role != ASSISTANT:
         raise BadSample("bad_roles", "the conversation ends with a user turn (no reply to train on)")
     return turns
@@ -125,17 +144,28 @@ def record_id(record: dict[str, Any], row: int) -> Any:
     return record.get("id", row)
 
 
+def record_video(record: dict[str, Any]) -> Any:
+    """The record's `video` as given (a folder of frames or a list of frame files), None without one."""
+    return record.get("video")
+
+
 def count_images(turns: list[Turn], image_token: str = DATA_IMAGE_TAG) -> int:
     """Image placeholders in normalised turns."""
     return sum(t.text.count(image_token) for t in turns)
 
 
-def to_messages(turns: list[Turn], image_token: str = DATA_IMAGE_TAG) -> list[dict[str, Any]]:
-    """Normalised turns as HF chat messages with typed content (images first), what `apply_chat_template` takes."""
+def to_messages(
+    turns: list[Turn], image_token: str = DATA_IMAGE_TAG, video_token: str | None = None
+) -> list[dict[str, Any]]:
+    """Normalised turns as HF chat messages with typed content (videos, then images first), what
+    `apply_chat_template` takes."""
     messages = []
     for t in turns:
-        n, text = split_images(t.text, image_token)
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n)]
+        v, text = split_images(t.text, image_token, (video_token,)) if video_token else (0, t.text)
+        n, text = split_images(text, image_token)
+        content: list[dict[str, Any]] = [{"type": "video"} for _ in range(v)]
+        content += [{"type": "image"} for _ in range(n)]
+        n += v
         if text or not n:
             content.append({"type": "text", "text": text})
         messages.append({"role": t.role, "content": content})

@@ -46,15 +46,15 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec(
         name="pretrain",
-        trainable=("multi_modal_projector",),
+        trainable=("multi_modal_projector", "image_newline"),
         default_template="plain",
         partial_checkpoints=True,
         lora_allowed=False,
-        description="feature alignment: train the projector only (vision tower and language model frozen)",
+        description="feature alignment: train the projector (+ NeXT/OneVision image newline), tower and LM frozen",
     ),
     "finetune": StageSpec(
         name="finetune",
-        trainable=("multi_modal_projector", "language_model", "lm_head"),
+        trainable=("multi_modal_projector", "image_newline", "language_model", "lm_head"),
         default_template="vicuna_v1",
         partial_checkpoints=False,
         lora_allowed=True,

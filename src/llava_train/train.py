@@ -45,6 +45,10 @@ def run(cfg: RunConfig) -> TrainResult:
     trainer = build_trainer(cfg, args, model, parts, train_ds, eval_ds)
     resume = resolve_resume(cfg, out)
     log.info("training: %d samples, resume from %s", len(train_ds), resume or "scratch")
+    if resume and cfg.lora.enabled and cfg.model.arch != "llava":
+        from llava_train.training.checkpoint import LoraNewlineResumeCallback
+
+        trainer.add_callback(LoraNewlineResumeCallback(model, resume))
     preempted = train_steps(cfg, trainer, resume)
     if not preempted:
         save_final(cfg, trainer, parts.processor)
@@ -206,10 +210,10 @@ def build_data(cfg: RunConfig, parts: Any, args: Any) -> tuple[Any, Any]:
     if is_main_process():
         (Path(cfg.output_dir) / "data_summary.json").write_text(json.dumps(train_ds.summary(), indent=2))
     log.info(
-        "data: %d train samples, %s eval samples, %d tokens per image",
+        "data: %d train samples, %s eval samples, image tokens %s",
         len(train_ds),
         len(eval_ds) if eval_ds is not None else 0,
-        parts.num_image_tokens,
+        parts.geometry.describe(),
     )
     return train_ds, eval_ds
 
@@ -229,12 +233,13 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
     tracker = ThroughputTracker.for_model(model, args)
     guard = StepGuard(cfg.train.get("nan_policy", "error"), cfg.train.get("max_skipped_steps", 10), cfg.output_dir)
     packing_length = (cfg.data.packing_length or cfg.data.model_max_length) if cfg.data.packing else None
+    ov = cfg.model.arch == "llava_onevision"
     if packing_length:
         # Each item is a packed row of whole samples; per_device_train_batch_size counts rows.
-        dataset, collator = PackedRows(train_ds), PackingCollator(parts.tokenizer.pad_token_id)
+        dataset, collator = PackedRows(train_ds), PackingCollator(parts.tokenizer.pad_token_id, batch_num_images=ov)
         log.info("packing samples into rows of %d tokens", packing_length)
     else:
-        dataset, collator = train_ds, PaddingCollator(pad_token_id=parts.tokenizer.pad_token_id)
+        dataset, collator = train_ds, PaddingCollator(parts.tokenizer.pad_token_id, batch_num_images=ov)
     trainer = LLaVATrainer(
         model=model,
         args=args,
@@ -256,6 +261,7 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
         loss_on_trained_only=cfg.perf.loss_on_trained_only,
         loss_chunk_size=cfg.perf.loss_chunk_size,
         guard=guard,
+        video_keepalive=train_ds.has_video or bool(eval_ds is not None and eval_ds.has_video),
     )
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trainer.add_callback(LrCheckCallback(trainer))

@@ -18,7 +18,7 @@ from llava_train.config import from_dict
 from llava_train.data.templates import TEMPLATES, run_template
 from llava_train.data.tokenize import load_tokenizer, tokenize_conversation
 from llava_train.llava_format import count_images, normalize_conversation, to_messages
-from llava_train.model.builder import build_processor
+from llava_train.model.processor import build_processor
 from llava_train.utils.modules import IGNORE_INDEX
 
 N_IMG = 16  # tiny CLIP tower: (32 // 8) ** 2 patches, CLS dropped
@@ -79,7 +79,14 @@ def _case(
     template_obj = run_template(cfg)
     out = tmp_path_factory.mktemp("served")
     build_processor(cfg, tokenizer, template_obj).save_pretrained(out)
-    return template_obj, tokenizer, AutoProcessor.from_pretrained(out)
+    try:
+        return template_obj, tokenizer, AutoProcessor.from_pretrained(out)
+    except ImportError:
+        # OneVision without torchvision: what `llava-train predict` (infer.load) falls back to.
+        from llava_train.model.processor import load_onevision_processor
+
+        assert cfg.model.arch == "llava_onevision"
+        return template_obj, tokenizer, load_onevision_processor(out)
 
 
 def _images(n: int) -> list[Image.Image]:
@@ -91,12 +98,20 @@ def _reply_starts(labels: list[int]) -> list[int]:
     return [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
 
 
-def assert_served_as_trained(template: Any, tokenizer: Any, processor: Any, conversation: list[dict]) -> int:
-    """Turn by turn, both processor paths give the training ids before each reply; returns the turns checked."""
+def assert_served_as_trained(
+    template: Any, tokenizer: Any, processor: Any, conversation: list[dict], geometry: Any = None
+) -> int:
+    """Turn by turn, both processor paths give the training ids before each reply; returns the turns checked.
+
+    geometry: the anyres archs' `ImageGeometry` (each image's tokens from its size); None = LLaVA-1.5's N_IMG.
+    """
     turns = normalize_conversation(conversation, template.image_token)
     images = _images(count_images(turns, template.image_token))
     image_id = tokenizer.convert_tokens_to_ids(template.image_token)
-    sample = tokenize_conversation(turns, template, tokenizer, image_id, N_IMG, len(images))
+    per_image: Any = N_IMG
+    if geometry is not None:
+        per_image = [geometry.image_tokens(img.height, img.width, len(images)) for img in images]
+    sample = tokenize_conversation(turns, template, tokenizer, image_id, per_image, len(images))
     starts = _reply_starts(sample.labels)
     assert len(starts) == len(turns) // 2
     messages = to_messages(turns, template.image_token)
@@ -105,7 +120,10 @@ def assert_served_as_trained(template: Any, tokenizer: Any, processor: Any, conv
         n = count_images(turns[: 2 * k + 1], template.image_token)
         expected = sample.input_ids[:start]
         prompt = processor.apply_chat_template(history, add_generation_prompt=True)
-        got = processor(text=prompt, images=images[:n] or None, return_tensors="pt")["input_ids"][0].tolist()
+        served: Any = images[:n] or None
+        if geometry is not None and geometry.arch == "llava_onevision" and n > 1:
+            served = [served]  # one sample's images, nested: transformers' OneVision multi-image input
+        got = processor(text=prompt, images=served, return_tensors="pt")["input_ids"][0].tolist()
         assert got == expected, (k, prompt)
         # String content (LLaVA-style text with tags) renders the same prompt.
         as_text = [{"role": t.role, "content": t.text} for t in turns[: 2 * k + 1]]
@@ -153,6 +171,32 @@ def test_chatml_and_tokenizer_templates_serve_the_training_ids(
     assert (
         assert_served_as_trained(template, tokenizer, processor, CONVERSATIONS[conv]) == len(CONVERSATIONS[conv]) // 2
     )
+
+
+# Anyres archs: NeXT with a Llama tokenizer + CLIP, OneVision with a ChatML tokenizer + SigLIP (as released).
+# In TWO_IMAGES every prefix already holds >= 2 images, so OneVision counts them as multi-image both ways.
+ARCH_CASES = [
+    ("llava_next", "vicuna_v1", "llama_tokenizer_dir", "clip_vision_dir"),
+    ("llava_next", "mistral", "llama_tokenizer_dir", "clip_vision_dir"),
+    ("llava_onevision", "chatml", "chatml_tokenizer_dir", "siglip_vision_dir"),
+    ("llava_onevision", "tokenizer", "chatml_tokenizer_dir", "siglip_vision_dir"),
+]
+
+
+@pytest.mark.parametrize(("arch", "name", "tok", "vision"), ARCH_CASES)
+@pytest.mark.parametrize("conv", list(CONVERSATIONS))
+def test_anyres_processors_serve_the_training_ids(
+    arch: str, name: str, tok: str, vision: str, conv: str, request: pytest.FixtureRequest, tmp_path_factory: Any
+) -> None:
+    from transformers import AutoConfig
+
+    from llava_train.model.vision import image_geometry
+
+    tok_dir, vision_dir = request.getfixturevalue(tok), request.getfixturevalue(vision)
+    template, tokenizer, processor = _case(tmp_path_factory, tok_dir, vision_dir, name, arch=arch)
+    geometry = image_geometry(arch, AutoConfig.from_pretrained(vision_dir), "patch")
+    checked = assert_served_as_trained(template, tokenizer, processor, CONVERSATIONS[conv], geometry)
+    assert checked == len(CONVERSATIONS[conv]) // 2
 
 
 def test_every_template_is_covered() -> None:

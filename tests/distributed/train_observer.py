@@ -73,7 +73,13 @@ def main(report_dir: str, argv: list[str]) -> int:
             batch = collate(items)
             trained = int((batch["labels"][:, 1:] != -100).sum())  # what the loss projects through lm_head
             report["batches"].append(
-                {"ids": list(batch["ids"]), "images": int(batch["num_images"].sum()), "trained": trained}
+                {
+                    "ids": list(batch["ids"]),
+                    "images": int(batch["num_images"].sum()),
+                    "crops": int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0,
+                    "videos": int(batch["num_videos"].sum()),
+                    "trained": trained,
+                }
             )
             return batch
 

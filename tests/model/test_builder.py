@@ -251,7 +251,8 @@ def test_init_from_full_folder(make_cfg, tmp_path) -> None:
 
 def test_init_from_other_folder_is_an_error(make_cfg, tmp_path) -> None:
     expected = (
-        f"model.init_from={tmp_path}: expected a HF-native LLaVA folder (config.json with model_type llava "
+        f"model.init_from={tmp_path}: expected a HF-native LLaVA folder (config.json with model_type "
+        "llava / llava_next / llava_onevision "
         "and its weights) or a stage-1 folder holding projector.safetensors"
     )
     with pytest.raises(ValueError, match=re.escape(expected)):

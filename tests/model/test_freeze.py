@@ -65,7 +65,7 @@ def test_group_of_unknown_lists_groups() -> None:
     expected = (
         "parameter 'vision_model.x' is in no module group; groups and their prefixes: "
         "vision_tower=model.vision_tower., multi_modal_projector=model.multi_modal_projector., "
-        "language_model=model.language_model., lm_head=lm_head."
+        "image_newline=model.image_newline, language_model=model.language_model., lm_head=lm_head."
     )
     with pytest.raises(KeyError, match=re.escape(expected)):
         group_of("vision_model.x")

@@ -14,6 +14,8 @@ EXPECTED_PARAMS = {
     "lmsys/vicuna-13b-v1.5": 13_015_864_320,
     "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
     "Qwen/Qwen2.5-1.5B-Instruct": 1_543_714_304,
+    "Qwen/Qwen2-0.5B-Instruct": 494_032_768,
+    "Qwen/Qwen2-7B-Instruct": 7_615_616_512,
     "openai/clip-vit-large-patch14-336": 303_507_456,
     "google/siglip-so400m-patch14-384": 428_225_600,
 }

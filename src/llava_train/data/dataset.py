@@ -13,7 +13,7 @@ import torch
 
 from llava_train.config import DataConfig, SourceConfig
 from llava_train.data.errors import BadSample, BadSampleError
-from llava_train.data.images import load_image, preprocess_images
+from llava_train.data.images import preprocess_anyres, preprocess_images, preprocess_video
 from llava_train.data.rows import HFRows, JsonRows, open_source
 from llava_train.data.scan import (
     SampleContext,
@@ -36,9 +36,11 @@ def make_context(data_cfg: DataConfig, src: SourceConfig, parts: Any) -> SampleC
         parts.tokenizer,
         parts.template,
         parts.image_token_id,
-        parts.num_image_tokens,
+        parts.geometry,
         data_cfg.model_max_length,
         src.image_folder,
+        parts.video_token_id,
+        data_cfg.video_frames,
     )
 
 
@@ -65,6 +67,8 @@ class LlavaDataset(torch.utils.data.Dataset):
     skipped: bad rows excluded at build time, by reason (on_bad_sample: skip).
     truncated: number of items cut at model_max_length (text after the last image only).
     reports: the per-source reports (`data.scan.source_report`), in source order.
+    has_video: whether any item has a video (OneVision): every micro-batch of such a run then runs the
+        video path of the vision tower, real or keepalive (`training.trainer`).
     """
 
     def __init__(
@@ -76,12 +80,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         item_row: np.ndarray,
         ctxs: list[SampleContext],
         image_processor: Any,
-        image_aspect_ratio: str,
+        geometry: Any,
         reports: list[dict[str, Any]],
     ) -> None:
         self.sources, self.stores, self.scans, self.ctxs = sources, stores, scans, ctxs
         self.item_source, self.item_row = item_source, item_row
-        self.image_processor, self.image_aspect_ratio = image_processor, image_aspect_ratio
+        self.image_processor, self.geometry = image_processor, geometry
         self.reports = reports
         lengths = np.zeros(len(item_row), dtype=np.int64)
         images = np.zeros(len(item_row), dtype=np.int64)
@@ -98,6 +102,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             for reason, entry in report["bad_by_reason"].items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + entry["count"]
         self.truncated = int(truncated.sum())
+        self.has_video = any(bool(scan.num_videos[scan.good_rows].any()) for scan in scans)
 
     def __len__(self) -> int:
         return len(self.item_row)
@@ -119,11 +124,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             record = self.stores[s].get(row)
             sample_id = record_id(record, row)
-            sample, paths = process_record(record, ctx, row)
-            images = [load_image(p) for p in paths]
+            done = process_record(record, ctx, row, io="load")
         except BadSample as e:
             # Validated at build time: a row failing now changed underneath us; never drop it silently.
             raise BadSampleError(src.name or src.path, row, sample_id, e.reason, e.detail) from e
+        sample = done.sample
         if len(sample.input_ids) != self.lengths[i]:
             raise RuntimeError(
                 f"{src.name} row {row} (id {sample_id!r}): {len(sample.input_ids)} tokens but the cached length "
@@ -133,14 +138,25 @@ class LlavaDataset(torch.utils.data.Dataset):
             "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),  # [L]
             "labels": torch.tensor(sample.labels, dtype=torch.long),  # [L]
             "num_images": sample.num_images,
+            "num_videos": sample.num_videos,
             "id": sample_id,
             "source": src.name,
             "row": row,
         }
-        if images:
-            item["pixel_values"] = preprocess_images(
-                images, self.image_processor, self.image_aspect_ratio
-            )  # [n,3,H,W]
+        if done.images:
+            if self.geometry.arch == "llava":
+                item["pixel_values"] = preprocess_images(
+                    done.images, self.image_processor, self.geometry.aspect_ratio
+                )  # [n, 3, S, S]
+            else:
+                # [sum of crops, 3, S, S] and [n, 2]: transformers' anyres input
+                item["pixel_values"], item["image_sizes"] = preprocess_anyres(
+                    done.images, self.image_processor, self.geometry
+                )
+        if done.video:
+            item["pixel_values_videos"] = preprocess_video(
+                done.video, self.image_processor, self.geometry.crop
+            )  # [1, F, 3, S, S]
         return item
 
 
@@ -189,7 +205,7 @@ def build_dataset(
         np.concatenate(item_source),
         np.concatenate(item_row),
         ctxs,
-        parts.processor.image_processor,
-        data_cfg.image_aspect_ratio,
+        parts.image_processor,
+        parts.geometry,
         reports,
     )

@@ -17,6 +17,7 @@ BAD_REASONS: dict[str, str] = {
     "malformed_json": "the row is not valid JSON or not a LLaVA record",
     "image_path_escapes": "an image path is absolute or leaves image_folder",
     "straddling_token": "a token spans a trained and an untrained part of the prompt",
+    "bad_video": "a video is not a folder of frame images or a list of frame files, or the arch has no video input",
 }
 
 

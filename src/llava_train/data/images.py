@@ -1,4 +1,5 @@
-"""Images: paths inside the image folder, RGB loading, LLaVA's pad-to-square, and the image processor call.
+"""Images and video frames: paths inside the image folder, header sizes, RGB loading, LLaVA's pad-to-square,
+the anyres image processor call (NeXT / OneVision) and video frame tensors.
 
 How many tokens an image becomes is a model fact: `model.vision`.
 """
@@ -26,8 +27,10 @@ def resolve_image_path(image_folder: str | None, rel: str) -> str:
     return full
 
 
-def verify_image(path: str) -> None:
-    """Check that an image file exists and decodes (PIL verify); raises BadSample otherwise."""
+def verify_image(path: str, verify: bool = True) -> tuple[int, int]:
+    """(height, width) of an image file from its header, after checking that it exists and (with `verify`)
+    decodes (PIL verify); raises BadSample otherwise. The size is the decoded image's (no EXIF rotation:
+    neither LLaVA nor transformers' processors apply it), the one anyres token counts use."""
     from PIL import Image
 
     from llava_train.data.errors import BadSample
@@ -36,9 +39,43 @@ def verify_image(path: str) -> None:
         raise BadSample("missing_image", f"image file not found: {path}")
     try:
         with Image.open(path) as img:
-            img.verify()
+            width, height = img.size
+            if verify:
+                img.verify()
     except Exception as e:  # PIL raises many types for broken files
         raise BadSample("corrupt_image", f"cannot decode {path}: {e}") from e
+    if width <= 0 or height <= 0:
+        raise BadSample("corrupt_image", f"{path} has size {width}x{height}")
+    return height, width
+
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def video_frame_paths(image_folder: str | None, video: Any, frames: int) -> list[str]:
+    """`frames` frame files sampled uniformly from a video given as a folder of frame images (sorted by name)
+    or a list of frame files, relative to `image_folder` (as LLaVA-NeXT: np.linspace(0, n - 1, frames),
+    floored; a video with fewer frames repeats some). Video files are BadSample(bad_video)."""
+    import numpy as np
+
+    from llava_train.data.errors import BadSample
+
+    if isinstance(video, str):
+        folder = resolve_image_path(image_folder, video)
+        if not os.path.isdir(folder):
+            if os.path.isfile(folder):
+                raise BadSample("bad_video", f"{video!r} is a file; give a folder of frame images or a list of frames")
+            raise BadSample("missing_image", f"video folder not found: {folder}")
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES))
+        all_frames = [os.path.join(folder, n) for n in names]
+    elif isinstance(video, (list, tuple)) and video:
+        all_frames = [resolve_image_path(image_folder, f) for f in video]
+    else:
+        raise BadSample("bad_video", f"`video` must be a frame folder or a non-empty list of frames, got {video!r}")
+    if not all_frames:
+        raise BadSample("missing_image", f"video folder {video!r} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+    picks = np.linspace(0, len(all_frames) - 1, frames, dtype=int)
+    return [all_frames[int(i)] for i in picks]
 
 
 def load_image(path: str) -> Any:
@@ -120,3 +157,44 @@ def preprocess_images(images: list[Any], image_processor: Any, image_aspect_rati
         images = [img.resize((width, height), Image.Resampling.BICUBIC) for img in images]
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
     return pixel_values.float()
+
+
+def preprocess_anyres(images: list[Any], image_processor: Any, geometry: Any) -> tuple[Any, Any]:
+    """RGB PIL images of one sample -> (pixel_values [sum of crops, 3, S, S], image_sizes LongTensor [n, 2]).
+
+    The arch's own image processor (the one saved with the model) makes each image's base crop and
+    grid crops; a OneVision sample with several images is passed as one nested list, as its processor
+    expects, so each image is one padded-to-square crop. Every image keeps exactly
+    `geometry.crops(h, w, n)` crops (the processor's zero padding to the batch's most crops is dropped),
+    concatenated: transformers takes this 4-D form with `image_sizes`.
+    """
+    import torch
+
+    n = len(images)
+    nested = geometry.arch == "llava_onevision" and n > 1
+    groups = [images] if nested else [[img] for img in images]
+    crops, sizes = [], []
+    for group in groups:
+        out = image_processor(images=[group] if nested else group, return_tensors="pt")
+        pixel_values = out["pixel_values"]  # [images, max crops, 3, S, S]
+        for k, img in enumerate(group):
+            count = geometry.crops(img.height, img.width, n)
+            crops.append(pixel_values[k, :count])
+            sizes.append([img.height, img.width])
+    return torch.cat(crops, dim=0).float(), torch.tensor(sizes, dtype=torch.long)
+
+
+def preprocess_video(frames: list[Any], image_processor: Any, crop: int) -> Any:
+    """RGB PIL frames of one video -> FloatTensor [1, F, 3, S, S]: resized to S x S (bicubic), scaled to [0, 1]
+    and normalised with the image processor's mean/std, as transformers' OneVision video processor does."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    mean = np.asarray(image_processor.image_mean, dtype=np.float32)
+    std = np.asarray(image_processor.image_std, dtype=np.float32)
+    arrays = [
+        (np.asarray(f.resize((crop, crop), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0 - mean) / std
+        for f in frames
+    ]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().unsqueeze(0)  # [1, F, 3, S, S]

@@ -2,7 +2,8 @@
 reason; cached on disk, shared by `data validate`, training and every rank; and the one per-source report.
 
 The cache key is made of the source files' size/mtime, the tokenizer, the template, the image token,
-the tokens per image and the max length, so a changed input rescans and an unchanged one never does.
+the image geometry (tokens per image, anyres pinpoints) and the max length, so a changed input rescans
+and an unchanged one never does.
 The cache is on by default (`data.cache_dir: auto` = `<output_dir>/../.cache`).
 """
 
@@ -21,17 +22,17 @@ import numpy as np
 
 from llava_train.config import RunConfig, SourceConfig
 from llava_train.data.errors import BAD_REASONS, BadSample
-from llava_train.data.images import resolve_image_path, verify_image
+from llava_train.data.images import load_image, resolve_image_path, verify_image, video_frame_paths
 from llava_train.data.rows import HFRows, JsonRows, fingerprint_path
 from llava_train.data.templates import Template
 from llava_train.data.tokenize import TokenizedSample, tokenize_conversation
-from llava_train.llava_format import normalize_conversation, record_id, record_images
+from llava_train.llava_format import normalize_conversation, record_id, record_images, record_video
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 # Bump when the scan's meaning changes so stale caches are not reused.
-SCAN_VERSION = 2  # 2: the tokenizer template renders through its exported wrapper (BOS once)
+SCAN_VERSION = 3  # 3: per-image token counts (anyres) and video rows; 2: the tokenizer template's wrapper
 REASON_CODES = tuple(BAD_REASONS)
 FIRST_IDS = 5  # row ids listed per bad-row reason in a report
 
@@ -51,14 +52,20 @@ def data_cache_dir(cfg: RunConfig) -> str | None:
 
 @dataclass
 class SampleContext:
-    """Everything needed to turn a record into a sample (picklable: sent once to scan workers)."""
+    """Everything needed to turn a record into a sample (picklable: sent once to scan workers).
+
+    geometry: `model.vision.ImageGeometry` (tokens per image from its size; video tokens).
+    video_token_id / video_frames: OneVision's video placeholder and frames per video (None / unused otherwise).
+    """
 
     tokenizer: Any
     template: Template
     image_token_id: int
-    num_image_tokens: int
+    geometry: Any
     max_length: int | None
     image_folder: str | None = None
+    video_token_id: int | None = None
+    video_frames: int = 32
 
 
 def image_paths(record: dict[str, Any], image_folder: str | None) -> list[str]:
@@ -66,19 +73,78 @@ def image_paths(record: dict[str, Any], image_folder: str | None) -> list[str]:
     return [resolve_image_path(image_folder, p) for p in record_images(record)]
 
 
-def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None) -> tuple[TokenizedSample, list[str]]:
-    """Normalise + tokenize a record and resolve its image paths; BadSample on any problem (no image I/O)."""
+@dataclass
+class Processed:
+    """A record made into a sample: the tokenized sample, its media files, the LM tokens per image / video
+    (text order), and with `load` the decoded RGB images and video frames."""
+
+    sample: TokenizedSample
+    paths: list[str]
+    frames: list[str]
+    media_tokens: list[int]
+    images: list[Any] = field(default_factory=list)
+    video: list[Any] = field(default_factory=list)
+
+
+def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, io: str = "auto") -> Processed:
+    """Normalise + tokenize a record with its exact image / video token counts; BadSample on any problem.
+
+    io: how much image I/O: `auto` reads image headers only when the geometry needs sizes (anyres),
+    `verify` reads every header and PIL-verifies every image and sampled frame (the scan), `load`
+    decodes them (training; the counts then come from the decoded images).
+    """
     paths = image_paths(record, ctx.image_folder)
-    turns = normalize_conversation(record.get("conversations"), ctx.template.image_token)
-    sample = tokenize_conversation(
-        turns, ctx.template, ctx.tokenizer, ctx.image_token_id, ctx.num_image_tokens, len(paths), ctx.max_length, row
+    video = record_video(record)
+    frames: list[str] = []
+    if video is not None:
+        if ctx.video_token_id is None:
+            raise BadSample(
+                "bad_video", "the row has a `video` but the model has no video input (use llava_onevision)"
+            )
+        if paths:
+            raise BadSample("bad_video", "a row with both `image` and `video` is not supported; split it")
+        frames = video_frame_paths(ctx.image_folder, video, ctx.video_frames)
+    turns = normalize_conversation(
+        record.get("conversations"), ctx.template.image_token, ctx.template.video_token if frames else None
     )
-    return sample, paths
+    images: list[Any] = []
+    loaded_frames: list[Any] = []
+    sizes: list[tuple[int, int]] = []
+    if io == "load":
+        images = [load_image(p) for p in paths]
+        loaded_frames = [load_image(p) for p in frames]
+        sizes = [(img.height, img.width) for img in images]
+    elif io == "verify":
+        sizes = [verify_image(p) for p in paths]
+        for p in frames:
+            verify_image(p)
+    elif ctx.geometry.size_dependent:
+        sizes = [verify_image(p, verify=False) for p in paths]
+    geometry = ctx.geometry
+    if geometry.size_dependent:
+        image_tokens: int | list[int] = [geometry.image_tokens(h, w, len(paths)) for h, w in sizes]
+    else:
+        image_tokens = geometry.base_tokens
+    video_tokens = [geometry.video_tokens(len(frames))] if frames else []
+    sample = tokenize_conversation(
+        turns,
+        ctx.template,
+        ctx.tokenizer,
+        ctx.image_token_id,
+        image_tokens,
+        len(paths),
+        ctx.max_length,
+        row,
+        ctx.video_token_id,
+        video_tokens,
+    )
+    per_image = image_tokens if isinstance(image_tokens, list) else [image_tokens] * len(paths)
+    return Processed(sample, paths, frames, per_image + video_tokens, images, loaded_frames)
 
 
 @dataclass
 class RowResult:
-    """Scan result of one row: exact length and image count, or the bad-row reason."""
+    """Scan result of one row: exact length, media count and tokens per image / video, or the bad-row reason."""
 
     row: int
     id: Any
@@ -87,19 +153,27 @@ class RowResult:
     truncated: bool = False
     reason: str | None = None
     detail: str = ""
+    media_tokens: list[int] = field(default_factory=list)
+    num_videos: int = 0
 
 
 def scan_row(store: JsonRows | HFRows, i: int, ctx: SampleContext, check_images: bool = True) -> RowResult:
-    """Scan one row: tokenize, and check that its images exist and decode (PIL verify)."""
+    """Scan one row: tokenize with exact image counts, and check that its images exist and decode (PIL verify)."""
     sample_id: Any = i
     try:
         record = store.get(i)
         sample_id = record_id(record, i)
-        sample, paths = process_record(record, ctx, i)
-        if check_images:
-            for p in paths:
-                verify_image(p)
-        return RowResult(i, sample_id, len(sample.input_ids), sample.num_images, sample.truncated)
+        done = process_record(record, ctx, i, "verify" if check_images else "auto")
+        sample = done.sample
+        return RowResult(
+            i,
+            sample_id,
+            len(sample.input_ids),
+            sample.num_images + sample.num_videos,
+            sample.truncated,
+            media_tokens=done.media_tokens,
+            num_videos=sample.num_videos,
+        )
     except BadSample as e:
         return RowResult(i, sample_id, reason=e.reason, detail=e.detail)
 
@@ -112,9 +186,11 @@ class SourceScan:
     """Per-row scan of a source: arrays indexed by row (length 0 and a reason code for bad rows)."""
 
     lengths: np.ndarray  # int32 [rows]
-    num_images: np.ndarray  # int32 [rows]
+    num_images: np.ndarray  # int32 [rows]: images + videos of the row
     reasons: np.ndarray  # int8 [rows], -1 = good, else index into REASON_CODES
     truncated: np.ndarray  # bool [rows]
+    media_tokens: np.ndarray  # int32 [images + videos of the good rows]: LM tokens of each, in row order
+    num_videos: np.ndarray  # int8 [rows]: videos of the row (0 or 1)
     bad: list[dict[str, Any]] = field(default_factory=list)
     from_cache: bool = False
 
@@ -159,14 +235,18 @@ def scan_source(
     num_images = np.zeros(n, dtype=np.int32)
     reasons = np.full(n, -1, dtype=np.int8)
     truncated = np.zeros(n, dtype=bool)
+    media: list[int] = []
+    num_videos = np.zeros(n, dtype=np.int8)
     bad: list[dict[str, Any]] = []
     for part in parts:
         for r in part:
             lengths[r.row], num_images[r.row], truncated[r.row] = r.length, r.num_images, r.truncated
+            media.extend(r.media_tokens)
+            num_videos[r.row] = r.num_videos
             if r.reason is not None:
                 reasons[r.row] = REASON_CODES.index(r.reason)
                 bad.append({"row": r.row, "id": r.id, "reason": r.reason, "detail": r.detail})
-    return SourceScan(lengths, num_images, reasons, truncated, bad)
+    return SourceScan(lengths, num_images, reasons, truncated, np.asarray(media, dtype=np.int32), num_videos, bad)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -189,7 +269,9 @@ def scan_key(src: SourceConfig, ctx: SampleContext, check_images: bool) -> str:
         tokenizer_fingerprint(ctx.tokenizer),
         repr(ctx.template),
         ctx.image_token_id,
-        ctx.num_image_tokens,
+        repr(ctx.geometry),
+        ctx.video_token_id,
+        ctx.video_frames,
         ctx.max_length,
         check_images,
     ]
@@ -220,7 +302,9 @@ def cached_scan(
     npz, bad_json = base.with_suffix(".npz"), base.with_suffix(".bad.json")
     if npz.exists() and bad_json.exists():
         with np.load(npz) as z:
-            scan = SourceScan(z["lengths"], z["num_images"], z["reasons"], z["truncated"])
+            scan = SourceScan(
+                z["lengths"], z["num_images"], z["reasons"], z["truncated"], z["media_tokens"], z["num_videos"]
+            )
         scan.bad = json.loads(bad_json.read_text())
         scan.from_cache = True
         log.info("read the cached scan of %s (%d rows) from %s in %.2f s", src.name, len(store), npz, _since(start))
@@ -234,6 +318,8 @@ def cached_scan(
         num_images=scan.num_images,
         reasons=scan.reasons,
         truncated=scan.truncated,
+        media_tokens=scan.media_tokens,
+        num_videos=scan.num_videos,
     )
     tmp.with_suffix(".bad.json").write_text(json.dumps(scan.bad, default=str))
     os.replace(tmp.with_suffix(".bad.json"), bad_json)
@@ -263,7 +349,8 @@ def source_report(
     """One source's counts, the same in `data_report.json`, the run folder's `data_summary.json` and the logs.
 
     rows, good, bad, images (of good rows), text_only, truncated, token-length percentiles of the good
-    rows (image tokens included), bad rows by reason with their first ids; `used` (rows per epoch
+    rows (image tokens included), `image_tokens` percentiles of the LM tokens of each image / video of the
+    good rows (anyres: from each image's size), bad rows by reason with their first ids; `used` (rows per epoch
     after the mixture weight) and `weight` when the source is part of a training mixture.
     """
     good = scan.reasons < 0
@@ -284,6 +371,7 @@ def source_report(
         "text_only": int((good & (scan.num_images == 0)).sum()),
         "truncated": int(scan.truncated[good].sum()),
         "tokens": percentiles(scan.lengths[good]),
+        "image_tokens": percentiles(scan.media_tokens),
         "bad_by_reason": {r: by_reason[r] for r in REASON_CODES if r in by_reason},
     }
     if used is not None:

@@ -16,7 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_train.llava_format import ASSISTANT, DATA_IMAGE_TAG, USER, Turn, image_markers, to_messages
+from llava_train.llava_format import (
+    ASSISTANT,
+    DATA_IMAGE_TAG,
+    USER,
+    Turn,
+    image_markers,
+    to_messages,
+    video_markers,
+)
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -52,6 +60,7 @@ class Template:
         inference (`processor(text=prompt)`). The `tokenizer` template therefore drops a leading BOS
         that the LM's chat template writes when the tokenizer adds one itself (BOS once, not twice).
     image_token: the model's image placeholder token (`model.image_token`).
+    video_token: the model's video placeholder token (OneVision's `model.video_token`), None without video.
     """
 
     name: str
@@ -60,9 +69,12 @@ class Template:
     add_special_tokens: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     image_token: str = DATA_IMAGE_TAG
+    video_token: str | None = None
 
-    def configured(self, system: str | None = None, image_token: str | None = None) -> Template:
-        """The same template with another system prompt and/or image token (None keeps the current one)."""
+    def configured(
+        self, system: str | None = None, image_token: str | None = None, video_token: str | None = None
+    ) -> Template:
+        """The same template with another system prompt, image and/or video token (None keeps the current one)."""
         return Template(
             self.name,
             self.kind,
@@ -70,7 +82,13 @@ class Template:
             self.add_special_tokens,
             dict(self.options),
             self.image_token if image_token is None else image_token,
+            self.video_token if video_token is None else video_token,
         )
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """The placeholder tokens a user turn may start with (image, and video when the model has one)."""
+        return (self.image_token,) if self.video_token is None else (self.image_token, self.video_token)
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -159,7 +177,9 @@ def _render_plain(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[S
     # a newline are trained. No system prompt, no roles, no EOS.
     segs: list[Segment] = []
     for i in range(0, len(turns), 2):
-        segs.append(Segment(t.image_token * turns[i].text.count(t.image_token), False))
+        # Placeholders sit at the front of a normalised user turn, in order.
+        text = turns[i].text
+        segs.append(Segment("".join(p * text.count(p) for p in t.placeholders), False))
         if i + 1 < len(turns):
             segs.append(Segment(turns[i + 1].text + "\n", True))
     return segs
@@ -214,7 +234,7 @@ def _render_tokenizer(t: Template, turns: list[Turn], tok: Any, gen: bool) -> li
     if tok is None or not getattr(tok, "chat_template", None):
         raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
     template = _jinja_tokenizer(t, tok)
-    messages = to_messages(turns, t.image_token)
+    messages = to_messages(turns, t.image_token, t.video_token)
 
     def apply(upto: int, generation: bool) -> str:
         return tok.apply_chat_template(
@@ -271,7 +291,10 @@ def get_template(name: str, system_prompt: str | None = None, image_token: str =
 
 def run_template(cfg: Any) -> Template:
     """The template of a RunConfig: `data.template` with `data.system_prompt` and `model.image_token`."""
-    return get_template(cfg.data.template, cfg.data.system_prompt, cfg.model.image_token)
+    template = get_template(cfg.data.template, cfg.data.system_prompt, cfg.model.image_token)
+    if cfg.model.arch == "llava_onevision":
+        template = template.configured(video_token=cfg.model.video_token)
+    return template
 
 
 # -- Jinja export --------------------------------------------------------------------------------
@@ -281,27 +304,35 @@ def _jinja_str(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def _jinja_content(image_token: str) -> str:
+def _jinja_content(image_token: str, video_token: str | None = None) -> str:
     """A Jinja macro rendering a message's content as training normalises it (`llava_format.normalize_conversation`).
 
     Images are the typed `image` items plus the image markers in the text; with any image the turn is
     `image_token + "\\n"` per image, then the text without markers, all stripped; without one the text
-    is kept as it is.
+    is kept as it is. With a video token, typed `video` items and video markers come first the same
+    way (`video_token + "\\n"` each).
     """
     markers = "[" + ", ".join(_jinja_str(m) for m in image_markers(image_token)) + "]"
+    vmarkers = "[" + ", ".join(_jinja_str(m) for m in video_markers(video_token)) + "]" if video_token else "[]"
+    video = _jinja_str(video_token + "\n") if video_token else "''"
     return (
         "{%- macro content(m) -%}"
-        "{%- if m['content'] is string -%}{%- set ns = namespace(k=0, t=m['content']) -%}"
+        "{%- if m['content'] is string -%}{%- set ns = namespace(k=0, v=0, t=m['content']) -%}"
         "{%- else -%}{%- set ns = namespace("
         "k=m['content'] | selectattr('type', 'equalto', 'image') | list | length, "
+        "v=m['content'] | selectattr('type', 'equalto', 'video') | list | length, "
         "t=m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}"
         "{%- endif -%}"
-        "{%- set ns.tags = 0 -%}"
+        "{%- set ns.tags = 0 -%}{%- set ns.vtags = 0 -%}"
+        "{%- for marker in " + vmarkers + " -%}"
+        "{%- set ns.vtags = ns.vtags + ns.t.count(marker) -%}{%- set ns.t = ns.t.replace(marker, '') -%}"
+        "{%- endfor -%}"
         "{%- for marker in " + markers + " -%}"
         "{%- set ns.tags = ns.tags + ns.t.count(marker) -%}{%- set ns.t = ns.t.replace(marker, '') -%}"
         "{%- endfor -%}"
-        "{%- if ns.k + ns.tags -%}"
-        "{{ ((" + _jinja_str(image_token + "\n") + " * (ns.k + ns.tags)) ~ (ns.t | trim)) | trim }}"
+        "{%- if ns.k + ns.tags + ns.v + ns.vtags -%}"
+        "{{ ((" + video + " * (ns.v + ns.vtags)) ~ (" + _jinja_str(image_token + "\n") + " * (ns.k + ns.tags))"
+        " ~ (ns.t | trim)) | trim }}"
         "{%- else -%}{{ ns.t }}{%- endif -%}"
         "{%- endmacro -%}"
     )
@@ -311,7 +342,7 @@ def _jinja(t: Template, tok: Any) -> str:
     eos, bos = _eos(tok), _bos(tok)
     img = _jinja_str(t.image_token)
     head = (
-        _jinja_content(t.image_token)
+        _jinja_content(t.image_token, t.video_token)
         + "{%- if messages and messages[0]['role'] == 'system' -%}"
         + "{%- set sys = content(messages[0]) -%}{%- set msgs = messages[1:] -%}"
         + "{%- else -%}{%- set sys = "
@@ -319,9 +350,13 @@ def _jinja(t: Template, tok: Any) -> str:
         + " -%}{%- set msgs = messages -%}{%- endif -%}"
     )
     if t.kind == "plain":
+        vid = _jinja_str(t.video_token) if t.video_token else None
+        head_tokens = "{{ content(m).count(" + img + ") * " + img + " }}"
+        if vid:
+            head_tokens += "{{ content(m).count(" + vid + ") * " + vid + " }}"
         body = (
             "{%- for m in msgs -%}"
-            "{%- if m['role'] == 'user' -%}{{ content(m).count(" + img + ") * " + img + " }}"
+            "{%- if m['role'] == 'user' -%}" + head_tokens + ""
             "{%- else -%}{{ content(m) }}{{ '\\n' }}{%- endif -%}"
             "{%- endfor -%}"
         )
@@ -385,7 +420,7 @@ def _jinja_tokenizer(t: Template, tok: Any) -> str:
         else "{{ rendered }}"
     )
     return (
-        _jinja_content(t.image_token)
+        _jinja_content(t.image_token, t.video_token)
         + "{%- set ns_msgs = namespace(items=[]) -%}"
         + system
         + "{%- for m in messages -%}"

@@ -8,8 +8,8 @@ trained flag of the segment holding its first non-whitespace character; whitespa
 zero-width tokens (an added BOS) take the flag of the segment of their first character. A token
 whose non-whitespace characters lie in both a trained and an untrained segment is an error
 (`straddling_token`, naming the template, row and character position). Labels are the ids of
-trained tokens and -100 elsewhere; then every image token expands to exactly `num_image_tokens`
-copies (labels -100). No length arithmetic and no re-tokenised substrings.
+trained tokens and -100 elsewhere; then every image (video) token expands to exactly its image's
+count from `model.vision.ImageGeometry` (labels -100). No length arithmetic and no re-tokenised substrings.
 
 `check_template_consistency` additionally compares segment-by-segment tokenization with the
 whole-string one once per (template, tokenizer): a difference is logged as a warning (labels come
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,10 @@ _WHITESPACE = re.compile(r"\s+")
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(path: str, image_token: str = "<image>") -> Any:
+def load_tokenizer(path: str, image_token: str = "<image>", extra_tokens: tuple[str, ...] = ()) -> Any:
     """Load a tokenizer as LLaVA does: right padding, `image_token` added as a special token when missing.
 
+    `extra_tokens` (OneVision's video token) are added the same way.
     Tokenizers without a pad token get pad = unk (the Llama/Vicuna convention), or pad = eos when
     there is no unk token either. The image token id is `tokenizer.convert_tokens_to_ids(image_token)`.
     """
@@ -44,8 +46,9 @@ def load_tokenizer(path: str, image_token: str = "<image>") -> Any:
 
     # use_fast is ignored by transformers 5 (every tokenizer is Rust-backed); kept as the original's call.
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right", use_fast=False)
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([image_token], special_tokens=True)
+    missing = [t for t in (image_token, *extra_tokens) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
     if tokenizer.pad_token is None:
         if tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
@@ -70,6 +73,7 @@ class TokenizedSample:
     labels: list[int]
     num_images: int
     truncated: bool = False
+    num_videos: int = 0
 
 
 def label_tokens(
@@ -122,17 +126,23 @@ def tokenize_conversation(
     template: Template,
     tokenizer: Any,
     image_token_id: int,
-    num_image_tokens: int,
+    image_tokens: int | Sequence[int],
     num_images: int | None = None,
     max_length: int | None = None,
     row: Any = None,
+    video_token_id: int | None = None,
+    video_tokens: Sequence[int] = (),
 ) -> TokenizedSample:
     """Render, tokenize once as a whole string, label by character offsets, expand image blocks.
 
+    image_tokens: LM tokens per image, one count for every image (LLaVA-1.5) or one per image in
+        text order (anyres: each image's own count from its size).
+    video_tokens: LM tokens per video in text order (OneVision), with `video_token_id`.
     `num_images` (the record's image count) must equal the number of `<image>` tokens in the ids
-    (image_count_mismatch otherwise; None skips the check). Over `max_length` the sample is cut at
-    the end when that cuts no image block and keeps a trained token (`truncated=True`), otherwise
-    BadSample(too_long). A sample with no trained token is BadSample(no_trained_tokens).
+    (image_count_mismatch otherwise; None skips the check), and the videos their `<video>` tokens.
+    Over `max_length` the sample is cut at the end when that cuts no image or video block and keeps
+    a trained token (`truncated=True`), otherwise BadSample(too_long). A sample with no trained token
+    is BadSample(no_trained_tokens).
     """
     segments = template.render(turns, tokenizer)
     prompt = "".join(s.text for s in segments)
@@ -142,12 +152,26 @@ def tokenize_conversation(
     found = ids.count(image_token_id)
     if num_images is not None and found != num_images:
         raise BadSample("image_count_mismatch", f"{found} <image> tag(s) in the text but {num_images} image(s)")
+    per_image = [image_tokens] * found if isinstance(image_tokens, int) else list(image_tokens)
+    if len(per_image) != found:
+        raise BadSample("image_count_mismatch", f"{found} <image> tag(s) in the text but {len(per_image)} image(s)")
+    videos = ids.count(video_token_id) if video_token_id is not None else 0
+    if videos != len(video_tokens):
+        raise BadSample(
+            "image_count_mismatch", f"{videos} <video> tag(s) in the text but {len(video_tokens)} video(s)"
+        )
+    expand = {image_token_id: iter(per_image)}
+    if video_token_id is not None:
+        expand[video_token_id] = iter(video_tokens)
     input_ids: list[int] = []
     labels: list[int] = []
+    media_end = 0  # end of the last image / video block
     for tok_id, trained in zip(ids, flags):
-        if tok_id == image_token_id:
-            input_ids.extend([image_token_id] * num_image_tokens)
-            labels.extend([IGNORE_INDEX] * num_image_tokens)
+        if tok_id in expand:
+            n = next(expand[tok_id])
+            input_ids.extend([tok_id] * n)
+            labels.extend([IGNORE_INDEX] * n)
+            media_end = len(input_ids)
         else:
             input_ids.append(tok_id)
             labels.append(tok_id if trained else IGNORE_INDEX)
@@ -155,13 +179,16 @@ def tokenize_conversation(
         raise BadSample("no_trained_tokens", "no token of the rendered prompt is trained")
     truncated = False
     if max_length is not None and len(input_ids) > max_length:
-        last_image_end = max((i + 1 for i, t in enumerate(input_ids) if t == image_token_id), default=0)
-        if last_image_end > max_length:
-            raise BadSample("too_long", f"{len(input_ids)} tokens > {max_length} and the cut would fall in an image")
+        if media_end > max_length:
+            raise BadSample(
+                "too_long",
+                f"{len(input_ids)} tokens > {max_length} and the cut would fall in an image "
+                f"(image tokens: {per_image}{f', video tokens: {list(video_tokens)}' if videos else ''})",
+            )
         if all(label == IGNORE_INDEX for label in labels[:max_length]):
             raise BadSample("too_long", f"{len(input_ids)} tokens > {max_length} and the cut leaves no trained token")
         input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], True
-    return TokenizedSample(input_ids, labels, found, truncated)
+    return TokenizedSample(input_ids, labels, found, truncated, videos)
 
 
 def trained_spans(labels: list[int]) -> list[list[int]]:

@@ -16,7 +16,7 @@ from llava_train.data.errors import BadSample
 from llava_train.data.rows import open_source
 from llava_train.data.scan import cached_scan, data_cache_dir, process_record, source_report
 from llava_train.data.tokenize import check_template_consistency, label_tokens
-from llava_train.llava_format import normalize_conversation, record_id
+from llava_train.llava_format import normalize_conversation, record_id, record_video
 
 GREEN, RESET = "\033[32;1m", "\033[0m"
 
@@ -48,7 +48,7 @@ def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict
             "detail": consistency.detail,
         },
         "model_max_length": cfg.data.model_max_length,
-        "num_image_tokens": parts.num_image_tokens,
+        "image_tokens": parts.geometry.describe(),
         "num_workers": workers,
         "cache_dir": cache_dir,
         "sources": [],
@@ -68,12 +68,13 @@ def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict
 def format_report(report: dict[str, Any]) -> str:
     """The summary table of a `validate` report (plain text)."""
     cols = ("source", "split", "rows", "good", "bad", "images", "text_only", "trunc", "p50", "p90", "p99", "max")
+    cols += ("img p50", "img p90", "img max")
     rows = []
     for s in report["sources"]:
-        t = s["tokens"]
+        t, m = s["tokens"], s["image_tokens"]
         rows.append(
             (s["name"], s["split"], s["rows"], s["good"], s["bad"], s["images"], s["text_only"], s["truncated"])
-            + (t["p50"], t["p90"], t["p99"], t["max"])
+            + (t["p50"], t["p90"], t["p99"], t["max"], m["p50"], m["p90"], m["max"])
         )
     widths = [max(len(str(c)), *(len(str(r[k])) for r in rows)) for k, c in enumerate(cols)]
 
@@ -83,7 +84,7 @@ def format_report(report: dict[str, Any]) -> str:
 
     lines = [
         f"template {report['template']}, model_max_length {report['model_max_length']}, "
-        f"{report['num_image_tokens']} tokens per image; token lengths include image tokens",
+        f"image tokens {report['image_tokens']}; token lengths include image tokens",
         fmt(cols),
         fmt(tuple("-" * w for w in widths)),
     ]
@@ -111,19 +112,24 @@ def format_report(report: dict[str, Any]) -> str:
 # -- inspect ------------------------------------------------------------------------------------
 
 
-def render_labelled(record: dict[str, Any], parts: Any, color: bool) -> str:
+def render_labelled(record: dict[str, Any], parts: Any, color: bool, media_tokens: list[int] | None = None) -> str:
     """A record's rendered prompt with trained spans marked (ANSI green, or `[[...]]`), images as `<image xN>`.
+
+    media_tokens: LM tokens of each image / video in text order (anyres: from each image's size);
+    None = the geometry's fixed count per image.
 
     The text is cut from the rendered prompt by each token's character offsets (so spaces show
     exactly); tokens with no characters in the prompt (an added BOS) show as their token string.
     """
     template, tokenizer = parts.template, parts.tokenizer
-    turns = normalize_conversation(record.get("conversations"), template.image_token)
+    video_token = template.video_token if record_video(record) is not None else None
+    turns = normalize_conversation(record.get("conversations"), template.image_token, video_token)
     segments = template.render(turns, tokenizer)
     prompt = "".join(s.text for s in segments)
     enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=template.add_special_tokens)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     flags = label_tokens(prompt, segments, offsets, template.name)
+    counts = iter(media_tokens or [])
     start_mark, end_mark = (GREEN, RESET) if color else ("[[", "]]")
     out: list[str] = []
     cursor, open_span = 0, False
@@ -131,8 +137,9 @@ def render_labelled(record: dict[str, Any], parts: Any, color: bool) -> str:
         if trained != open_span:
             out.append(start_mark if trained else end_mark)
             open_span = trained
-        if tok_id == parts.image_token_id:
-            text = f"<image x{parts.num_image_tokens}>"
+        if tok_id in (parts.image_token_id, parts.video_token_id):
+            kind = "image" if tok_id == parts.image_token_id else "video"
+            text = f"<{kind} x{next(counts, parts.geometry.base_tokens)}>"
         elif end <= cursor or start == end:
             text = tokenizer.convert_ids_to_tokens(tok_id) if start == end else ""
         else:
@@ -187,7 +194,8 @@ def inspect_samples(
                 try:
                     record = store.get(row)
                     sample_id = record_id(record, row)
-                    sample, _ = process_record(record, ctx, row)
+                    done = process_record(record, ctx, row)
+                    sample = done.sample
                 except BadSample as e:
                     if index in show:
                         stream.write(f"# sample {index} ({src.name} row {row}, id {sample_id!r}): BAD {e}\n")
@@ -198,7 +206,7 @@ def inspect_samples(
                         f"# sample {index} ({src.name} row {row}, id {sample_id!r}): {len(sample.input_ids)} tokens, "
                         f"{trained} trained, {sample.num_images} image(s){', truncated' if sample.truncated else ''}\n"
                     )
-                    stream.write(render_labelled(record, parts, use_color))
+                    stream.write(render_labelled(record, parts, use_color, done.media_tokens))
                     stream.write("\n")
                 if sink is not None:
                     line = {

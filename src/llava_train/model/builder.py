@@ -1,8 +1,9 @@
-"""The LLaVA model and its processor from a run config: LlavaConfig, build (pretrained parts or init_from).
+"""The LLaVA model and its processor from a run config: the arch's config, build (pretrained parts or init_from).
 
-The model is always transformers' `LlavaForConditionalGeneration` built with `_from_config` (ZeRO-3's
-`zero.Init` wraps it) and filled with the sub-models' pretrained weights (`model.weights`), or loaded
-from a previous stage's folder. This module never freezes parameters and knows nothing about stages;
+The model is always one of transformers' native classes (`ARCH_CLASSES`: LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision) built with `_from_config` (ZeRO-3's `zero.Init` wraps it) and filled with the
+sub-models' pretrained weights (`model.weights`), or loaded from a previous stage's folder. This
+module never freezes parameters and knows nothing about stages;
 tiny test/demo parts are written by `components.load_components`, never here.
 """
 
@@ -16,9 +17,10 @@ from typing import Any
 from llava_train.config import RunConfig
 from llava_train.model.projector import PROJECTOR_FILE, load_projector
 from llava_train.model.vision import (
+    ImageGeometry,
     feature_select_strategy,
     image_tokens,
-    num_additional_image_tokens,
+    run_geometry,
     vision_config_of,
 )
 from llava_train.model.weights import (
@@ -43,20 +45,85 @@ def torch_dtype(name: str) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def llava_config(cfg: RunConfig, text_config: Any, vision_config: Any, image_token_id: int) -> Any:
-    """The LlavaConfig joining the two sub-configs as `cfg.model` says (projector mlp2x_gelu)."""
-    from transformers import LlavaConfig
+# model.arch -> (config class, model class, processor class, image processor class, model_type).
+ARCH_CLASSES: dict[str, tuple[str, str, str, str | None, str]] = {
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration", "LlavaProcessor", None, "llava"),
+    "llava_next": (
+        "LlavaNextConfig",
+        "LlavaNextForConditionalGeneration",
+        "LlavaNextProcessor",
+        "LlavaNextImageProcessorPil",
+        "llava_next",
+    ),
+    "llava_onevision": (
+        "LlavaOnevisionConfig",
+        "LlavaOnevisionForConditionalGeneration",
+        "LlavaOnevisionProcessor",
+        "LlavaOnevisionImageProcessorPil",
+        "llava_onevision",
+    ),
+}
+MODEL_TYPE_ARCH = {v[4]: arch for arch, v in ARCH_CLASSES.items()}
+
+
+def model_class(arch: str) -> Any:
+    """transformers' model class of `model.arch`."""
+    import transformers
+
+    return getattr(transformers, ARCH_CLASSES[arch][1])
+
+
+def llava_config(
+    cfg: RunConfig, text_config: Any, vision_config: Any, image_token_id: int, video_token_id: int | None = None
+) -> Any:
+    """The arch's config joining the two sub-configs as `cfg.model` says (projector mlp2x_gelu).
+
+    llava_next / llava_onevision also carry the anyres pinpoints (and OneVision its
+    `vision_aspect_ratio` = data.image_aspect_ratio and the video token); the geometry is the same
+    object the data side counts tokens with.
+    """
+    import transformers
 
     vision_config = vision_config_of(vision_config)
-    return LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=image_token_id,
-        image_seq_length=image_tokens(vision_config, cfg.model.vision_feature_select),
-        projector_hidden_act="gelu",
-        vision_feature_layer=cfg.model.vision_feature_layer,
-        vision_feature_select_strategy=feature_select_strategy(vision_config, cfg.model.vision_feature_select),
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    geometry = run_geometry(cfg, vision_config)
+    arch = cfg.model.arch
+    fields: dict[str, Any] = {
+        "vision_config": vision_config,
+        "text_config": text_config,
+        "image_token_id": image_token_id,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": cfg.model.vision_feature_layer,
+        "vision_feature_select_strategy": feature_select_strategy(vision_config, cfg.model.vision_feature_select),
+        "tie_word_embeddings": bool(getattr(text_config, "tie_word_embeddings", False)),
+    }
+    if arch == "llava":
+        fields["image_seq_length"] = image_tokens(vision_config, cfg.model.vision_feature_select)
+    else:
+        fields["image_grid_pinpoints"] = [list(p) for p in geometry.pinpoints]
+    if arch == "llava_next":
+        fields["image_seq_length"] = geometry.base_tokens
+    if arch == "llava_onevision":
+        fields["vision_aspect_ratio"] = geometry.aspect_ratio
+        if video_token_id is not None:
+            fields["video_token_id"] = video_token_id
+    config = getattr(transformers, ARCH_CLASSES[arch][0])(**fields)
+    # Some config classes rename the token fields (image_token_index); read them back the same way.
+    if int(config.image_token_id) != image_token_id:
+        raise ValueError(f"{ARCH_CLASSES[arch][0]} did not take image_token_id={image_token_id}")
+    return config
+
+
+def config_geometry(cfg: RunConfig, config: Any) -> ImageGeometry:
+    """The ImageGeometry a built model's config implies, for checking it against the data side's."""
+    from llava_train.model.vision import image_geometry
+
+    arch = MODEL_TYPE_ARCH.get(getattr(config, "model_type", ""), cfg.model.arch)
+    return image_geometry(
+        arch,
+        config.vision_config,
+        cfg.model.vision_feature_select,
+        getattr(config, "vision_aspect_ratio", None) if arch == "llava_onevision" else cfg.data.image_aspect_ratio,
+        getattr(config, "image_grid_pinpoints", None) if arch != "llava" else None,
     )
 
 
@@ -71,7 +138,7 @@ def init_from_kind(init_from: str | None) -> str | None:
         return None
     folder = Path(init_from)
     config = folder / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "llava":
+    if config.is_file() and json.loads(config.read_text()).get("model_type") in MODEL_TYPE_ARCH:
         try:
             names = tensor_names(weight_files(folder))
         except FileNotFoundError:
@@ -81,8 +148,8 @@ def init_from_kind(init_from: str | None) -> str | None:
     if (folder / PROJECTOR_FILE).is_file():
         return "projector"
     raise ValueError(
-        f"model.init_from={init_from}: expected a HF-native LLaVA folder (config.json with model_type llava "
-        f"and its weights) or a stage-1 folder holding {PROJECTOR_FILE}"
+        f"model.init_from={init_from}: expected a HF-native LLaVA folder (config.json with model_type "
+        f"{' / '.join(MODEL_TYPE_ARCH)} and its weights) or a stage-1 folder holding {PROJECTOR_FILE}"
     )
 
 
@@ -101,14 +168,13 @@ def _generation_config(tokenizer: Any, lm_folder: Path | None) -> Any:
 
 
 def meta_model(cfg: RunConfig, extra_tokens: int | None = None) -> Any:
-    """The run's LlavaForConditionalGeneration on the meta device: no weights, no download (`plan`, parameter tables).
+    """The run's model (`model.arch`'s class) on the meta device: no weights, no download (`plan`, parameter tables).
 
     Configs come from `model.known_configs.resolve_config` (built-in copies of the recipes' hub configs,
     or local folders). The image token adds `extra_tokens` embedding rows: default 1 for Llama/Mistral
     vocabularies (which their tokenizers fill exactly), 0 otherwise (Qwen's has spare rows).
     """
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     from llava_train.model.known_configs import resolve_config
 
@@ -116,10 +182,12 @@ def meta_model(cfg: RunConfig, extra_tokens: int | None = None) -> Any:
     vision_config = resolve_config(cfg.model.vision_tower)
     if extra_tokens is None:
         extra_tokens = 1 if text_config.model_type in ("llama", "mistral") else 0
+        if cfg.model.arch == "llava_onevision" and extra_tokens:
+            extra_tokens += 1  # and the video token
     config = llava_config(cfg, text_config, vision_config, image_token_id=int(text_config.vocab_size))
     config.text_config.vocab_size = int(text_config.vocab_size) + extra_tokens
     with torch.device("meta"):
-        return LlavaForConditionalGeneration._from_config(config)
+        return model_class(cfg.model.arch)._from_config(config)
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -130,6 +198,13 @@ def image_token_id(tokenizer: Any, image_token: str) -> int:
     if image_token not in tokenizer.get_vocab():
         raise ValueError(f"the tokenizer has no {image_token!r} token; load it with data.tokenize.load_tokenizer")
     return int(tokenizer.convert_tokens_to_ids(image_token))
+
+
+def video_token_id(tokenizer: Any, cfg: RunConfig) -> int | None:
+    """The video token's id for llava_onevision runs (None for the image-only archs)."""
+    if cfg.model.arch != "llava_onevision":
+        return None
+    return image_token_id(tokenizer, cfg.model.video_token)
 
 
 def _resize_embeddings(model: Any, tokenizer: Any) -> None:
@@ -153,14 +228,16 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
     resized when the tokenizer outgrew the LM's vocabulary. QLoRA (`lora.enabled` with `lora.bits`)
     loads the LM quantized through bitsandbytes (CUDA only).
     """
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
 
     dtype = torch_dtype(cfg.model.dtype)
     kind = init_from_kind(cfg.model.init_from)
+    cls = model_class(cfg.model.arch)
     if kind == "full":
         if cfg.lora.enabled and cfg.lora.bits:
             raise ValueError("QLoRA from a full model.init_from folder is not supported; use a projector folder")
-        model = LlavaForConditionalGeneration.from_pretrained(
+        _check_init_from_arch(cfg)
+        model = cls.from_pretrained(
             cfg.model.init_from, dtype=dtype, attn_implementation=cfg.model.attn_implementation
         )
         _check_init_from_config(cfg, model.config)
@@ -173,13 +250,13 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
     vt_folder = resolve_folder(cfg.model.vision_tower)
     text_config = AutoConfig.from_pretrained(str(lm_folder))
     vision_full = AutoConfig.from_pretrained(str(vt_folder))
-    config = llava_config(cfg, text_config, vision_full, image_token_id(tokenizer, cfg.model.image_token))
+    config = llava_config(
+        cfg, text_config, vision_full, image_token_id(tokenizer, cfg.model.image_token), video_token_id(tokenizer, cfg)
+    )
     if cfg.lora.enabled and cfg.lora.bits:
         model = _build_quantized(cfg, config, lm_folder, vt_folder, vision_full)
     else:
-        model = LlavaForConditionalGeneration._from_config(
-            config, dtype=dtype, attn_implementation=cfg.model.attn_implementation
-        )
+        model = cls._from_config(config, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
         load_pretrained_parts(model, lm_folder, vt_folder, vision_full)
     _resize_embeddings(model, tokenizer)
     if kind == "projector":
@@ -192,12 +269,13 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
 def _build_quantized(cfg: RunConfig, config: Any, lm_folder: Path, vt_folder: Path, vision_full: Any) -> Any:
     """QLoRA: load the LM quantized (bitsandbytes 4/8-bit) with the vision tower, projector and lm_head unquantized."""
     import torch
-    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+    from transformers import BitsAndBytesConfig
 
     if not torch.cuda.is_available():
         raise RuntimeError(f"lora.bits={cfg.lora.bits} (QLoRA) needs CUDA and bitsandbytes; this machine has no GPU")
     dtype = torch_dtype(cfg.model.dtype)
-    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    skip = ["vision_tower", "multi_modal_projector", "lm_head", "image_newline"]
+    cls = model_class(cfg.model.arch)
     if cfg.lora.bits == 4:
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -210,11 +288,11 @@ def _build_quantized(cfg: RunConfig, config: Any, lm_folder: Path, vt_folder: Pa
         quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     # Build the state dict under LLaVA's names from the two sub-models, then let from_pretrained
     # quantize while loading (the projector is missing and gets transformers' init).
-    probe = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    probe = cls._from_config(config, dtype=dtype)
     state = llava_state_dict_from_parts(probe, lm_folder, vt_folder, vision_full)
     del probe
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return LlavaForConditionalGeneration.from_pretrained(
+    return cls.from_pretrained(
         None,
         config=config,
         state_dict=state,
@@ -223,6 +301,15 @@ def _build_quantized(cfg: RunConfig, config: Any, lm_folder: Path, vt_folder: Pa
         attn_implementation=cfg.model.attn_implementation,
         device_map={"": local_rank},
     )
+
+
+def _check_init_from_arch(cfg: RunConfig) -> None:
+    model_type = json.loads((Path(cfg.model.init_from) / "config.json").read_text()).get("model_type")
+    if MODEL_TYPE_ARCH.get(model_type) != cfg.model.arch:
+        raise ValueError(
+            f"model.init_from={cfg.model.init_from} is a {model_type} model but model.arch={cfg.model.arch}; "
+            f"set model.arch={MODEL_TYPE_ARCH.get(model_type)}"
+        )
 
 
 def _check_init_from_config(cfg: RunConfig, config: Any) -> None:
@@ -235,41 +322,6 @@ def _check_init_from_config(cfg: RunConfig, config: Any) -> None:
             f"{config.vision_feature_layer}, vision_feature_select_strategy={config.vision_feature_select_strategy}; "
             f"the config asks for {cfg.model.vision_feature_layer}, {expected}"
         )
-
-
-# -- processor ------------------------------------------------------------------------------------
-
-
-def vision_source(cfg: RunConfig) -> tuple[Path, Any]:
-    """The folder holding the image processor and the vision config (a full init_from folder, else the tower)."""
-    from transformers import AutoConfig
-
-    if init_from_kind(cfg.model.init_from) == "full":
-        source = Path(cfg.model.init_from)
-        return source, AutoConfig.from_pretrained(str(source)).vision_config
-    source = resolve_folder(cfg.model.vision_tower, weights=False)
-    return source, vision_config_of(AutoConfig.from_pretrained(str(source)))
-
-
-def build_processor(cfg: RunConfig, tokenizer: Any, template: Any) -> Any:
-    """LlavaProcessor: the vision tower's image processor, the tokenizer and the template as chat_template.
-
-    `<image>` expands to exactly `num_image_tokens` ids: CLIP counts its CLS token
-    (num_additional_image_tokens=1) which `default` then drops; SigLIP has none.
-    """
-    from transformers import AutoImageProcessor, LlavaProcessor
-
-    source, vision = vision_source(cfg)
-    image_processor = AutoImageProcessor.from_pretrained(str(source))
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=int(vision.patch_size),
-        vision_feature_select_strategy=feature_select_strategy(vision, cfg.model.vision_feature_select),
-        num_additional_image_tokens=num_additional_image_tokens(vision),
-        image_token=cfg.model.image_token,
-        chat_template=template.chat_template(tokenizer),
-    )
 
 
 def tokenizer_source(cfg: RunConfig) -> str:

@@ -17,17 +17,22 @@ class ModuleGroup:
     prefix: exact parameter-name prefix in transformers' v5 layout.
     lr_group: optimizer group (its own lr: `optim.projector_lr` / `optim.vision_tower_lr`, else the main lr).
     stream: which tokens pass through it (FLOP accounting): `vision` (patches per image), `projector`
-        (image tokens) or `text` (every real token).
+        (image tokens), `text` (every real token) or `none` (a parameter that is added, not multiplied:
+        no FLOPs).
+    optional: only some archs have it (LLaVA-NeXT / OneVision's `image_newline`); absent elsewhere.
     """
 
     prefix: str
     lr_group: str
     stream: str
+    optional: bool = False
 
 
 MODULE_GROUPS: dict[str, ModuleGroup] = {
     "vision_tower": ModuleGroup("model.vision_tower.", "vision_tower", "vision"),
     "multi_modal_projector": ModuleGroup("model.multi_modal_projector.", "projector", "projector"),
+    # LLaVA-NeXT / OneVision: the learned embedding that ends every grid row; it trains with the projector.
+    "image_newline": ModuleGroup("model.image_newline", "projector", "none", optional=True),
     "language_model": ModuleGroup("model.language_model.", "language_model", "text"),
     # lm_head learns at the language model's rate.
     "lm_head": ModuleGroup("lm_head.", "language_model", "text"),
@@ -125,14 +130,18 @@ def set_trainable(model: Any, groups: list[str] | tuple[str, ...], vision_from_l
 
 
 def parameter_table(model: Any) -> list[dict[str, Any]]:
-    """One row per module group (in MODULE_GROUPS order) plus `total`: group, trainable and frozen parameter counts.
+    """One row per module group (in MODULE_GROUPS order; optional groups only when the arch has them) plus
+    `total`: group, trainable and frozen parameter counts.
 
     Tied parameters are counted once (under the group that owns them first in `named_parameters`).
     """
     rows = {g: {"group": g, "trainable": 0, "frozen": 0} for g in MODULE_GROUPS}
+    seen: set[str] = set()
     for name, param in model.named_parameters():
-        rows[group_of(name)]["trainable" if param.requires_grad else "frozen"] += full_numel(param)
-    table = list(rows.values())
+        group = group_of(name)
+        seen.add(group)
+        rows[group]["trainable" if param.requires_grad else "frozen"] += full_numel(param)
+    table = [r for g, r in rows.items() if g in seen or not MODULE_GROUPS[g].optional]
     table.append(
         {"group": "total", "trainable": sum(r["trainable"] for r in table), "frozen": sum(r["frozen"] for r in table)}
     )

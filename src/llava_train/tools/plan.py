@@ -72,7 +72,8 @@ class ParamCounts:
     largest_layer: parameters of the largest single module (DeepSpeed's `largest_layer_params`).
     quantizable: language-model linear weights QLoRA would quantise.
     hidden, layers, vocab: language-model hidden size, layer count and vocabulary (activations).
-    vision_hidden, vision_layers, vision_tokens: the same for the vision tower (tokens incl. CLS).
+    vision_hidden, vision_layers, vision_tokens: the same for the vision tower (tokens incl. CLS, per crop).
+    crops_per_image: the most crops one image becomes (1; anyres: base + the largest grid).
     """
 
     groups: list[dict[str, Any]]
@@ -84,6 +85,7 @@ class ParamCounts:
     vision_hidden: int
     vision_layers: int
     vision_tokens: int
+    crops_per_image: int = 1
 
     @property
     def trainable(self) -> int:
@@ -143,7 +145,7 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
 
     from llava_train.model.builder import meta_model
     from llava_train.model.freeze import parameter_table
-    from llava_train.model.vision import tower_tokens
+    from llava_train.model.vision import run_geometry, tower_tokens
     from llava_train.stages import apply_stage
 
     model = meta_model(cfg)
@@ -171,6 +173,7 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
         vision_hidden=int(vc.hidden_size),
         vision_layers=int(vc.num_hidden_layers),
         vision_tokens=tower_tokens(vc),
+        crops_per_image=run_geometry(cfg, vc).max_crops(),
     )
 
 
@@ -232,12 +235,13 @@ def _activation_rows(cfg: RunConfig, counts: ParamCounts, micro: int, seq: int, 
         logit_label = "logits + fp32 loss copy + grad (every position)"
     rows = [(label, lm), (logit_label, LOGIT_BYTES * logit_rows * counts.vocab)]
     if cfg.model.train_vision_tower:
-        v_tokens = micro * counts.vision_tokens
+        v_tokens = micro * counts.crops_per_image * counts.vision_tokens
         v_layer = ACTIVATION_FACTOR * v_tokens * counts.vision_hidden
         vis = counts.vision_layers * (2 * v_tokens * counts.vision_hidden if ckpt else v_layer) + (
             v_layer if ckpt else 0
         )
-        rows.append(("vision tower activations (1 image per sample)", vis))
+        crops = f", {counts.crops_per_image} crops" if counts.crops_per_image > 1 else ""
+        rows.append((f"vision tower activations (1 image per sample{crops})", vis))
     return rows
 
 

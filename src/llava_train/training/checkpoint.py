@@ -219,3 +219,22 @@ def replace_pickled_args(folder: Path, args: Any) -> None:
     if pickled.is_file():
         pickled.unlink()
         (folder / "training_args.json").write_text(args.to_json_string())
+
+
+class LoraNewlineResumeCallback(TrainerCallback):
+    """LoRA resume of a LLaVA-NeXT / OneVision run: restore `image_newline` from the checkpoint's projector file.
+
+    peft's adapter holds the LoRA weights and the projector (`modules_to_save`) but cannot hold a bare
+    parameter, so HF's adapter resume would leave the trained newline at its initialisation; every
+    checkpoint's `projector.safetensors` carries it. Runs at train begin, after HF loaded the adapter.
+    """
+
+    def __init__(self, model: torch.nn.Module, checkpoint: str) -> None:
+        self.model = model
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from llava_train.model.projector import load_projector
+
+        load_projector(self.model, Path(self.checkpoint) / PROJECTOR_FILE)
+        log.info("restored the projector and image_newline from %s", self.checkpoint)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from llava_train.model.freeze import MODULE_GROUPS, set_trainable
-from llava_train.model.vision import tower_tokens
+from llava_train.model.vision import has_cls, patches_per_side, tower_tokens
 from llava_train.utils.modules import unwrap
 
 STREAMS = ("vision", "projector", "text")
@@ -84,11 +84,16 @@ class FlopModel:
     """Model FLOPs of one training step as a linear function of the batch statistics.
 
     blocks: the model in forward order.
-    vision_tokens_per_image: tokens the vision tower processes per image (patches + CLS).
+    vision_tokens_per_image: tokens the vision tower processes per crop (patches + CLS).
+    projector_tokens_per_crop: tokens the projector processes per crop (the patches, + CLS when kept);
+        None = the `image_tokens` statistic (LLaVA-1.5, where each image is one crop). With anyres the
+        projector runs on every crop's full feature map, before the unpadding and downsampling that
+        set the LM's image-token count.
     """
 
     blocks: tuple[Block, ...]
     vision_tokens_per_image: int
+    projector_tokens_per_crop: int | None = None
 
     def coefficients(self) -> dict[str, tuple[float, float]]:
         """stream -> (FLOPs per token, FLOPs per unit of sum of squared sequence lengths)."""
@@ -104,16 +109,19 @@ class FlopModel:
     def flops_per_step(self, stats: Mapping[str, Any]) -> float:
         """Model FLOPs for the given statistics (one step or a sum over steps and ranks).
 
-        stats: `real_tokens`, `image_tokens`, `images`, `sum_sq_lengths` (sum over samples of the
-        squared real sample length) as numbers or 0-d tensors (see `metrics.batch_stats`).
+        stats: `real_tokens`, `image_tokens`, `images` (crops and video frames through the tower),
+        `sum_sq_lengths` (sum over samples of the squared real sample length) as numbers or 0-d tensors
+        (see `metrics.batch_stats`).
         """
         coef = self.coefficients()
         images = float(stats["images"])
         t_v = self.vision_tokens_per_image
+        per_crop = self.projector_tokens_per_crop
+        projector_tokens = images * per_crop if per_crop is not None else float(stats["image_tokens"])
         return (
             coef["vision"][0] * images * t_v
             + coef["vision"][1] * images * t_v * t_v
-            + coef["projector"][0] * float(stats["image_tokens"])
+            + coef["projector"][0] * projector_tokens
             + coef["text"][0] * float(stats["real_tokens"])
             + coef["text"][1] * float(stats["sum_sq_lengths"])
         )
@@ -136,27 +144,37 @@ class FlopModel:
         blocks: list[Block] = []
         # MODULE_GROUPS lists the groups in forward order (vision tower, projector, LM, lm_head).
         for group, spec in MODULE_GROUPS.items():
+            if spec.stream == "none":
+                continue  # an added parameter (image_newline): no FLOPs
             module = base.get_submodule(spec.prefix.rstrip("."))
             if group == "lm_head":
                 # A tied lm_head owns the embedding matrix here: the lookup costs nothing, the projection does.
                 blocks.append(_block(group, spec.stream, list(module.parameters()), 0))
             else:
                 blocks += _module_blocks(group, module, spec.stream, attn_dims[spec.stream], head_ids)
-        return cls(blocks=tuple(blocks), vision_tokens_per_image=tower_tokens(cfg.vision_config))
+        per_crop = None
+        if getattr(cfg, "model_type", "llava") != "llava":
+            keeps_cls = has_cls(cfg.vision_config) and cfg.vision_feature_select_strategy == "full"
+            per_crop = patches_per_side(cfg.vision_config) ** 2 + (1 if keeps_cls else 0)
+        return cls(
+            blocks=tuple(blocks),
+            vision_tokens_per_image=tower_tokens(cfg.vision_config),
+            projector_tokens_per_crop=per_crop,
+        )
 
     @classmethod
     def from_config(cls, config: Any, trainable: Iterable[str], vision_train_from_layer: int = 0) -> FlopModel:
-        """Build the FlopModel of a LlavaConfig without weights (meta device), e.g. for the bench.
+        """The FlopModel of a LLaVA / LLaVA-NeXT / OneVision config without weights (meta device), e.g. for bench.
 
         trainable: module groups (`model.freeze.MODULE_GROUPS`) that train, set exactly as a run sets them
             (`freeze.set_trainable`); e.g. stage 1 = {"multi_modal_projector"}, stage 2 =
             {"multi_modal_projector", "language_model", "lm_head"}.
         vision_train_from_layer: with `vision_tower` trainable, only encoder layers >= this train.
         """
-        from transformers import LlavaForConditionalGeneration
+        from llava_train.model.builder import MODEL_TYPE_ARCH, model_class
 
         with torch.device("meta"):
-            model = LlavaForConditionalGeneration(config)
+            model = model_class(MODEL_TYPE_ARCH[config.model_type])(config)
         set_trainable(model, tuple(trainable), vision_from_layer=vision_train_from_layer)
         return cls.from_model(model)
 

@@ -15,7 +15,9 @@ from llava_train.utils.modules import IGNORE_INDEX, unwrap
 STAT_KEYS = ("real_tokens", "padded_tokens", "trained_tokens", "samples", "images", "image_tokens", "sum_sq_lengths")
 
 
-def batch_stats(batch: Mapping[str, Any], image_token_id: int) -> dict[str, torch.Tensor]:
+def batch_stats(
+    batch: Mapping[str, Any], image_token_id: int, video_token_id: int | None = None
+) -> dict[str, torch.Tensor]:
     """Counts of one collated micro-batch, as 0-d int64 tensors on the batch's device (no host sync).
 
     real_tokens: tokens of samples: attention_mask == 1 for padded batches, `real_mask` (the packing
@@ -25,8 +27,9 @@ def batch_stats(batch: Mapping[str, Any], image_token_id: int) -> dict[str, torc
         position 0 of a row never counts (labels[:, 1:] != -100).
     samples: rows, or for packed rows the sample starts (position_ids == 0 on real positions, so the
         pad tail, whose positions also restart at 0, is not counted as a sample).
-    images: pixel_values.shape[0] (0 without pixel_values).
-    image_tokens: input_ids == image_token_id on real positions.
+    images: crops and video frames through the vision tower: pixel_values.shape[0] (LLaVA-1.5: one
+        crop per image; anyres: every image's base + grid crops) + frames of pixel_values_videos.
+    image_tokens: input_ids == image_token_id (or the video token) on real positions.
     sum_sq_lengths: sum over samples of (real sample length)^2, for the attention FLOPs; computed
         as sum over real positions of (2 p + 1), p = position inside the sample, because
         sum_{p<L} (2p + 1) = L^2; this needs no per-sample lengths on the host.
@@ -49,13 +52,19 @@ def batch_stats(batch: Mapping[str, Any], image_token_id: int) -> dict[str, torc
         trained = (labels[:, 1:] != IGNORE_INDEX).sum()
     pixel_values = batch.get("pixel_values")
     images = 0 if pixel_values is None else pixel_values.shape[0]
+    videos = batch.get("pixel_values_videos")
+    if videos is not None:
+        images += videos.shape[0] * videos.shape[1]  # [V, F, 3, S, S]
+    placeholders = input_ids == image_token_id
+    if video_token_id is not None:
+        placeholders = placeholders | (input_ids == video_token_id)
     return {
         "real_tokens": real.sum(),
         "padded_tokens": torch.tensor(input_ids.numel(), device=device),
         "trained_tokens": trained,
         "samples": samples.long(),
         "images": torch.tensor(images, device=device),
-        "image_tokens": ((input_ids == image_token_id) & real).sum(),
+        "image_tokens": (placeholders & real).sum(),
         "sum_sq_lengths": ((2 * pos + 1) * real).sum(),
     }
 
@@ -78,6 +87,7 @@ class ThroughputTracker:
     flops: the FLOP model (None = no MFU).
     peak_flops: dense peak FLOP/s of one GPU (None = no MFU, e.g. on CPU).
     image_token_id: id of the image placeholder in input_ids.
+    video_token_id: id of OneVision's video placeholder (None for the image-only archs).
     clock: seconds source, also used by ThroughputCallback (tests pass a fake clock).
     """
 
@@ -87,11 +97,13 @@ class ThroughputTracker:
         peak_flops: float | None,
         *,
         image_token_id: int,
+        video_token_id: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.flops = flops
         self.peak_flops = peak_flops
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
         self.clock = clock
         self._totals: dict[str, torch.Tensor] | None = None
         self._start: float | None = None
@@ -115,7 +127,13 @@ class ThroughputTracker:
         peak = None
         if not (args is not None and getattr(args, "use_cpu", False)):
             peak = peak_flops_for_current_device(dtype)
-        return cls(FlopModel.from_model(base), peak, image_token_id=int(base.config.image_token_id))
+        video = getattr(base.config, "video_token_id", None)
+        return cls(
+            FlopModel.from_model(base),
+            peak,
+            image_token_id=int(base.config.image_token_id),
+            video_token_id=None if video is None else int(video),
+        )
 
     def start(self) -> None:
         """Start the first interval now (otherwise it starts at the first `observe`)."""
@@ -126,7 +144,7 @@ class ThroughputTracker:
         """Add one micro-batch's statistics (device-side; no host sync)."""
         if self._start is None:
             self.start()
-        stats = batch_stats(batch, self.image_token_id)
+        stats = batch_stats(batch, self.image_token_id, self.video_token_id)
         if self._totals is None:
             self._totals = stats
         else:

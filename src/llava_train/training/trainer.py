@@ -99,8 +99,9 @@ class LLaVATrainer(Trainer):
     `tracker` (throughput statistics fed with every micro-batch), `partial_checkpoints` (checkpoints
     hold only the trainable weights; `frozen_from` records where the frozen rest comes from),
     `packing_length` (train on packed rows of this many tokens: see data/packing.py),
-    `loss_on_trained_only` / `loss_chunk_size` (lm_head + loss only on trained positions), and `guard`
-    (`training.safety.StepGuard`: non-finite steps and preemption, agreed by every rank each step).
+    `loss_on_trained_only` / `loss_chunk_size` (lm_head + loss only on trained positions), `guard`
+    (`training.safety.StepGuard`: non-finite steps and preemption, agreed by every rank each step) and
+    `video_keepalive` (the run has OneVision videos: every micro-batch runs the tower's video pass too).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class LLaVATrainer(Trainer):
         loss_on_trained_only: bool = False,
         loss_chunk_size: int = 4096,
         guard: Any = None,
+        video_keepalive: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -129,7 +131,8 @@ class LLaVATrainer(Trainer):
         self.group_by_modality_length = group_by_modality_length
         self.tracker = tracker
         self.guard = guard
-        self._text_only_batch = False
+        self.video_keepalive = video_keepalive
+        self._missing_vision_calls = 0
         # Also with one process: then a text-only step gives the projector a zero gradient, as it must with
         # several (where it is all-reduced), so AdamW moves it the same way (momentum, weight decay) on
         # 1 and on N GPUs; without it one process would skip the projector (grad None) on text-only steps.
@@ -215,11 +218,11 @@ class LLaVATrainer(Trainer):
             self.tracker.observe(inputs)
         if self.guard is not None:
             self.guard.observe_batch(inputs)
-        self._text_only_batch = "pixel_values" not in inputs
+        self._missing_vision_calls = self.missing_vision_calls(inputs)
         try:
             return super().training_step(model, model_inputs(inputs), num_items_in_batch)
         finally:
-            self._text_only_batch = False
+            self._missing_vision_calls = 0
 
     def prediction_step(
         self,
@@ -229,11 +232,19 @@ class LLaVATrainer(Trainer):
         ignore_keys: list[str] | None = None,
     ) -> Any:
         """Evaluation batches need the same rank-safe vision call as training ones under ZeRO-3."""
-        self._text_only_batch = "pixel_values" not in inputs
+        self._missing_vision_calls = self.missing_vision_calls(inputs)
         try:
             return super().prediction_step(model, model_inputs(inputs), prediction_loss_only, ignore_keys)
         finally:
-            self._text_only_batch = False
+            self._missing_vision_calls = 0
+
+    def missing_vision_calls(self, inputs: dict[str, Any]) -> int:
+        """Vision-tower passes this micro-batch lacks to match every other one: the image pass when it has
+        no image, and in a run with videos the video pass when it has no video (the keepalive runs them)."""
+        missing = 0 if "pixel_values" in inputs else 1
+        if self.video_keepalive and "pixel_values_videos" not in inputs:
+            missing += 1
+        return missing
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -257,51 +268,55 @@ class LLaVATrainer(Trainer):
 
 
 def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
-    """Keep ranks in step when a micro-batch has no image.
+    """Keep ranks in step when a micro-batch lacks an image (or, in a run with videos, a video).
 
     Under ZeRO-3 every module's parameters are all-gathered when it runs (forward and backward),
     and under ZeRO-2/DDP the projector's gradients are reduced across ranks; a rank that skipped
     the vision tower would issue a different sequence of collectives and hang the others (or fail
-    with mismatched gather sizes). LlavaModel runs, in order: input embeddings -> vision tower +
-    projector (only when pixel_values is given) -> language model. On a text-only micro-batch this
-    pre-hook on the language model runs one blank image through the same vision tower + projector
-    and adds 0 x its output to the LM's input embeddings. Every rank therefore runs embeddings,
-    vision, projector, LM in the same order forward, and the reverse order backward (a hook on the
-    embedding module itself would put the embedding's backward before the projector's on text-only
-    ranks only). `prepend=True` puts it ahead of DeepSpeed's own pre-hook on the LM. The cost is
-    one image per text-only micro-batch, not one per text-only sample as in the original. The flag
-    is set only inside training/prediction steps, so generation elsewhere is untouched. It runs with
-    any number of processes, so the projector's gradient on a text-only step is zero (not None) in
-    every setting and 1-GPU and N-GPU runs optimise alike.
+    with mismatched gather sizes). The LLaVA models run, in order: input embeddings -> vision tower +
+    projector for the images (when pixel_values is given) -> vision tower + projector for the videos
+    (OneVision, when pixel_values_videos is given) -> language model. This pre-hook on the language
+    model runs one blank crop through the same vision tower + projector once per missing pass
+    (`LLaVATrainer.missing_vision_calls`) and adds 0 x their output (and 0 x the NeXT / OneVision
+    image newline) to the LM's input embeddings. Every rank therefore runs embeddings, (vision,
+    projector) x the same count, LM in the same order forward, and the reverse order backward,
+    whatever its number of images, crops, frames or text-only samples (a hook on the embedding module
+    itself would put the embedding's backward before the projector's on text-only ranks only).
+    `prepend=True` puts it ahead of DeepSpeed's own pre-hook on the LM. The cost is one crop per
+    missing pass per micro-batch. The count is set only inside training/prediction steps, so
+    generation elsewhere is untouched. It runs with any number of processes, so the projector's
+    gradient on a text-only step is zero (not None) in every setting and 1-GPU and N-GPU runs
+    optimise alike.
     """
     model = trainer.model
     base = unwrap(model)
     llava = base.model
-    vision_cfg = base.config.vision_config
+    config = base.config
+    vision_cfg = config.vision_config
     size = vision_cfg.image_size
     size = size if isinstance(size, int) else size[0]
+    layer = config.vision_feature_layer
+    newline = getattr(llava, "image_newline", None)
+
+    def blank_pass(device: torch.device) -> torch.Tensor:
+        """One blank crop through the tower and the projector, selected as the arch selects features."""
+        dtype = next(llava.multi_modal_projector.parameters()).dtype
+        blank = torch.zeros(1, vision_cfg.num_channels, size, size, device=device, dtype=dtype)
+        hidden = llava.vision_tower(blank, output_hidden_states=True, return_dict=True).hidden_states
+        feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[k] for k in layer], dim=-1)
+        if config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return llava.multi_modal_projector(feats).sum()
 
     def pre_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
-        if not trainer._text_only_batch or kwargs.get("inputs_embeds") is None:
+        missing = trainer._missing_vision_calls
+        if not missing or kwargs.get("inputs_embeds") is None:
             return None
         embeds = kwargs["inputs_embeds"]
-        blank = torch.zeros(
-            1,
-            vision_cfg.num_channels,
-            size,
-            size,
-            device=embeds.device,
-            dtype=next(llava.multi_modal_projector.parameters()).dtype,
-        )
-        feats = llava.get_image_features(
-            pixel_values=blank,
-            vision_feature_layer=base.config.vision_feature_layer,
-            vision_feature_select_strategy=base.config.vision_feature_select_strategy,
-        )
-        feats = getattr(feats, "pooler_output", feats)
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat(list(feats), dim=0)
-        kwargs["inputs_embeds"] = embeds + 0.0 * feats.sum().to(embeds.dtype)
+        total = sum(blank_pass(embeds.device) for _ in range(missing))
+        if newline is not None:
+            total = total + newline.sum()
+        kwargs["inputs_embeds"] = embeds + 0.0 * total.to(embeds.dtype)
         return args, kwargs
 
     llava.language_model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
