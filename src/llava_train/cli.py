@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from llava_train.config import config_reference, load_config
+from llava_train.config import ARCHS, config_reference, load_config
 from llava_train.config_io import ConfigError
 
 
@@ -126,7 +126,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
         kwargs["pretrain_steps"] = args.pretrain_steps
     if args.finetune_steps is not None:
         kwargs["finetune_steps"] = args.finetune_steps
-    run_demo(args.workdir, **kwargs)
+    run_demo(args.workdir, arch=args.arch, **kwargs)
     return 0
 
 
@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--pretrain-steps", type=int)
     p.add_argument("--finetune-steps", type=int)
+    p.add_argument(
+        "--arch",
+        default="llava",
+        choices=list(ARCHS),
+        help="llava_next / llava_onevision: anyres on images of mixed sizes",
+    )
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("sweep", help="run a wandb-format sweep YAML locally (grid/random)")

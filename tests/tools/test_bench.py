@@ -37,7 +37,10 @@ def _small() -> object:
 
 
 def test_registries_list_valid_keys() -> None:
-    with pytest.raises(ConfigError, match="valid presets: cpu-tiny, cpu-tiny-576, gpu-1b-finetune, gpu-7b-pretrain"):
+    valid = (
+        "valid presets: cpu-tiny, cpu-tiny-576, gpu-1b-finetune, cpu-tiny-next, gpu-7b-next-finetune, gpu-7b-pretrain"
+    )
+    with pytest.raises(ConfigError, match=valid):
         get_preset("gpu-70b")
     with pytest.raises(ConfigError, match="unknown bench mode"):
         parse_modes("hf-padded,fast")
@@ -105,6 +108,22 @@ def test_mode_runs_real_trainer_steps(mode: str) -> None:
     assert 0 <= record["data_wait_fraction"] < 1
     # ours pads every packed row to packing_length (one shape for the run): 480 of 512 positions are real.
     assert (record["padding_efficiency"], record["tokens_per_step"]) == EXACT[mode]
+
+
+@pytest.mark.parametrize("mode", ["hf-padded", "ours"])
+def test_anyres_preset_runs_real_trainer_steps(mode: str) -> None:
+    """LLaVA-NeXT: every 480 x 640 synthetic image is 5 crops and its exact anyres token count."""
+    preset = replace(get_preset("cpu-tiny-next"), num_samples=32, steps=1, warmup=1, batch_size=2)
+    from llava_train.tools.bench.presets import crops_per_image, image_tokens_per_image
+
+    # 48 px crops, 12 x 12 patches: best pinpoint 96 x 96 (2 x 2 crops), 24 x 24 patches unpadded to
+    # 18 rows of 24, + one newline per row: 144 + 18 * 24 + 18.
+    assert (image_tokens_per_image(preset), crops_per_image(preset)) == (144 + 18 * 24 + 18, 5)
+    mix = SyntheticMix(preset, image_token_id=4095)
+    item = next(mix[i] for i in range(len(mix)) if mix.layout[i][0])
+    assert tuple(item["pixel_values"].shape) == (5, 3, 48, 48) and item["image_sizes"].tolist() == [[480, 640]]
+    record = run_mode("cpu-tiny-next", mode, preset=preset)
+    assert record["steps"] == 1 and record["tokens_per_s"] > 0
 
 
 def test_seeded_mix_is_exact() -> None:

@@ -136,3 +136,24 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ANSWER=" in proc.stdout
+
+
+@pytest.mark.slow
+def test_short_anyres_demo_on_mixed_sizes(tmp_path: Path) -> None:
+    """`llava-train demo --arch llava_next`: mixed-size images, anyres token counts, the NeXT class saved."""
+    from PIL import Image
+
+    size = DemoSize(n_pretrain=16, n_finetune=16, n_eval=8)
+    result = run_demo(
+        tmp_path / "demo", pretrain_steps=2, finetune_steps=2, size=size, eval_limit=8, arch="llava_next"
+    )
+    w = result.workdir
+    sizes = {Image.open(p).size for p in (w / "data" / "images" / "finetune").glob("*.png")}
+    assert len(sizes) >= 3 and sizes <= {(64, 64), (96, 64), (128, 64), (64, 96), (64, 128)}
+    config = json.loads((w / "model" / "config.json").read_text())
+    assert config["model_type"] == "llava_next"
+    assert config["image_grid_pinpoints"] == [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]
+    report = json.loads((w / "data_report_finetune.json").read_text())
+    tokens = report["sources"][0]["image_tokens"]
+    assert tokens["p50"] < tokens["max"]  # per-image counts vary with the image's size
+    assert list(result.table["rows"]) == ["colour", "shape", "position", "count"]

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_train.config_io import ConfigError
-from llava_train.model.vision import image_tokens
+from llava_train.model.vision import ImageGeometry, image_geometry
 from llava_train.utils.modules import IGNORE_INDEX
 
 BOS_ID = 1
@@ -38,6 +38,10 @@ class BenchPreset:
     baseline_checkpointing: activation checkpointing in hf-padded / grouped / packed (as the
         measured HF-native baseline); `ours` turns it off.
     num_workers: DataLoader worker processes.
+    arch: `model.arch` (llava, llava_next, llava_onevision); anyres archs use the arch's default
+        pinpoints for the tower's crop.
+    image_hw: (height, width) of every synthetic image (anyres archs: sets its crops and tokens; the
+        665K mix's COCO images are mostly 480 x 640).
     """
 
     text: dict[str, Any]
@@ -56,6 +60,8 @@ class BenchPreset:
     bf16: bool = False
     baseline_checkpointing: bool = False
     num_workers: int = 0
+    arch: str = "llava"
+    image_hw: tuple[int, int] = (480, 640)
 
 
 _CLIP_L_336 = {
@@ -164,6 +170,65 @@ PRESETS: dict[str, BenchPreset] = {
         baseline_checkpointing=True,
         num_workers=4,
     ),
+    # cpu-tiny with LLaVA-NeXT anyres: 480 x 640 images -> 2 x 2 grids of 48 px crops (5 crops, 468 tokens).
+    "cpu-tiny-next": BenchPreset(
+        text={
+            **_LLAMA,
+            "vocab_size": 4096,
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        vision={
+            "image_size": 48,
+            "patch_size": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        stage="finetune",
+        mix="665k",
+        length_scale=0.25,
+        max_length=1024,
+        batch_size=4,
+        packing_length=1024,
+        rows=2,
+        steps=4,
+        warmup=1,
+        num_samples=512,
+        arch="llava_next",
+    ),
+    # LLaVA-NeXT-7B stage 2 (configs/llava-next-7b/finetune.yaml): Vicuna-7B + CLIP-L/336, anyres; a 480 x 640
+    # image is 5 crops and 2340 LM tokens, so rows of 8192 hold about 3 samples.
+    "gpu-7b-next-finetune": BenchPreset(
+        text={
+            **_LLAMA,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 8192,
+        },
+        vision=_CLIP_L_336,
+        stage="finetune",
+        mix="665k",
+        max_length=4096,
+        batch_size=2,
+        packing_length=8192,
+        rows=1,
+        steps=6,
+        warmup=2,
+        num_samples=2048,
+        dtype="bfloat16",
+        bf16=True,
+        baseline_checkpointing=True,
+        num_workers=4,
+        arch="llava_next",
+    ),
     "gpu-7b-pretrain": BenchPreset(
         text={
             **_LLAMA,
@@ -269,11 +334,21 @@ def parse_modes(text: str | None) -> list[str]:
 # -- synthetic data ------------------------------------------------------------------------------
 
 
-def image_tokens_per_image(preset: BenchPreset) -> int:
-    """Feature tokens per image: the one formula (`model.vision.image_tokens`) on the preset's CLIP tower."""
+def bench_geometry(preset: BenchPreset) -> ImageGeometry:
+    """The preset's image geometry: the one formula (`model.vision`) on its CLIP tower and arch."""
     from transformers import CLIPVisionConfig
 
-    return image_tokens(CLIPVisionConfig(**preset.vision), "patch")
+    return image_geometry(preset.arch, CLIPVisionConfig(**preset.vision), "patch")
+
+
+def image_tokens_per_image(preset: BenchPreset) -> int:
+    """LM tokens of each synthetic image (the preset's `image_hw` through its geometry)."""
+    return bench_geometry(preset).image_tokens(*preset.image_hw)
+
+
+def crops_per_image(preset: BenchPreset) -> int:
+    """Tower crops of each synthetic image (1 for llava)."""
+    return bench_geometry(preset).crops(*preset.image_hw)
 
 
 def synthetic_layout(preset: BenchPreset, seed: int = 0) -> list[tuple[int, int, int]]:
@@ -319,7 +394,10 @@ class SyntheticMix(Dataset):
         self.vocab = preset.text["vocab_size"]
         self.seed = seed
         size = preset.vision["image_size"]
-        self.image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        self.crops = crops_per_image(preset)
+        self.anyres = preset.arch != "llava"
+        self.image_hw = list(preset.image_hw)
+        self.image = torch.randn(self.crops, 3, size, size, generator=torch.Generator().manual_seed(seed))
         self.lengths = [1 + k * self.n_img + t for k, t, _ in self.layout]
         self.modality_lengths = [n if k else -n for n, (k, _, _) in zip(self.lengths, self.layout, strict=True)]
 
@@ -335,5 +413,8 @@ class SyntheticMix(Dataset):
         labels[-trained:] = ids[-trained:]
         item: dict[str, Any] = {"input_ids": ids, "labels": labels, "num_images": images, "id": i}
         if images:
-            item["pixel_values"] = self.image.expand(images, -1, -1, -1)
+            # [images x crops, 3, S, S]; anyres archs also take each image's size
+            item["pixel_values"] = self.image.repeat(images, 1, 1, 1)
+            if self.anyres:
+                item["image_sizes"] = torch.tensor([self.image_hw] * images, dtype=torch.long)
         return item

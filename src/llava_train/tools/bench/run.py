@@ -35,24 +35,32 @@ from llava_train.utils.modules import IGNORE_INDEX
 
 
 def build_bench_model(preset: BenchPreset, attn: str = "sdpa", seed: int = 0) -> Any:
-    """Random-init LlavaForConditionalGeneration of the preset, on CUDA when available, with the stage applied."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """Random-init model of the preset's arch (LLaVA-1.5 / NeXT / OneVision), on CUDA when available, with the
+    stage applied."""
+    import transformers
+    from transformers import CLIPVisionConfig, LlamaConfig
 
+    from llava_train.model.builder import ARCH_CLASSES, model_class
     from llava_train.model.freeze import set_trainable
     from llava_train.stages import get_stage
+    from llava_train.tools.bench.presets import bench_geometry
 
     text = LlamaConfig(**preset.text, bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=2)
-    cfg = LlavaConfig(
+    fields: dict[str, Any] = {}
+    if preset.arch != "llava":
+        fields["image_grid_pinpoints"] = [list(p) for p in bench_geometry(preset).pinpoints]
+    cfg = getattr(transformers, ARCH_CLASSES[preset.arch][0])(
         vision_config=CLIPVisionConfig(**preset.vision),
         text_config=text,
         image_token_id=preset.text["vocab_size"] - 1,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
+        **fields,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(
+        model = model_class(preset.arch)._from_config(
             cfg, attn_implementation=attn, dtype=getattr(torch, preset.dtype)
         )
     set_trainable(model, get_stage(preset.stage).trainable)
@@ -82,7 +90,7 @@ class _BatchLog:
                 "padded_tokens": int(batch["input_ids"].numel()),
                 "trained_tokens": (batch["labels"][:, 1:] != IGNORE_INDEX).sum(),  # device tensor, summed at the end
                 "samples": len(ids),
-                "images": images,
+                "images": images * self.dataset.crops,  # crops through the tower (FLOPs)
                 "image_tokens": images * self.dataset.n_img,
                 "sum_sq_lengths": sum(n * n for n in lengths),
             }

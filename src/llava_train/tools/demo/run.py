@@ -222,6 +222,7 @@ def run_demo(
     without_stage1: bool = False,
     overrides: Sequence[str] = (),
     torch_threads: int | None = 1,
+    arch: str = "llava",
 ) -> DemoResult:
     """Run the whole demo in `workdir` and return the final model folder, eval table and artifact paths.
 
@@ -230,8 +231,16 @@ def run_demo(
     `finetune_steps` override the YAML's `max_steps`; `without_stage1` also trains stage 2 straight
     from the base models (same steps) to measure what stage 1 buys; `overrides` (`key=value`) apply
     to both stages' configs (e.g. `train.learning_rate=1e-3`). `torch_threads` sets torch's
-    intra-op threads for the run (None: leave torch's default).
+    intra-op threads for the run (None: leave torch's default). `arch` `llava_next` (or
+    `llava_onevision`) trains that arch on images of mixed sizes (square, wide, tall): anyres grids
+    with their exact per-image token counts.
     """
+    from llava_train.config import DEFAULT_ASPECT_RATIO
+
+    if arch != "llava":
+        # Anyres images are up to 2-3 crops of 64 px: 64 base tokens + up to ~200 grid tokens.
+        arch_overrides = [f"model.arch={arch}", f"data.image_aspect_ratio={DEFAULT_ASPECT_RATIO[arch]}"]
+        overrides = [*arch_overrides, "data.model_max_length=1024", *overrides]
     import torch
 
     previous = torch.get_num_threads()
@@ -249,6 +258,7 @@ def run_demo(
             eval_limit,
             without_stage1,
             overrides,
+            arch != "llava",
         )
     finally:
         torch.set_num_threads(previous)
@@ -263,6 +273,7 @@ def _run_demo(
     eval_limit: int | None,
     without_stage1: bool,
     overrides: Sequence[str],
+    mixed_sizes: bool = False,
 ) -> DemoResult:
     from llava_train.train import run as train_run
 
@@ -274,7 +285,9 @@ def _run_demo(
     data = _timed(
         timings,
         "generate data",
-        lambda: shapes.generate(w / "data", size.n_pretrain, size.n_finetune, size.n_eval, size.image_size, seed),
+        lambda: shapes.generate(
+            w / "data", size.n_pretrain, size.n_finetune, size.n_eval, size.image_size, seed, mixed_sizes
+        ),
     )
     _timed(timings, "tiny tokenizer + models", lambda: build_models(w, data, size, seed))
     cfg1 = stage_config("pretrain", w, pretrain_steps, overrides=overrides)
@@ -287,7 +300,7 @@ def _run_demo(
     untrained = _timed(
         timings,
         "build untrained",
-        lambda: save_untrained(stage_config("finetune", w, init_from=None), w / "untrained"),
+        lambda: save_untrained(stage_config("finetune", w, init_from=None, overrides=overrides), w / "untrained"),
     )
     reports["untrained"] = _timed(
         timings, "eval untrained", lambda: evaluate_model(untrained, data, w / "eval" / "untrained", eval_limit, False)

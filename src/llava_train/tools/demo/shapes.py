@@ -139,20 +139,30 @@ def describe(items: list[Item]) -> str:
     return f"There are {len(items)} shapes: {caption(items)}."
 
 
-def draw(items: list[Item], image_size: int, rng: random.Random) -> Image.Image:
-    """Render shapes on a light, slightly noisy background (noise keeps the task from being trivially linear)."""
+# (width, height) in units of image_size / 64 for `mixed_sizes` (the anyres demo): square, wide, tall.
+MIXED_SIZES = ((64, 64), (96, 64), (128, 64), (64, 96), (64, 128))
+
+
+def draw(items: list[Item], image_size: int, rng: random.Random, width: int | None = None) -> Image.Image:
+    """Render shapes on a light, slightly noisy background (noise keeps the task from being trivially linear).
+
+    The image is `width` x `image_size` (width None = square); the 3 x 3 position grid spans the whole
+    image and shapes keep their proportions (radius from the smaller cell side)."""
+    height = image_size
+    width = width or image_size
     base = 235 + rng.randrange(16)
     # Speckle about 1 pixel in 8 a little darker (numpy: a per-pixel Python loop dominated generation time).
     noise = np.random.default_rng(rng.randrange(2**32))
-    dark = base - noise.integers(0, 20, (image_size, image_size))
-    gray = np.where(noise.random((image_size, image_size)) < 1 / 8, dark, base).astype(np.uint8)
+    dark = base - noise.integers(0, 20, (height, width))
+    gray = np.where(noise.random((height, width)) < 1 / 8, dark, base).astype(np.uint8)
     img = Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
     canvas = ImageDraw.Draw(img)
-    cell = image_size / 3
+    cell_x, cell_y = width / 3, height / 3
+    cell = min(cell_x, cell_y)
     for it in items:
         row, col = divmod(POSITIONS.index(it.position), 3)
-        cx = (col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
-        cy = (row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+        cx = (col + 0.5) * cell_x + rng.uniform(-0.08, 0.08) * cell
+        cy = (row + 0.5) * cell_y + rng.uniform(-0.08, 0.08) * cell
         r = cell * (0.42 if it.size == "large" else 0.32)
         fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLORS[it.color])
         if it.shape == "circle":
@@ -212,18 +222,33 @@ def _objects(items: list[Item]) -> list[dict[str, str]]:
     return [asdict(i) for i in items]
 
 
+class _Canvas:
+    """Image sizes of one split: square, or with `mixed` one of MIXED_SIZES per image from its own RNG stream
+    (so the square demo's data are unchanged)."""
+
+    def __init__(self, image_size: int, mixed: bool, stream: str) -> None:
+        self.image_size, self.mixed, self.rng = image_size, mixed, random.Random(stream)
+
+    def draw(self, items: list[Item], rng: random.Random) -> Image.Image:
+        if not self.mixed:
+            return draw(items, self.image_size, rng)
+        w, h = self.rng.choice(MIXED_SIZES)
+        scale = self.image_size / 64
+        return draw(items, round(h * scale), rng, width=round(w * scale))
+
+
 def _save(img: Image.Image, image_folder: Path, rel: str) -> None:
     path = image_folder / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG", compress_level=1)  # fast zlib: writing dominated generation
 
 
-def _pretrain_rows(n: int, rng: random.Random, image_folder: Path, image_size: int) -> list[dict[str, Any]]:
+def _pretrain_rows(n: int, rng: random.Random, image_folder: Path, canvas: _Canvas) -> list[dict[str, Any]]:
     rows = []
     for i in range(n):
         items = _items(rng, rng.choice(COUNTS), held_out=False)
         rel = f"pretrain/{i:06d}.png"
-        _save(draw(items, image_size, rng), image_folder, rel)
+        _save(canvas.draw(items, rng), image_folder, rel)
         human = _with_image(rng.choice(CAPTION_INSTRUCTIONS), rng, after_share=0.5)
         rows.append(
             {
@@ -236,7 +261,7 @@ def _pretrain_rows(n: int, rng: random.Random, image_folder: Path, image_size: i
     return rows
 
 
-def _finetune_rows(n: int, rng: random.Random, image_folder: Path, image_size: int) -> list[dict[str, Any]]:
+def _finetune_rows(n: int, rng: random.Random, image_folder: Path, canvas: _Canvas) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     n_text = max(1, n // 40) if n >= 10 else 0
     for i in range(n - n_text):
@@ -244,7 +269,7 @@ def _finetune_rows(n: int, rng: random.Random, image_folder: Path, image_size: i
         count = 1 if rng.random() < 0.5 else rng.choice(COUNTS[1:])
         items = _items(rng, count, held_out=False)
         rel = f"finetune/{i:06d}.png"
-        _save(draw(items, image_size, rng), image_folder, rel)
+        _save(canvas.draw(items, rng), image_folder, rel)
         if count == 1:
             # Shape is the hardest attribute for the tiny random vision tower: every single-shape
             # image asks it (measured, 800 steps: shape 46% held-out when asked in ~1/4 of rows).
@@ -280,7 +305,7 @@ def _finetune_rows(n: int, rng: random.Random, image_folder: Path, image_size: i
     return rows
 
 
-def _eval_rows(n: int, rng: random.Random, image_folder: Path, image_size: int) -> list[dict[str, Any]]:
+def _eval_rows(n: int, rng: random.Random, image_folder: Path, canvas: _Canvas) -> list[dict[str, Any]]:
     rows = []
     for i in range(n):
         kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
@@ -288,7 +313,7 @@ def _eval_rows(n: int, rng: random.Random, image_folder: Path, image_size: int) 
         count = COUNTS[(i // len(QUESTION_TYPES)) % len(COUNTS)] if kind == "count" else 1
         items = _items(rng, count, held_out=True)
         rel = f"eval/{i:06d}.png"
-        _save(draw(items, image_size, rng), image_folder, rel)
+        _save(canvas.draw(items, rng), image_folder, rel)
         conv = [
             {"from": "human", "value": _with_image(_question(kind, rng), rng, after_share=0.0)},
             {"from": "gpt", "value": _answer(kind, items)},
@@ -306,6 +331,7 @@ def generate(
     n_eval: int = 200,
     image_size: int = 64,
     seed: int = 0,
+    mixed_sizes: bool = False,
 ) -> DemoData:
     """Write the demo data set under `out_dir` and return its paths.
 
@@ -315,7 +341,8 @@ def generate(
     colour/shape/position/count) and `meta.json` (vocabulary, held-out triples, chance rate per
     type, sizes). Every image row carries
     its ground truth in `objects` (colour, shape, position, size of each shape). Each split draws from its
-    own RNG stream, so changing one split's size leaves the others unchanged.
+    own RNG stream, so changing one split's size leaves the others unchanged. `mixed_sizes` draws each
+    image at one of MIXED_SIZES (square, wide, tall; the anyres demo) instead of image_size squared.
     """
     if min(n_pretrain, n_finetune, n_eval) < 0:
         raise ValueError(f"sample counts must be >= 0, got {n_pretrain}, {n_finetune}, {n_eval}")
@@ -325,15 +352,21 @@ def generate(
     image_folder = root / "images"
     image_folder.mkdir(parents=True, exist_ok=True)
     splits = {
-        "pretrain": _pretrain_rows(n_pretrain, random.Random(f"{seed}-pretrain"), image_folder, image_size),
-        "finetune": _finetune_rows(n_finetune, random.Random(f"{seed}-finetune"), image_folder, image_size),
-        "eval": _eval_rows(n_eval, random.Random(f"{seed}-eval"), image_folder, image_size),
+        split: rows(
+            n, random.Random(f"{seed}-{split}"), image_folder, _Canvas(image_size, mixed_sizes, f"{seed}-{split}-size")
+        )
+        for split, rows, n in (
+            ("pretrain", _pretrain_rows, n_pretrain),
+            ("finetune", _finetune_rows, n_finetune),
+            ("eval", _eval_rows, n_eval),
+        )
     }
     for name, rows in splits.items():
         (root / f"{name}.json").write_text(json.dumps(rows, indent=1))
     meta = {
         "seed": seed,
         "image_size": image_size,
+        "mixed_sizes": mixed_sizes,
         "counts": {k: len(v) for k, v in splits.items()},
         "colors": list(COLORS),
         "shapes": list(SHAPES),
