@@ -175,8 +175,10 @@ def test_reference_documents_every_key() -> None:
 
 def test_config_choice_lists_are_the_registries() -> None:
     """The choices config validates against are exactly what the code has registered."""
-    from llava_train.data.images import ASPECT_RATIOS
+    from llava_train.archs import ARCHS, DEFAULT_ASPECT_RATIO, IMAGE_ASPECT_RATIOS
+    from llava_train.data import images
     from llava_train.data.templates import TEMPLATES
+    from llava_train.model.builder import ARCH_CLASSES
     from llava_train.model.tiny import TINY_PRESETS
     from llava_train.model.vision import FEATURE_SELECTS
     from llava_train.stages import STAGES
@@ -184,7 +186,8 @@ def test_config_choice_lists_are_the_registries() -> None:
     from llava_train.utils.attention import SDPA_BACKENDS
 
     assert tuple(TEMPLATES) == config_mod.TEMPLATES
-    assert config_mod.IMAGE_ASPECT_RATIOS == ASPECT_RATIOS
+    assert images.IMAGE_ASPECT_RATIOS is IMAGE_ASPECT_RATIOS  # preprocessing takes what config validates
+    assert tuple(ARCH_CLASSES) == ARCHS == tuple(DEFAULT_ASPECT_RATIO)
     assert config_mod.FEATURE_SELECTS == FEATURE_SELECTS
     assert tuple(SDPA_BACKENDS) == config_mod.SDPA_BACKENDS
     assert tuple(TINY_PRESETS) == config_mod.TINY_PRESETS

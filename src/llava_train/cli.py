@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from llava_train.config import ARCHS, config_reference, load_config
+from llava_train.archs import ARCHS
+from llava_train.config import config_reference, load_config
 from llava_train.config_io import ConfigError
 
 

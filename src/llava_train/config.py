@@ -15,15 +15,10 @@ from typing import Any
 
 import yaml
 
+from llava_train.archs import ARCHS, DEFAULT_ASPECT_RATIO, check_aspect_ratio, check_pinpoints
 from llava_train.config_io import ConfigError, apply_overrides, build, describe, load_yaml
 
 TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "mistral", "chatml", "tokenizer")
-ARCHS = ("llava", "llava_next", "llava_onevision")
-# data.image_aspect_ratio per arch: LLaVA-1.5's one crop per image; NeXT's anyres grid; OneVision's anyres_max_N.
-IMAGE_ASPECT_RATIOS = ("pad", "resize", "crop")
-ANYRES = "anyres"
-ANYRES_MAX = "anyres_max_"
-DEFAULT_ASPECT_RATIO = {"llava": "pad", "llava_next": ANYRES, "llava_onevision": "anyres_max_9"}
 FEATURE_SELECTS = ("patch", "cls_patch")
 TINY_PRESETS = ("tiny", "tiny_chatml")
 NAN_POLICIES = ("error", "skip")
@@ -34,30 +29,6 @@ SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 # Files of a run folder that more than one module reads or writes.
 CONFIG_FILENAME = "llava_train_config.yaml"
 METRICS_FILENAME = "metrics.jsonl"
-
-
-def anyres_max_patches(image_aspect_ratio: str) -> int | None:
-    """N of `anyres_max_N` (OneVision's cap on grid crops before downsampling), None for other values."""
-    if image_aspect_ratio.startswith(ANYRES_MAX):
-        tail = image_aspect_ratio[len(ANYRES_MAX) :]
-        if tail.isdigit() and int(tail) > 0:
-            return int(tail)
-    return None
-
-
-def check_aspect_ratio(arch: str, value: str) -> None:
-    """`data.image_aspect_ratio` must suit `model.arch`: pad/resize/crop for llava, anyres for llava_next,
-    anyres_max_N for llava_onevision (transformers' OneVision always downsamples to N crops)."""
-    if arch == "llava":
-        _choice("data.image_aspect_ratio", value, IMAGE_ASPECT_RATIOS)
-    elif arch == "llava_next":
-        if value != ANYRES:
-            raise ConfigError(f"data.image_aspect_ratio={value!r} is not valid with model.arch=llava_next; use anyres")
-    elif anyres_max_patches(value) is None:
-        raise ConfigError(
-            f"data.image_aspect_ratio={value!r} is not valid with model.arch=llava_onevision; use anyres_max_N "
-            "(N >= 1, OneVision's recipe: anyres_max_9)"
-        )
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -145,16 +116,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model.arch", self.arch, ARCHS)
         if self.image_grid_pinpoints is not None:
-            pairs = self.image_grid_pinpoints
-            if not pairs or not all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
-                for p in pairs
-            ):
-                raise ConfigError(
-                    "model.image_grid_pinpoints must be a non-empty list of [height, width] pixel pairs, "
-                    f"got {pairs!r}"
-                )
-            self.image_grid_pinpoints = [list(p) for p in pairs]
+            self.image_grid_pinpoints = check_pinpoints(self.image_grid_pinpoints)
         _choice("model.projector", self.projector, PROJECTORS)
         _choice("model.vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         _choice("model.dtype", self.dtype, DTYPES)

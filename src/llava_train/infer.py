@@ -30,13 +30,11 @@ from llava_train.llava_format import (
     to_messages,
     user_text,
 )
-from llava_train.utils.logging import get_logger
 
 DEFAULT_TYPE = "all"
 REPORT_FILENAME = "eval_report.json"
 PREDICTIONS_FILENAME = "eval_predictions.jsonl"
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-log = get_logger(__name__)
 
 
 @dataclass
@@ -94,21 +92,14 @@ def load(model_dir: str | Path, device: str | None = None, dtype: str | None = N
     The tokenizer pads on the left (generation appends to the right end of every row).
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from llava_train.model.processor import load_saved_processor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
-    try:
-        processor = AutoProcessor.from_pretrained(str(model_dir))
-    except ImportError:
-        if getattr(model.config, "model_type", "") != "llava_onevision":
-            raise
-        # transformers' OneVision processor insists on its torchvision-only video processor.
-        from llava_train.model.processor import load_onevision_processor
-
-        log.warning("torchvision is not installed: OneVision processor loaded without video support")
-        processor = load_onevision_processor(model_dir)
+    processor = load_saved_processor(model_dir, getattr(model.config, "model_type", ""))
     tok = processor.tokenizer
     tok.padding_side = "left"
     if tok.pad_token is None:

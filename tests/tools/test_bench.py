@@ -114,7 +114,7 @@ def test_mode_runs_real_trainer_steps(mode: str) -> None:
 def test_anyres_preset_runs_real_trainer_steps(mode: str) -> None:
     """LLaVA-NeXT: every 480 x 640 synthetic image is 5 crops and its exact anyres token count."""
     preset = replace(get_preset("cpu-tiny-next"), num_samples=32, steps=1, warmup=1, batch_size=2)
-    from llava_train.tools.bench.presets import crops_per_image, image_tokens_per_image
+    from llava_train.tools.bench import crops_per_image, image_tokens_per_image
 
     # 48 px crops, 12 x 12 patches: best pinpoint 96 x 96 (2 x 2 crops), 24 x 24 patches unpadded to
     # 18 rows of 24, + one newline per row: 144 + 18 * 24 + 18.

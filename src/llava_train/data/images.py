@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from llava_train.archs import IMAGE_ASPECT_RATIOS
+
 # -- files -------------------------------------------------------------------------------------
 
 
@@ -95,8 +97,6 @@ def load_image(path: str) -> Any:
 
 # -- preprocessing -----------------------------------------------------------------------------
 
-ASPECT_RATIOS = ("pad", "resize", "crop")
-
 
 def expand2square(img: Any, background: tuple[int, int, int]) -> Any:
     """Pad an image to a square with `background`, the image centred (LLaVA's expand2square)."""
@@ -147,8 +147,9 @@ def preprocess_images(images: list[Any], image_processor: Any, image_aspect_rati
     """
     from PIL import Image
 
-    if image_aspect_ratio not in ASPECT_RATIOS:
-        raise KeyError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; valid: {', '.join(ASPECT_RATIOS)}")
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        valid = ", ".join(IMAGE_ASPECT_RATIOS)
+        raise KeyError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; valid: {valid}")
     if image_aspect_ratio == "pad":
         background = mean_color(image_processor)
         images = [expand2square(img, background) for img in images]

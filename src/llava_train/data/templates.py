@@ -21,9 +21,7 @@ from llava_train.llava_format import (
     DATA_IMAGE_TAG,
     USER,
     Turn,
-    image_markers,
     to_messages,
-    video_markers,
 )
 
 VICUNA_SYSTEM = (
@@ -119,9 +117,11 @@ class Template:
         configured system prompt is used. For `tokenizer` the LM's own template runs on the
         normalised messages, minus a leading BOS the tokenizer adds itself.
         """
+        from llava_train.data.chat_template import jinja_template, jinja_tokenizer
+
         if self.kind == "tokenizer":
-            return _jinja_tokenizer(self, tokenizer)
-        return _jinja(self, tokenizer)
+            return jinja_tokenizer(self, tokenizer)
+        return jinja_template(self, tokenizer)
 
 
 def _check_turns(turns: list[Turn], add_generation_prompt: bool) -> None:
@@ -149,12 +149,14 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     return out
 
 
-def _eos(tokenizer: Any) -> str:
+def eos_text(tokenizer: Any) -> str:
+    """The end marker string training appends to replies (the tokenizer's EOS, `</s>` without one)."""
     eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
     return eos if eos else "</s>"
 
 
-def _bos(tokenizer: Any) -> str:
+def bos_text(tokenizer: Any) -> str:
+    """The BOS string (empty when the tokenizer has none; `<s>` without a tokenizer)."""
     if tokenizer is None:
         return "<s>"
     return getattr(tokenizer, "bos_token", None) or ""
@@ -190,7 +192,7 @@ def _render_vicuna(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[
     # The space before each reply belongs to the reply's first token (SentencePiece "▁word",
     # byte-level "Ġword"), so it sits in the trained segment.
     segs = [Segment((t.system + " ") if t.system else "", False)]
-    eos = _eos(tok)
+    eos = eos_text(tok)
     for i in range(0, len(turns), 2):
         segs.append(Segment(f"USER: {turns[i].text} ASSISTANT:", False))
         if i + 1 < len(turns):
@@ -203,8 +205,8 @@ def _render_llama_2(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list
     # The leading <s> comes from the tokenizer (add_special_tokens); later rounds start with the
     # separator (`<s>` for llama_2, "" for mistral).
     sep = t.options.get("round_sep", "bos")
-    sep_text = _bos(tok) if sep == "bos" else sep
-    eos = _eos(tok)
+    sep_text = bos_text(tok) if sep == "bos" else sep
+    eos = eos_text(tok)
     segs: list[Segment] = []
     for i in range(0, len(turns), 2):
         q = turns[i].text
@@ -227,13 +229,15 @@ def _render_chatml(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[
 
 
 def _render_tokenizer(t: Template, turns: list[Turn], tok: Any, gen: bool) -> list[Segment]:
-    # The LM's chat template, wrapped as it is exported (`_jinja_tokenizer`), so training renders
+    # The LM's chat template, wrapped as it is exported (`chat_template.jinja_tokenizer`), so training renders
     # exactly what the saved processor renders. Each assistant reply is located by rendering growing
     # prefixes of the conversation: prompt_k (history + generation prompt) must be a prefix of full_k
     # (history + reply). A template that rewrites earlier turns is rejected, not guessed.
     if tok is None or not getattr(tok, "chat_template", None):
         raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
-    template = _jinja_tokenizer(t, tok)
+    from llava_train.data.chat_template import jinja_tokenizer
+
+    template = jinja_tokenizer(t, tok)
     messages = to_messages(turns, t.image_token, t.video_token)
 
     def apply(upto: int, generation: bool) -> str:
@@ -295,140 +299,3 @@ def run_template(cfg: Any) -> Template:
     if cfg.model.arch == "llava_onevision":
         template = template.configured(video_token=cfg.model.video_token)
     return template
-
-
-# -- Jinja export --------------------------------------------------------------------------------
-
-
-def _jinja_str(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-
-
-def _jinja_content(image_token: str, video_token: str | None = None) -> str:
-    """A Jinja macro rendering a message's content as training normalises it (`llava_format.normalize_conversation`).
-
-    Images are the typed `image` items plus the image markers in the text; with any image the turn is
-    `image_token + "\\n"` per image, then the text without markers, all stripped; without one the text
-    is kept as it is. With a video token, typed `video` items and video markers come first the same
-    way (`video_token + "\\n"` each).
-    """
-    markers = "[" + ", ".join(_jinja_str(m) for m in image_markers(image_token)) + "]"
-    vmarkers = "[" + ", ".join(_jinja_str(m) for m in video_markers(video_token)) + "]" if video_token else "[]"
-    video = _jinja_str(video_token + "\n") if video_token else "''"
-    return (
-        "{%- macro content(m) -%}"
-        "{%- if m['content'] is string -%}{%- set ns = namespace(k=0, v=0, t=m['content']) -%}"
-        "{%- else -%}{%- set ns = namespace("
-        "k=m['content'] | selectattr('type', 'equalto', 'image') | list | length, "
-        "v=m['content'] | selectattr('type', 'equalto', 'video') | list | length, "
-        "t=m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}"
-        "{%- endif -%}"
-        "{%- set ns.tags = 0 -%}{%- set ns.vtags = 0 -%}"
-        "{%- for marker in " + vmarkers + " -%}"
-        "{%- set ns.vtags = ns.vtags + ns.t.count(marker) -%}{%- set ns.t = ns.t.replace(marker, '') -%}"
-        "{%- endfor -%}"
-        "{%- for marker in " + markers + " -%}"
-        "{%- set ns.tags = ns.tags + ns.t.count(marker) -%}{%- set ns.t = ns.t.replace(marker, '') -%}"
-        "{%- endfor -%}"
-        "{%- if ns.k + ns.tags + ns.v + ns.vtags -%}"
-        "{{ ((" + video + " * (ns.v + ns.vtags)) ~ (" + _jinja_str(image_token + "\n") + " * (ns.k + ns.tags))"
-        " ~ (ns.t | trim)) | trim }}"
-        "{%- else -%}{{ ns.t }}{%- endif -%}"
-        "{%- endmacro -%}"
-    )
-
-
-def _jinja(t: Template, tok: Any) -> str:
-    eos, bos = _eos(tok), _bos(tok)
-    img = _jinja_str(t.image_token)
-    head = (
-        _jinja_content(t.image_token, t.video_token)
-        + "{%- if messages and messages[0]['role'] == 'system' -%}"
-        + "{%- set sys = content(messages[0]) -%}{%- set msgs = messages[1:] -%}"
-        + "{%- else -%}{%- set sys = "
-        + _jinja_str(t.system)
-        + " -%}{%- set msgs = messages -%}{%- endif -%}"
-    )
-    if t.kind == "plain":
-        vid = _jinja_str(t.video_token) if t.video_token else None
-        head_tokens = "{{ content(m).count(" + img + ") * " + img + " }}"
-        if vid:
-            head_tokens += "{{ content(m).count(" + vid + ") * " + vid + " }}"
-        body = (
-            "{%- for m in msgs -%}"
-            "{%- if m['role'] == 'user' -%}" + head_tokens + ""
-            "{%- else -%}{{ content(m) }}{{ '\\n' }}{%- endif -%}"
-            "{%- endfor -%}"
-        )
-    elif t.kind == "vicuna":
-        body = (
-            "{%- if sys -%}{{ sys }}{{ ' ' }}{%- endif -%}"
-            "{%- for m in msgs -%}"
-            "{%- if m['role'] == 'user' -%}USER: {{ content(m) }} ASSISTANT:"
-            "{%- else -%}{{ ' ' }}{{ content(m) }}" + "{{ " + _jinja_str(eos) + " }}{%- endif -%}"
-            "{%- endfor -%}"
-        )
-    elif t.kind == "llama_2":
-        sep = _jinja_str(bos if t.options.get("round_sep") == "bos" else t.options.get("round_sep", ""))
-        body = (
-            "{%- for m in msgs -%}"
-            "{%- if m['role'] == 'user' -%}"
-            "{%- if not loop.first -%}{{ " + sep + " }}{%- endif -%}"
-            "[INST] {% if loop.first and sys %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n{% endif %}{{ content(m) }} [/INST]"
-            "{%- else -%}{{ ' ' }}{{ content(m) }}{{ ' ' }}{{ " + _jinja_str(eos) + " }}{%- endif -%}"
-            "{%- endfor -%}"
-        )
-    elif t.kind == "chatml":
-        body = (
-            "{%- if sys -%}<|im_start|>system{{ '\\n' }}{{ sys }}<|im_end|>{%- endif -%}"
-            "{%- for m in msgs -%}"
-            "{%- if m['role'] == 'user' -%}<|im_start|>user{{ '\\n' }}{{ content(m) }}<|im_end|>"
-            "<|im_start|>assistant{{ '\\n' }}"
-            "{%- else -%}{{ content(m) }}<|im_end|>{%- endif -%}"
-            "{%- endfor -%}"
-        )
-    else:  # pragma: no cover - guarded by the registry
-        raise KeyError(t.kind)
-    # The generation prompt is already part of each user turn's rendering in these formats, so
-    # add_generation_prompt needs no extra text.
-    return head + body
-
-
-def _jinja_tokenizer(t: Template, tok: Any) -> str:
-    """The LM's own chat template behind a prelude that gives it what training gives it.
-
-    The prelude normalises every message to string content (typed items included: LM templates take
-    strings only) and inserts the configured system prompt when the conversation has no system
-    message; the LM's template then renders as usual, and a leading BOS it writes is dropped when the
-    tokenizer adds BOS itself, so the processor's tokenization puts BOS in exactly once.
-    """
-    inner = getattr(tok, "chat_template", None) if tok is not None else None
-    if not inner or not isinstance(inner, str):
-        raise ValueError("template 'tokenizer' needs a tokenizer that has a (single) chat_template")
-    system = (
-        "{%- if not (messages and messages[0]['role'] == 'system') -%}"
-        "{%- set ns_msgs.items = [{'role': 'system', 'content': " + _jinja_str(t.system) + "}] -%}"
-        "{%- endif -%}"
-        if t.system
-        else ""
-    )
-    strip_bos = tokenizer_adds_bos(tok) and bool(getattr(tok, "bos_token", None))
-    tail = (
-        "{%- if rendered.startswith(" + _jinja_str(tok.bos_token) + ") -%}"
-        "{{ rendered[" + str(len(tok.bos_token)) + ":] }}{%- else -%}{{ rendered }}{%- endif -%}"
-        if strip_bos
-        else "{{ rendered }}"
-    )
-    return (
-        _jinja_content(t.image_token, t.video_token)
-        + "{%- set ns_msgs = namespace(items=[]) -%}"
-        + system
-        + "{%- for m in messages -%}"
-        + "{%- set ns_msgs.items = ns_msgs.items + [{'role': m['role'], 'content': content(m)}] -%}"
-        + "{%- endfor -%}"
-        + "{%- set messages = ns_msgs.items -%}"
-        + "{%- set rendered -%}"
-        + inner
-        + "{%- endset -%}"
-        + tail
-    )

@@ -24,6 +24,9 @@ from llava_train.model.vision import (
     vision_config_of,
 )
 from llava_train.model.weights import resolve_folder
+from llava_train.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 def vision_source(cfg: RunConfig) -> tuple[Path, Any]:
@@ -164,6 +167,20 @@ def build_processor(cfg: RunConfig, tokenizer: Any, template: Any) -> Any:
         image_token=cfg.model.image_token,
         chat_template=chat_template,
     )
+
+
+def load_saved_processor(folder: str | Path, model_type: str) -> Any:
+    """`AutoProcessor.from_pretrained(folder)`; for OneVision without torchvision (transformers insists on its
+    torchvision-only video processor) the same processor without video support, with a warning."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(folder))
+    except ImportError:
+        if model_type != "llava_onevision":
+            raise
+        log.warning("torchvision is not installed: OneVision processor loaded without video support")
+        return load_onevision_processor(folder)
 
 
 def load_onevision_processor(folder: str | Path) -> Any:

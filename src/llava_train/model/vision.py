@@ -207,7 +207,7 @@ def image_geometry(
 ) -> ImageGeometry:
     """The ImageGeometry of a run (`model.arch`, the tower, `model.vision_feature_select`,
     `data.image_aspect_ratio`, `model.image_grid_pinpoints`; None = the arch's defaults)."""
-    from llava_train.config import DEFAULT_ASPECT_RATIO, anyres_max_patches, check_aspect_ratio
+    from llava_train.archs import DEFAULT_ASPECT_RATIO, anyres_max_patches, check_aspect_ratio
 
     aspect = image_aspect_ratio or DEFAULT_ASPECT_RATIO[arch]
     check_aspect_ratio(arch, aspect)

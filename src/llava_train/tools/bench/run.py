@@ -21,15 +21,8 @@ from typing import Any
 
 import torch
 
-from llava_train.tools.bench.presets import (
-    BOS_ID,
-    MODES,
-    PAD_ID,
-    BenchPreset,
-    SyntheticMix,
-    get_preset,
-    parse_modes,
-)
+from llava_train.tools.bench.mix import SyntheticMix, bench_geometry
+from llava_train.tools.bench.presets import BOS_ID, MODES, PAD_ID, BenchPreset, get_preset, parse_modes
 from llava_train.utils.attention import sdpa_backends
 from llava_train.utils.modules import IGNORE_INDEX
 
@@ -43,7 +36,6 @@ def build_bench_model(preset: BenchPreset, attn: str = "sdpa", seed: int = 0) ->
     from llava_train.model.builder import ARCH_CLASSES, model_class
     from llava_train.model.freeze import set_trainable
     from llava_train.stages import get_stage
-    from llava_train.tools.bench.presets import bench_geometry
 
     text = LlamaConfig(**preset.text, bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=2)
     fields: dict[str, Any] = {}

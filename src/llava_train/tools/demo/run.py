@@ -235,7 +235,7 @@ def run_demo(
     `llava_onevision`) trains that arch on images of mixed sizes (square, wide, tall): anyres grids
     with their exact per-image token counts.
     """
-    from llava_train.config import DEFAULT_ASPECT_RATIO
+    from llava_train.archs import DEFAULT_ASPECT_RATIO
 
     if arch != "llava":
         # Anyres images are up to 2-3 crops of 64 px: 64 base tokens + up to ~200 grid tokens.
