@@ -4,7 +4,7 @@ synthetic mixes they train on are in `tools.bench.mix`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llava_train.config_io import ConfigError
@@ -164,37 +164,6 @@ PRESETS: dict[str, BenchPreset] = {
         baseline_checkpointing=True,
         num_workers=4,
     ),
-    # cpu-tiny with LLaVA-NeXT anyres: 480 x 640 images -> 2 x 2 grids of 48 px crops (5 crops, 468 tokens).
-    "cpu-tiny-next": BenchPreset(
-        text={
-            **_LLAMA,
-            "vocab_size": 4096,
-            "hidden_size": 256,
-            "intermediate_size": 688,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
-        vision={
-            "image_size": 48,
-            "patch_size": 4,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-        stage="finetune",
-        mix="665k",
-        length_scale=0.25,
-        max_length=1024,
-        batch_size=4,
-        packing_length=1024,
-        rows=2,
-        steps=4,
-        warmup=1,
-        num_samples=512,
-        arch="llava_next",
-    ),
     # LLaVA-NeXT-7B stage 2 (configs/llava-next-7b/finetune.yaml): Vicuna-7B + CLIP-L/336, anyres; a 480 x 640
     # image is 5 crops and 2340 LM tokens, so rows of 8192 hold about 3 samples.
     "gpu-7b-next-finetune": BenchPreset(
@@ -247,6 +216,18 @@ PRESETS: dict[str, BenchPreset] = {
         num_workers=4,
     ),
 }
+# cpu-tiny with LLaVA-NeXT anyres: 480 x 640 images -> 2 x 2 grids of 48 px crops (5 crops, 594 tokens).
+PRESETS["cpu-tiny-next"] = replace(
+    PRESETS["cpu-tiny"],
+    max_length=1024,
+    batch_size=4,
+    packing_length=1024,
+    rows=2,
+    steps=4,
+    warmup=1,
+    num_samples=512,
+    arch="llava_next",
+)
 
 
 @dataclass(frozen=True)
@@ -288,22 +269,6 @@ MODES: dict[str, ModeSpec] = {
 }
 
 
-MODES: dict[str, ModeSpec] = {
-    "hf-padded": ModeSpec(batching="random"),
-    "grouped": ModeSpec(batching="grouped"),
-    "packed": ModeSpec(batching="packed"),
-    "ours": ModeSpec(
-        batching="packed",
-        fixed_rows=True,
-        trained_only_loss=True,
-        checkpointing=False,
-        sdpa_backends=("flash", "efficient"),
-    ),
-    # Opt-in (GPU): block-sparse flex attention for packed rows; not in the default mode list.
-    "ours-flex": ModeSpec(
-        batching="packed", fixed_rows=True, trained_only_loss=True, checkpointing=False, attn="flex_attention"
-    ),
-}
 DEFAULT_MODES = ("hf-padded", "grouped", "packed", "ours")
 
 
