@@ -108,6 +108,40 @@ def test_resized_rows_are_mean_initialised_and_deterministic(make_cfg) -> None:
     assert torch.equal(a.lm_head.weight[512], b.lm_head.weight[512])
 
 
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_build_without_random_init_equals_a_fully_initialised_build(make_cfg, arch: str) -> None:
+    """The fast build (no init of what the checkpoints overwrite) gives the model a fully initialised
+    `_from_config` build gives after loading the same files: every buffer (rotary inv_freq, position ids)
+    and the forward, once the projector (and newline) are the same; those get transformers' own init."""
+    from transformers import AutoConfig
+
+    from llava_train.model.builder import llava_config, model_class
+    from llava_train.model.weights import load_pretrained_parts, resolve_folder
+
+    cfg = make_cfg(lm="llama", tower="clip", model={"arch": arch})
+    parts = load_components(cfg)
+    fast = parts.model
+    lm, vt = resolve_folder(cfg.model.language_model), resolve_folder(cfg.model.vision_tower)
+    vision_full = AutoConfig.from_pretrained(str(vt))
+    config = llava_config(cfg, AutoConfig.from_pretrained(str(lm)), vision_full, IMAGE_TOKEN_ID)
+    slow = model_class(arch)._from_config(config, dtype=torch.float32)
+    load_pretrained_parts(slow, lm, vt, vision_full)
+    slow.resize_token_embeddings(len(parts.tokenizer), mean_resizing=False)
+    slow.load_state_dict(fast.state_dict())  # embeddings' new rows, projector, newline
+    assert {k: v for k, v in slow.named_buffers()}.keys() == {k: v for k, v in fast.named_buffers()}.keys()
+    for name, buffer in slow.named_buffers():
+        assert torch.equal(buffer, dict(fast.named_buffers())[name]), name
+    proj = fast.model.multi_modal_projector
+    std = fast.config.text_config.initializer_range
+    assert torch.all(proj.linear_1.bias == 0) and torch.all(proj.linear_2.bias == 0)
+    assert abs(float(proj.linear_1.weight.detach().std()) - std) < 0.3 * std  # normal(0, initializer_range)
+    if arch == "llava_next":
+        newline = fast.model.image_newline
+        assert abs(float(newline.detach().std()) - 64**-0.5) < 0.3 * 64**-0.5  # normal(0, 1 / sqrt(hidden))
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    torch.testing.assert_close(fast(input_ids=ids).logits, slow(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_tied_lm_keeps_lm_head_tied(make_cfg, tiny_parts) -> None:
     parts = load_components(make_cfg(lm="qwen", tower="siglip"))
     model, tokenizer = parts.model, parts.tokenizer

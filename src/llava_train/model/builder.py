@@ -208,17 +208,64 @@ def video_token_id(tokenizer: Any, cfg: RunConfig) -> int | None:
 
 
 def _resize_embeddings(model: Any, tokenizer: Any) -> None:
-    vocab = model.config.text_config.vocab_size
-    if len(tokenizer) > vocab:
-        import torch
+    """Grow the embeddings (and an untied lm_head) to the tokenizer; the new rows are the old rows' mean.
 
-        # transformers samples the new rows around the old embeddings' mean (and keeps
-        # text_config.vocab_size in step). A fixed seed makes a rebuilt base model identical, which
-        # LoRA merging relies on: the new rows are not in the adapter.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model.resize_token_embeddings(len(tokenizer))
-        log.info("token embeddings resized %d -> %d", vocab, len(tokenizer))
+    That is LLaVA's own rule (`smart_tokenizer_and_embedding_resize`): deterministic, so a rebuilt base
+    model is identical (LoRA merging relies on it: the new rows are not in the adapter), and cheap,
+    where transformers' default samples from the old rows' covariance (seconds for a 7B vocabulary).
+    """
+    vocab = model.config.text_config.vocab_size
+    if len(tokenizer) <= vocab:
+        return
+    import torch
+
+    from llava_train.utils.distributed import gathered
+
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not tables[0]:
+        tables.append(output.weight)
+    with gathered(tables, modifier_rank=0), torch.no_grad():
+        for weight in tables:
+            if weight.numel():  # ZeRO-3: only the modifier rank holds the gathered table
+                weight[vocab:] = weight[:vocab].mean(dim=0, dtype=torch.float32).to(weight.dtype)
+    log.info("token embeddings resized %d -> %d (new rows: the mean of the old ones)", vocab, len(tokenizer))
+
+
+def _construct(cls: Any, config: Any, dtype: Any, attn: str) -> Any:
+    """The arch's model with random init skipped for every part the pretrained files overwrite.
+
+    Outside ZeRO-3 the modules are built without running their initialisers (transformers'
+    `no_init_weights`: the LM's and tower's random init was ~75% of the build time for 1.1B), and only
+    what no checkpoint provides (the projector, NeXT / OneVision's image newline) is initialised
+    afterwards by `init_new_parts`. Under ZeRO-3, `zero.Init` partitions at construction and transformers
+    initialises module by module, gathered, as before.
+    """
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return cls._from_config(config, dtype=dtype, attn_implementation=attn)
+    with no_init_weights():
+        model = cls._from_config(config, dtype=dtype, attn_implementation=attn)
+    model._llava_train_uninitialised = True
+    return model
+
+
+def init_new_parts(model: Any) -> None:
+    """Initialise (transformers' own `_init_weights`) the parts no pretrained file holds: the projector and the
+    image newline. A no-op for models built by `_from_config` with init (ZeRO-3)."""
+    import torch
+
+    if not getattr(model, "_llava_train_uninitialised", False):
+        return
+    with torch.no_grad():
+        for module in model.model.multi_modal_projector.modules():
+            model._init_weights(module)
+        if hasattr(model.model, "image_newline"):
+            model._init_weights(model.model)  # NeXT / OneVision: normal(0, 1 / sqrt(hidden))
+    del model._llava_train_uninitialised
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
@@ -256,8 +303,9 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
     if cfg.lora.enabled and cfg.lora.bits:
         model = _build_quantized(cfg, config, lm_folder, vt_folder, vision_full)
     else:
-        model = cls._from_config(config, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+        model = _construct(cls, config, dtype, cfg.model.attn_implementation)
         load_pretrained_parts(model, lm_folder, vt_folder, vision_full)
+        init_new_parts(model)
     _resize_embeddings(model, tokenizer)
     if kind == "projector":
         load_projector(model, Path(cfg.model.init_from) / PROJECTOR_FILE)

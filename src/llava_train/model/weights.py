@@ -72,9 +72,12 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
 
     for file in files:
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                    yield key, handle.get_tensor(key)
+            try:
+                yield from _read_safetensors(file)
+            except _UnknownDtype:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                        yield key, handle.get_tensor(key)
         else:
             try:
                 state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
@@ -82,6 +85,82 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
                 # Files from before torch's zip format cannot be memory-mapped.
                 state = torch.load(str(file), map_location="cpu", weights_only=True)
             yield from state.items()
+
+
+class _UnknownDtype(Exception):
+    """A safetensors dtype `_read_safetensors` does not map (safetensors' own reader takes the file)."""
+
+
+_SAFETENSORS_DTYPES = {
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def _safetensors_header(handle: Any, file: Path) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
+    """(offset of the data, [(name, {dtype, shape, data_offsets})] in file order) of an open safetensors file."""
+    import json
+    import struct
+
+    (size,) = struct.unpack("<Q", handle.read(8))
+    header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    if any(v["dtype"] not in _SAFETENSORS_DTYPES for v in header.values()):
+        raise _UnknownDtype(file)
+    return 8 + size, sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+
+
+def _read_into(handle: Any, start: int, info: dict[str, Any], out: Any, file: Path, key: str) -> Any:
+    """Read one tensor's bytes from an open safetensors file into `out` (contiguous, its dtype and shape)."""
+    import torch
+
+    begin, end = info["data_offsets"]
+    if end > begin:
+        handle.seek(start + begin)
+        if handle.readinto(out.view(-1).view(torch.uint8).numpy()) != end - begin:
+            raise ValueError(f"{file}: truncated tensor {key}")
+    return out
+
+
+def _new_tensor(info: dict[str, Any]) -> Any:
+    import torch
+
+    return torch.empty(info["shape"], dtype=getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]]))
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of a safetensors file, each read with plain file reads into a fresh tensor.
+
+    Not memory-mapped on purpose: the pages of a mapped checkpoint that a copy touches count in the
+    process's RSS until the file is closed (measured: peak RSS 1.8x the weights' bytes for a 1.1B LM +
+    CLIP-L build, every rank of a node at once); read-and-copy keeps at most one tensor beyond the model.
+    """
+    with open(file, "rb") as handle:
+        start, entries = _safetensors_header(handle, file)
+        for key, info in entries:
+            yield key, _read_into(handle, start, info, _new_tensor(info), file, key)
+
+
+def _direct_target(param: Any, info: dict[str, Any]) -> bool:
+    """Whether a checkpoint tensor can be read straight into `param`'s memory (same dtype and shape, a plain
+    contiguous CPU tensor: not ZeRO-3 partitioned)."""
+    import torch
+
+    return (
+        not hasattr(param, "ds_id")
+        and param.device.type == "cpu"
+        and param.is_contiguous()
+        and param.dtype == getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+        and list(param.shape) == list(info["shape"])
+    )
 
 
 def tensor_names(files: list[Path]) -> list[str]:
@@ -130,12 +209,35 @@ def copy_mapped(
     files: list[Path], mapping: dict[str, str], targets: dict[str, Any], where: str, folder: str | os.PathLike
 ) -> int:
     """Copy each checkpoint tensor that `mapping` names into its target parameter, one tensor in memory at a time."""
+    import torch
+
     copied = 0
-    for key, tensor in iter_tensors(files):
-        name = mapping.get(key)
-        if name is not None:
-            assign(targets[name], tensor, f"{where}.{name}", str(folder))
-            copied += 1
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with open(file, "rb") as handle:
+                    start, entries = _safetensors_header(handle, file)
+                    for key, info in entries:
+                        name = mapping.get(key)
+                        if name is None:
+                            continue  # never read what is not loaded (a CLIP checkpoint's text half)
+                        target = targets[name]
+                        if _direct_target(target, info):
+                            # One write into the model's own memory: no second copy, no extra RSS.
+                            with torch.no_grad():
+                                _read_into(handle, start, info, target.data, file, key)
+                        else:
+                            tensor = _read_into(handle, start, info, _new_tensor(info), file, key)
+                            assign(target, tensor, f"{where}.{name}", str(folder))
+                        copied += 1
+                continue
+            except _UnknownDtype:
+                pass
+        for key, tensor in iter_tensors([file]):
+            name = mapping.get(key)
+            if name is not None:
+                assign(targets[name], tensor, f"{where}.{name}", str(folder))
+                copied += 1
     return copied
 
 
