@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from llava_train.config import RunConfig
-from llava_train.model.projector import PROJECTOR_FILE, load_projector
+from llava_train.model.init_source import InitSource, init_source, tokenizer_folder
+from llava_train.model.original import (
+    check_projector_shapes,
+    check_run,
+    load_full,
+    load_projector_tensors,
+    read_projector,
+    text_config,
+)
+from llava_train.model.projector import load_projector
 from llava_train.model.vision import (
     ImageGeometry,
     feature_select_strategy,
@@ -24,10 +33,11 @@ from llava_train.model.vision import (
     vision_config_of,
 )
 from llava_train.model.weights import (
+    checkpoint_names,
     llava_state_dict_from_parts,
     load_pretrained_parts,
+    load_vision_tower,
     resolve_folder,
-    tensor_names,
     weight_files,
 )
 from llava_train.utils.logging import get_logger
@@ -128,29 +138,20 @@ def config_geometry(cfg: RunConfig, config: Any) -> ImageGeometry:
 
 
 def init_from_kind(init_from: str | None) -> str | None:
-    """What `model.init_from` points at: None, `full` (a HF-native LLaVA with weights) or `projector`.
+    """What `model.init_from` points at: None or one of `model.init_source.KINDS` (see `init_source`)."""
+    source = init_source(init_from)
+    return None if source is None else source.kind
 
-    A folder with a LLaVA config.json whose weights include the language model is `full` (a finished
-    stage's output; it may also hold projector.safetensors); otherwise a folder holding
-    projector.safetensors is `projector`. Anything else is an error saying what was expected.
-    """
-    if init_from is None:
-        return None
-    folder = Path(init_from)
-    config = folder / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") in MODEL_TYPE_ARCH:
-        try:
-            names = tensor_names(weight_files(folder))
-        except FileNotFoundError:
-            names = []
-        if any(".language_model." in n or n.startswith("language_model.") for n in names):
-            return "full"
-    if (folder / PROJECTOR_FILE).is_file():
-        return "projector"
-    raise ValueError(
-        f"model.init_from={init_from}: expected a HF-native LLaVA folder (config.json with model_type "
-        f"{' / '.join(MODEL_TYPE_ARCH)} and its weights) or a stage-1 folder holding {PROJECTOR_FILE}"
-    )
+
+def check_init_from(cfg: RunConfig, source: InitSource | None, vision_config: Any) -> None:
+    """Before anything is built: the init_from folder's arch (HF-native) or its original config fits the run."""
+    if source is None:
+        return
+    where = f"model.init_from={cfg.model.init_from}"
+    if source.kind == "full":
+        _check_init_from_arch(cfg, source.folder)
+    elif source.original is not None:
+        check_run(cfg, source.original, vision_config, where, full=source.kind == "original")
 
 
 def _generation_config(tokenizer: Any, lm_folder: Path | None) -> Any:
@@ -231,37 +232,56 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
     from transformers import AutoConfig
 
     dtype = torch_dtype(cfg.model.dtype)
-    kind = init_from_kind(cfg.model.init_from)
+    source = init_source(cfg.model.init_from, weights=True)
+    kind = source.kind if source else None
+    where = f"model.init_from={cfg.model.init_from}"
     cls = model_class(cfg.model.arch)
     if kind == "full":
         if cfg.lora.enabled and cfg.lora.bits:
             raise ValueError("QLoRA from a full model.init_from folder is not supported; use a projector folder")
-        _check_init_from_arch(cfg)
-        model = cls.from_pretrained(
-            cfg.model.init_from, dtype=dtype, attn_implementation=cfg.model.attn_implementation
-        )
+        _check_init_from_arch(cfg, source.folder)
+        model = cls.from_pretrained(str(source.folder), dtype=dtype, attn_implementation=cfg.model.attn_implementation)
         _check_init_from_config(cfg, model.config)
         _resize_embeddings(model, tokenizer)
-        model.generation_config = _generation_config(tokenizer, Path(cfg.model.init_from))
-        log.info("model loaded from %s", cfg.model.init_from)
+        model.generation_config = _generation_config(tokenizer, source.folder)
+        log.info("model loaded from %s", source.folder)
         return model
 
-    lm_folder = resolve_folder(cfg.model.language_model)
+    if kind == "original":
+        if cfg.lora.enabled and cfg.lora.bits:
+            raise ValueError("QLoRA from an original-format checkpoint is not supported; convert it first")
+        lm_folder, text = source.folder, text_config(source.original, where)
+    else:
+        lm_folder = resolve_folder(cfg.model.language_model)
+        text = AutoConfig.from_pretrained(str(lm_folder))
     vt_folder = resolve_folder(cfg.model.vision_tower)
-    text_config = AutoConfig.from_pretrained(str(lm_folder))
     vision_full = AutoConfig.from_pretrained(str(vt_folder))
     config = llava_config(
-        cfg, text_config, vision_full, image_token_id(tokenizer, cfg.model.image_token), video_token_id(tokenizer, cfg)
+        cfg, text, vision_full, image_token_id(tokenizer, cfg.model.image_token), video_token_id(tokenizer, cfg)
     )
+    if kind == "original_projector":
+        # Checked before the (large) model is built: a projector for another LM or tower fails at once.
+        projector = read_projector(source.projector_file)
+        lm_hidden, vt_hidden = int(config.text_config.hidden_size), int(config.vision_config.hidden_size)
+        args = (lm_hidden, vt_hidden, cfg.model.language_model, cfg.model.vision_tower)
+        check_projector_shapes(projector, source.projector_file, *args)
     if cfg.lora.enabled and cfg.lora.bits:
         model = _build_quantized(cfg, config, lm_folder, vt_folder, vision_full)
     else:
         model = cls._from_config(config, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
-        load_pretrained_parts(model, lm_folder, vt_folder, vision_full)
+        if kind == "original":
+            files, names = weight_files(lm_folder), checkpoint_names(lm_folder)
+            if not load_full(model, files, names, where):
+                load_vision_tower(model, vt_folder, vision_full)
+        else:
+            load_pretrained_parts(model, lm_folder, vt_folder, vision_full)
     _resize_embeddings(model, tokenizer)
-    if kind == "projector":
-        load_projector(model, Path(cfg.model.init_from) / PROJECTOR_FILE)
-        log.info("projector loaded from %s", Path(cfg.model.init_from) / PROJECTOR_FILE)
+    if kind in ("projector", "original_projector"):
+        if kind == "projector":
+            load_projector(model, source.projector_file)
+        else:
+            load_projector_tensors(model, projector, source.projector_file)
+        log.info("projector loaded from %s", source.projector_file)
     model.generation_config = _generation_config(tokenizer, lm_folder)
     return model
 
@@ -303,8 +323,8 @@ def _build_quantized(cfg: RunConfig, config: Any, lm_folder: Path, vt_folder: Pa
     )
 
 
-def _check_init_from_arch(cfg: RunConfig) -> None:
-    model_type = json.loads((Path(cfg.model.init_from) / "config.json").read_text()).get("model_type")
+def _check_init_from_arch(cfg: RunConfig, folder: Path) -> None:
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if MODEL_TYPE_ARCH.get(model_type) != cfg.model.arch:
         raise ValueError(
             f"model.init_from={cfg.model.init_from} is a {model_type} model but model.arch={cfg.model.arch}; "
@@ -325,7 +345,9 @@ def _check_init_from_config(cfg: RunConfig, config: Any) -> None:
 
 
 def tokenizer_source(cfg: RunConfig) -> str:
-    """Where the tokenizer comes from: a full init_from folder, else `model.tokenizer` or the language model."""
-    if init_from_kind(cfg.model.init_from) == "full":
-        return str(cfg.model.init_from)
+    """Where the tokenizer comes from: a full (HF-native, or original with tokenizer files) init_from folder, else
+    `model.tokenizer` or the language model."""
+    folder = tokenizer_folder(init_source(cfg.model.init_from))
+    if folder is not None:
+        return str(folder)
     return str(resolve_folder(cfg.model.tokenizer or cfg.model.language_model, weights=False))
