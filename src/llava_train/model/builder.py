@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_train.config import RunConfig
+from llava_train.errors import InitFromError
 from llava_train.model.init_source import InitSource, init_source, tokenizer_folder
 from llava_train.model.original import (
     check_projector_shapes,
@@ -249,7 +250,7 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
 
     if kind == "original":
         if cfg.lora.enabled and cfg.lora.bits:
-            raise ValueError("QLoRA from an original-format checkpoint is not supported; convert it first")
+            raise InitFromError("QLoRA from an original-format checkpoint is not supported; convert it first")
         lm_folder, text = source.folder, text_config(source.original, where)
     else:
         lm_folder = resolve_folder(cfg.model.language_model)
@@ -326,7 +327,7 @@ def _build_quantized(cfg: RunConfig, config: Any, lm_folder: Path, vt_folder: Pa
 def _check_init_from_arch(cfg: RunConfig, folder: Path) -> None:
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if MODEL_TYPE_ARCH.get(model_type) != cfg.model.arch:
-        raise ValueError(
+        raise InitFromError(
             f"model.init_from={cfg.model.init_from} is a {model_type} model but model.arch={cfg.model.arch}; "
             f"set model.arch={MODEL_TYPE_ARCH.get(model_type)}"
         )
@@ -337,7 +338,7 @@ def _check_init_from_config(cfg: RunConfig, config: Any) -> None:
     if config.vision_feature_layer != cfg.model.vision_feature_layer or config.vision_feature_select_strategy != (
         expected
     ):
-        raise ValueError(
+        raise InitFromError(
             f"model.init_from={cfg.model.init_from} was built with vision_feature_layer="
             f"{config.vision_feature_layer}, vision_feature_select_strategy={config.vision_feature_select_strategy}; "
             f"the config asks for {cfg.model.vision_feature_layer}, {expected}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_train.errors import InitFromError
 from llava_train.model.original import MM_PROJECTOR_FILE, OriginalConfig, is_original_config, raw_config, read_config
 from llava_train.model.projector import PROJECTOR_FILE
 from llava_train.model.weights import checkpoint_names, resolve_folder, weight_files
@@ -80,7 +81,7 @@ def init_source(init_from: str | None, weights: bool = False) -> InitSource | No
         return _from_file(path)
     if not path.is_dir():
         if not _is_hub_id(name):
-            raise ValueError(f"model.init_from={name}: no such file or folder (and not a hub id like org/name)")
+            raise InitFromError(f"model.init_from={name}: no such file or folder (and not a hub id like org/name)")
         path = resolve_folder(name, weights=weights, also=(MM_PROJECTOR_FILE,))
     raw = raw_config(path)
     if raw is not None and "text_config" in raw and "vision_config" in raw and _has_lm_weights(path):
@@ -92,7 +93,7 @@ def init_source(init_from: str | None, weights: bool = False) -> InitSource | No
         return InitSource("original", path, original=original)
     if (path / MM_PROJECTOR_FILE).is_file():
         return InitSource("original_projector", path, path / MM_PROJECTOR_FILE, original)
-    raise ValueError(
+    raise InitFromError(
         f"model.init_from={name}: expected a HF-native LLaVA folder (config.json with text_config and its weights), "
         f"a stage-1 folder holding {PROJECTOR_FILE}, an original-format LLaVA checkpoint (config.json with mm_* "
         f"fields and its weights) or an original {MM_PROJECTOR_FILE}"
@@ -106,7 +107,9 @@ def _from_file(path: Path) -> InitSource:
         raw = raw_config(path.parent)
         original = read_config(raw) if raw is not None and is_original_config(raw) else None
         return InitSource("original_projector", path.parent, path, original)
-    raise ValueError(f"model.init_from={path}: a file must be a projector ({PROJECTOR_FILE} or {MM_PROJECTOR_FILE})")
+    raise InitFromError(
+        f"model.init_from={path}: a file must be a projector ({PROJECTOR_FILE} or {MM_PROJECTOR_FILE})"
+    )
 
 
 def tokenizer_folder(source: InitSource | None) -> Path | None:

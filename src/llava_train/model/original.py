@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava_train.errors import InitFromError
 from llava_train.model.weights import IGNORED_SUFFIXES, assign, copy_mapped, iter_tensors, key_map, vision_rules
 from llava_train.utils.logging import get_logger
 
@@ -142,7 +143,7 @@ def text_config(original: OriginalConfig, where: str) -> Any:
     from transformers import AutoConfig
 
     if original.lm_type is None:
-        raise ValueError(
+        raise InitFromError(
             f"{where}: config.json architectures {original.raw.get('architectures')} is none of "
             f"{', '.join(ARCHITECTURES)}"
         )
@@ -167,17 +168,17 @@ def check_run(cfg: Any, original: OriginalConfig, vision_config: Any, where: str
     """
     m = cfg.model
     if m.arch != "llava":
-        raise ValueError(
+        raise InitFromError(
             f"{where} is an original-format LLaVA-1.5 checkpoint; it needs model.arch=llava, not {m.arch}"
         )
     if "unpad" in original.patch_merge_type or str(original.image_aspect_ratio or "").startswith("anyres"):
-        raise ValueError(
+        raise InitFromError(
             f"{where} is a LLaVA-1.6 (anyres) original checkpoint (mm_patch_merge_type={original.patch_merge_type}, "
             f"image_aspect_ratio={original.image_aspect_ratio}); only LLaVA-1.5 original checkpoints are supported "
             "(use its llava-hf conversion with model.arch=llava_next)"
         )
     if original.use_im_start_end or original.use_im_patch_token:
-        raise ValueError(
+        raise InitFromError(
             f"{where} was trained with mm_use_im_start_end={original.use_im_start_end}, mm_use_im_patch_token="
             f"{original.use_im_patch_token}; only LLaVA-1.5's plain <image> token (both false) is supported"
         )
@@ -205,7 +206,7 @@ def check_run(cfg: Any, original: OriginalConfig, vision_config: Any, where: str
         )
     if full and original.version is not None:
         if original.template is None:
-            raise ValueError(
+            raise InitFromError(
                 f"{where} was trained with version={original.version}, which has no llava-train template "
                 f"(known versions: {', '.join(VERSION_TEMPLATES)})"
             )
@@ -214,7 +215,7 @@ def check_run(cfg: Any, original: OriginalConfig, vision_config: Any, where: str
         checks.append(("version", value, "data.template", ours, original.template == ours))
     for theirs, value, our_field, expected, same in checks:
         if not (value == expected if same is None else same):
-            raise ValueError(f"{where} was trained with {theirs}={value} but {our_field}={expected}")
+            raise InitFromError(f"{where} was trained with {theirs}={value} but {our_field}={expected}")
 
 
 def _run_template(cfg: Any) -> str:
@@ -230,7 +231,7 @@ def _projector_name(key: str, where: str) -> str:
     """`model.mm_projector.0.weight` -> `linear_1.weight` (a `linear` projector has no index: not LLaVA-1.5's)."""
     index, _, rest = key[len(PROJECTOR_PREFIX) :].partition(".")
     if index not in PROJECTOR_INDEX or not rest:
-        raise ValueError(
+        raise InitFromError(
             f"{where} holds {key}: not an mlp2x_gelu projector (model.mm_projector.0/2.*), which is the only one "
             "transformers' LlavaMultiModalProjector has"
         )
@@ -281,7 +282,7 @@ def load_full(model: Any, files: list[Path], names: list[str], where: str) -> bo
     """
     mapping, leftover = key_mapping(names, model, where)
     if leftover:
-        raise ValueError(
+        raise InitFromError(
             f"{where} holds {len(leftover)} weight(s) a LLaVA-1.5 model does not have: {_listed(leftover)}"
         )
     targets = model.state_dict(keep_vars=True)
@@ -296,7 +297,7 @@ def load_full(model: Any, files: list[Path], names: list[str], where: str) -> bo
     }
     missing = sorted(expected - set(mapping.values()))
     if missing:
-        raise ValueError(f"{where} does not provide {len(missing)} weight(s) of the model: {_listed(missing)}")
+        raise InitFromError(f"{where} does not provide {len(missing)} weight(s) of the model: {_listed(missing)}")
     n = copy_mapped(files, mapping, targets, "llava", where)
     log.info(
         "original checkpoint loaded: %d tensors from %s (vision tower %s)",
@@ -320,7 +321,7 @@ def read_projector(path: Path) -> dict[str, Any]:
             continue
         out[_projector_name(PROJECTOR_PREFIX + key.split("mm_projector.", 1)[1], str(path))] = tensor
     if not out:
-        raise ValueError(f"{path} holds no mm_projector weights")
+        raise InitFromError(f"{path} holds no mm_projector weights")
     return out
 
 
@@ -330,7 +331,7 @@ def check_projector_shapes(
     """A projector for another language model / vision tower is a one-line error naming the shapes and parts."""
     shape = tuple(tensors["linear_1.weight"].shape) if "linear_1.weight" in tensors else None
     if shape != (lm_hidden, vision_hidden):
-        raise ValueError(
+        raise InitFromError(
             f"{path} maps vision features to the LM with linear_1.weight {shape}, but model.vision_tower={tower} "
             f"(hidden_size {vision_hidden}) and model.language_model={lm} (hidden_size {lm_hidden}) need "
             f"{(lm_hidden, vision_hidden)}"
@@ -343,7 +344,7 @@ def load_projector_tensors(model: Any, tensors: dict[str, Any], path: Path) -> N
 
     targets = projector_module(model).state_dict(keep_vars=True)
     if set(tensors) != set(targets):
-        raise ValueError(
+        raise InitFromError(
             f"{path} holds projector weights {sorted(tensors)}, the model's projector has {sorted(targets)}"
         )
     for key in sorted(tensors):

@@ -15,6 +15,7 @@ from typing import Any
 
 from llava_train.config import CONFIG_FILENAME, DTYPES, RunConfig, dump_config, from_dict, load_config
 from llava_train.config_io import apply_overrides
+from llava_train.errors import InitFromError
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -40,7 +41,7 @@ def convert_config(
 
     source = init_source(src)
     if source.kind == "full":
-        raise ValueError(f"{src} is already a HF-native LLaVA folder; nothing to convert")
+        raise InitFromError(f"{src} is already a HF-native LLaVA folder; nothing to convert")
     flags = {
         "model.language_model": language_model,
         "model.vision_tower": vision_tower,
