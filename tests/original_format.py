@@ -35,7 +35,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def _read(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -102,7 +109,8 @@ def write_original_checkpoint(
 ) -> Path:
     """An original-format LLaVA-1.5 full checkpoint folder (`fmt`: `safetensors` = one model.safetensors,
     `bin` = two pytorch_model-*.bin shards + index), with the LM's tokenizer files as the releases ship them.
-    `config` entries override/extend the config.json fields; `state` replaces the tensors."""
+    `config` entries override/extend the config.json fields (e.g. `architectures: [LlavaQwenForCausalLM]`,
+    LLaVA-NeXT's repo); `state` replaces the tensors."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lm_config = json.loads((Path(lm) / "config.json").read_text())
@@ -121,7 +129,7 @@ def write_original_checkpoint(
         "transformers_version": "4.31.0",
         "pretraining_tp": 1,
         "rope_scaling": None,
-        **{k: lm_config[k] for k in _LM_FIELDS if k in lm_config},
+        **{k: v for k, v in lm_config.items() if k not in _NOT_LM_FIELDS},
         **_mm_fields(vision, vision_hidden),
     }
     raw.update(config or {})
@@ -151,7 +159,9 @@ def write_original_checkpoint(
     return out
 
 
-# The LM config fields a LlavaLlamaForCausalLM config.json carries (its LlamaConfig part).
+# A LlavaLlamaForCausalLM / LlavaQwenForCausalLM config.json is its LM's config (these fields aside) + the mm fields.
+_NOT_LM_FIELDS = ("architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
+# The LM config fields a stage-1 config.json carries (its LlamaConfig part).
 _LM_FIELDS = (
     "bos_token_id",
     "eos_token_id",

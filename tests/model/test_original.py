@@ -77,6 +77,26 @@ def test_original_checkpoint_loads_every_tensor_exactly(make_cfg, tiny_parts, so
     assert tuple(model.get_input_embeddings().weight.shape) == (VOCAB + 1, 64)
 
 
+def test_qwen_original_checkpoint_with_tied_embeddings_and_siglip_tower(make_cfg, tiny_parts, tmp_path) -> None:
+    """LLaVA-NeXT's LlavaQwenForCausalLM (no lm_head: tied) with its SigLIP tower in the checkpoint."""
+    lm, vt = tiny_parts["qwen"], tiny_parts["siglip"]
+    state = original_state(lm, vt, with_tower=True, seed=9)
+    state.pop("model.vision_tower.vision_tower.vision_model.embeddings.position_ids")
+    arch = {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen"}
+    folder = write_original_checkpoint(
+        tmp_path / "qwen", lm, vt, "safetensors", torch.float32, config=arch, state=state
+    )
+    model = load_components(make_cfg(lm="qwen", tower="siglip", model={"init_from": str(folder)})).model
+    assert model.config.tie_word_embeddings and "lm_head.weight" not in state
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    got = model.state_dict()
+    for key, tensor in state.items():
+        name = hf_name(key)
+        if name is not None:
+            value = got[name][:VOCAB] if name.endswith("embed_tokens.weight") else got[name]
+            assert torch.equal(value, tensor), key
+
+
 def test_mm_projector_bin_loads_exactly_onto_the_base_models(make_cfg, tiny_parts, sources) -> None:
     model = load_components(make_cfg(model={"init_from": str(sources["projector"])})).model
     expected = projector_tensors(64, 32)
