@@ -288,6 +288,9 @@ def load_full(model: Any, files: list[Path], names: list[str], where: str) -> bo
     targets = model.state_dict(keep_vars=True)
     has_tower = any(v.startswith("model.vision_tower.") for v in mapping.values())
     tied = bool(model.config.tie_word_embeddings)
+    if tied and any(v.startswith("lm_head.") for v in mapping.values()):
+        # The tied lm_head *is* the embedding: copying both would keep whichever came last.
+        raise InitFromError(f"{where}: tie_word_embeddings is true but the checkpoint has its own lm_head")
     expected = {
         n
         for n in targets
