@@ -76,3 +76,21 @@ def test_finetune_from_an_original_bin_checkpoint_and_from_its_conversion(worksp
     assert main(["convert", str(workspace["original_bin"]), "--out", str(converted), "--dtype", "float32"]) == 0
     _, from_converted = _finetune(workspace, converted, "converted")
     assert from_converted == pytest.approx(from_original, rel=1e-6)
+
+
+def test_a_wrong_pairing_stops_training_with_exit_2_and_one_line(workspace: dict, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from llava_train.train import main
+
+    config = tiny_config(workspace, "finetune", str(tmp_path / "never"), max_steps=3)
+    config["model"].update(init_from=str(workspace["original_st"]), vision_feature_layer=-1)
+    path = tmp_path / "wrong.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"llava-train: error: model.init_from={workspace['original_st']} was trained with mm_vision_select_layer=-2 "
+        "but model.vision_feature_layer=-1\n"
+    ) in err
+    assert "Traceback" not in err and not (tmp_path / "never" / "checkpoint-1").exists()

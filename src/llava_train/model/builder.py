@@ -224,7 +224,10 @@ def _resize_embeddings(model: Any, tokenizer: Any) -> None:
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
-    """LlavaForConditionalGeneration for `cfg.model` (pretrained LM + vision tower, or `model.init_from`).
+    """The arch's model for `cfg.model`: pretrained LM + vision tower, or from `model.init_from` (any of
+    `model.init_source.KINDS`: a HF-native folder loads as it is; an original checkpoint fills the LM and
+    projector (and the tower when it holds one) through `model.original`'s key map; projector files are
+    loaded onto the pretrained parts).
 
     `tokenizer` must already hold the image token (see `data.tokenize.load_tokenizer`). Embeddings are
     resized when the tokenizer outgrew the LM's vocabulary. QLoRA (`lora.enabled` with `lora.bits`)
