@@ -93,6 +93,36 @@ def test_next_and_onevision_recipes_match_the_published_values() -> None:
 ONEVISION_STAGES = ("pretrain", "stage1_5", "finetune_si", "finetune_ov")
 
 
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_task_recipes_match_the_original_custom_data_scripts(size: str) -> None:
+    """scripts/v1_5/finetune_task.sh and finetune_task_lora.sh: from the released liuhaotian/llava-v1.5-*."""
+    full = load_config(REPO / f"configs/llava-1.5-{size}/finetune_task.yaml")
+    lora = load_config(REPO / f"configs/llava-1.5-{size}/finetune_task_lora.yaml")
+    for c in (full, lora):
+        assert (c.stage, c.model.init_from, c.model.language_model) == (
+            "finetune",
+            f"liuhaotian/llava-v1.5-{size}",
+            f"lmsys/vicuna-{size}-v1.5",
+        )
+        assert (c.model.vision_tower, c.model.vision_feature_layer, c.model.projector) == (
+            "openai/clip-vit-large-patch14-336",
+            -2,
+            "mlp2x_gelu",
+        )
+        assert (c.data.template, c.data.image_aspect_ratio, c.data.model_max_length) == ("vicuna_v1", "pad", 2048)
+        assert c.data.group_by_modality_length and c.train["deepspeed"].endswith("zero3.json")
+        assert c.train["per_device_train_batch_size"] * c.train["gradient_accumulation_steps"] * 8 == 128
+        assert (c.train["num_train_epochs"], c.train["warmup_steps"], c.train["lr_scheduler_type"]) == (
+            1,
+            0.03,
+            "cosine",
+        )
+        assert c.train["weight_decay"] == 0.0 and c.train["bf16"] and c.train["gradient_checkpointing"]
+    assert (full.train["learning_rate"], full.lora.enabled) == (2e-5, False)
+    assert (lora.lora.enabled, lora.lora.r, lora.lora.alpha, lora.lora.dropout) == (True, 128, 256, 0.05)
+    assert (lora.train["learning_rate"], lora.optim.projector_lr) == (2e-4, 2e-5)
+
+
 def test_overrides_dotted_and_sweep_forms() -> None:
     cfg = load_config(
         None,

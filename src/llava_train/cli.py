@@ -81,6 +81,24 @@ def cmd_merge_lora(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.tools.convert import convert, convert_config
+
+    cfg = convert_config(
+        args.src,
+        args.out,
+        config=args.config,
+        language_model=args.language_model,
+        vision_tower=args.vision_tower,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        dtype=args.dtype,
+        overrides=list(args.overrides) + _split_overrides(extra),
+    )
+    print(f"converted model written to {convert(cfg, args.out)}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_train import infer
 
@@ -213,6 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_merge_lora)
+
+    p = sub.add_parser(
+        "convert",
+        help="an original-format LLaVA checkpoint or mm_projector.bin (+ base models) to a HF-native folder",
+    )
+    p.add_argument(
+        "src", help="original checkpoint folder, mm_projector.bin (or its folder), stage-1 folder or hub id"
+    )
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--out", required=True, help="the HF-native folder to write")
+    p.add_argument("--config", help="a run config naming the base models (model.init_from becomes SRC)")
+    p.add_argument("--language-model", help="base LM of a projector source (model.language_model)")
+    p.add_argument("--vision-tower", help="vision tower (default: the original config's mm_vision_tower)")
+    p.add_argument("--tokenizer", help="tokenizer, if not the checkpoint's or the language model's")
+    p.add_argument("--template", help="chat template (default: the original's version, else vicuna_v1)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="saved dtype (default: the source's)")
+    p.set_defaults(fn=cmd_convert)
 
     for name, fn, hlp in (
         ("predict", cmd_predict, "generate answers with a trained model folder"),

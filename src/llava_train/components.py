@@ -56,21 +56,28 @@ def load_components(cfg: RunConfig, weights: bool = True) -> Components:
     from llava_train.data.tokenize import load_tokenizer
     from llava_train.model.builder import (
         build_model,
+        check_init_from,
         config_geometry,
         image_token_id,
         tokenizer_source,
         video_token_id,
     )
+    from llava_train.model.init_source import init_source
     from llava_train.model.processor import build_processor, vision_source
     from llava_train.model.tiny import ensure_tiny_components
     from llava_train.model.vision import run_geometry
 
     ensure_tiny_components(cfg.model)
+    source = init_source(cfg.model.init_from)
+    if source is not None:
+        log.info("model.init_from=%s: %s", cfg.model.init_from, source.describe())
+    _, vision = vision_source(cfg)
+    # Before anything is built or trained: a checkpoint made for another tower, layer, projector or template.
+    check_init_from(cfg, source, vision)
     extra = (cfg.model.video_token,) if cfg.model.arch == "llava_onevision" else ()
     tokenizer = load_tokenizer(tokenizer_source(cfg), image_token=cfg.model.image_token, extra_tokens=extra)
     template = run_template(cfg)
     processor = build_processor(cfg, tokenizer, template)
-    _, vision = vision_source(cfg)
     parts = Components(
         tokenizer=tokenizer,
         template=template,

@@ -78,9 +78,13 @@ class ModelConfig:
     preset: `tiny` (Llama-style LM + CLIP) or `tiny_chatml` (Qwen2-style LM + SigLIP) writes a tiny
         random-init LM (+ trained tokenizer) and vision tower into the `language_model` /
         `vision_tower` folders when they do not exist yet (tests, demo, bench).
-    init_from: start from a previous stage's output folder: a full HF-native LLaVA folder, or a
-        stage-1 folder holding `projector.safetensors` (LM and vision tower then come from
-        `language_model` / `vision_tower`).
+    init_from: what the run starts from (a folder, file or hub id; the kind is detected from its
+        files, see `model.init_source`): a HF-native LLaVA model (ours or llava-hf); an original-format
+        LLaVA-1.5 checkpoint (e.g. liuhaotian/llava-v1.5-7b; the vision tower comes from `vision_tower`
+        unless the checkpoint holds one); an original stage-1 `mm_projector.bin` or our stage-1
+        `projector.safetensors` (LM and vision tower then come from `language_model` / `vision_tower`).
+        The original config's tower, select layer / feature, projector type and recorded `version`
+        must match this config.
     attn_implementation: `sdpa` (default), `eager`, `flex_attention` (GPU), `flash_attention_2`.
     dtype: dtype the weights are loaded in; mixed precision itself is `train.bf16` / `train.fp16`.
     train_vision_tower: also train the vision tower in `finetune` (frozen otherwise).

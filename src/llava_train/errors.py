@@ -13,12 +13,16 @@ from __future__ import annotations
 EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_NONFINITE = 0, 1, 2, 3, 4
 
 
+class InitFromError(ValueError):
+    """`model.init_from` does not fit the run (its kind, arch, tower, layers, projector, template or tensors)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
     from llava_train.config_io import ConfigError
     from llava_train.data.errors import BadSampleError
 
-    errors: tuple[type[BaseException], ...] = (ConfigError, BadSampleError, FileNotFoundError)
+    errors: tuple[type[BaseException], ...] = (ConfigError, BadSampleError, FileNotFoundError, InitFromError)
     try:  # a disk-full save: the message says what is intact and how to resume
         from llava_train.training.checkpoint import CheckpointWriteError
     except ImportError:  # the training stack is not importable (a data-only install)

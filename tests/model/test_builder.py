@@ -285,9 +285,9 @@ def test_init_from_full_folder(make_cfg, tmp_path) -> None:
 
 def test_init_from_other_folder_is_an_error(make_cfg, tmp_path) -> None:
     expected = (
-        f"model.init_from={tmp_path}: expected a HF-native LLaVA folder (config.json with model_type "
-        "llava / llava_next / llava_onevision "
-        "and its weights) or a stage-1 folder holding projector.safetensors"
+        f"model.init_from={tmp_path}: expected a HF-native LLaVA folder (config.json with text_config and its "
+        "weights), a stage-1 folder holding projector.safetensors, an original-format LLaVA checkpoint (config.json "
+        "with mm_* fields and its weights) or an original mm_projector.bin"
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         load_components(make_cfg(model={"init_from": str(tmp_path)}))

@@ -159,3 +159,16 @@ def test_plan_prints_the_exact_table_for_the_7b_pretrain_recipe() -> None:
     rows = [line.split("  ")[-1].strip() for line in lines[10:17]]
     assert rows == ["13.16 GiB", "0.01 GiB", "0.08 GiB", "24.50 GiB", "1.22 GiB", "2.00 GiB", "40.96 GiB"]
     assert "verdict: 24 GB GPU: OOM, 40 GB GPU: OOM, 80 GB GPU: fits" in lines
+
+
+@pytest.mark.parametrize("recipe", ["llava-1.5-7b/finetune_task.yaml", "llava-1.5-13b/finetune_task_lora.yaml"])
+def test_plan_of_a_task_recipe_needs_no_network(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """init_from is a hub id of an original checkpoint: plan builds from the built-in configs, never resolving it."""
+    import huggingface_hub
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise AssertionError("plan must not download anything")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    text = plan(load_config(REPO / "configs" / recipe), num_gpus=8)
+    assert text.startswith("world: 1 node(s) x 8 GPU(s) = 8; ZeRO-3 (configs/deepspeed/zero3.json)")

@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from llava_train.config import RunConfig
-from llava_train.model.projector import PROJECTOR_FILE, load_projector
+from llava_train.errors import InitFromError
+from llava_train.model.construct import construct, init_new_parts, resize_embeddings
+from llava_train.model.init_source import InitSource, init_source, tokenizer_folder
+from llava_train.model.original import (
+    check_projector_shapes,
+    check_run,
+    load_full,
+    load_projector_tensors,
+    read_projector,
+    text_config,
+)
+from llava_train.model.projector import load_projector
 from llava_train.model.vision import (
     ImageGeometry,
     feature_select_strategy,
@@ -24,10 +35,11 @@ from llava_train.model.vision import (
     vision_config_of,
 )
 from llava_train.model.weights import (
+    checkpoint_names,
     llava_state_dict_from_parts,
     load_pretrained_parts,
+    load_vision_tower,
     resolve_folder,
-    tensor_names,
     weight_files,
 )
 from llava_train.utils.logging import get_logger
@@ -128,29 +140,20 @@ def config_geometry(cfg: RunConfig, config: Any) -> ImageGeometry:
 
 
 def init_from_kind(init_from: str | None) -> str | None:
-    """What `model.init_from` points at: None, `full` (a HF-native LLaVA with weights) or `projector`.
+    """What `model.init_from` points at: None or one of `model.init_source.KINDS` (see `init_source`)."""
+    source = init_source(init_from)
+    return None if source is None else source.kind
 
-    A folder with a LLaVA config.json whose weights include the language model is `full` (a finished
-    stage's output; it may also hold projector.safetensors); otherwise a folder holding
-    projector.safetensors is `projector`. Anything else is an error saying what was expected.
-    """
-    if init_from is None:
-        return None
-    folder = Path(init_from)
-    config = folder / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") in MODEL_TYPE_ARCH:
-        try:
-            names = tensor_names(weight_files(folder))
-        except FileNotFoundError:
-            names = []
-        if any(".language_model." in n or n.startswith("language_model.") for n in names):
-            return "full"
-    if (folder / PROJECTOR_FILE).is_file():
-        return "projector"
-    raise ValueError(
-        f"model.init_from={init_from}: expected a HF-native LLaVA folder (config.json with model_type "
-        f"{' / '.join(MODEL_TYPE_ARCH)} and its weights) or a stage-1 folder holding {PROJECTOR_FILE}"
-    )
+
+def check_init_from(cfg: RunConfig, source: InitSource | None, vision_config: Any) -> None:
+    """Before anything is built: the init_from folder's arch (HF-native) or its original config fits the run."""
+    if source is None:
+        return
+    where = f"model.init_from={cfg.model.init_from}"
+    if source.kind == "full":
+        _check_init_from_arch(cfg, source.folder)
+    elif source.original is not None:
+        check_run(cfg, source.original, vision_config, where, full=source.kind == "original")
 
 
 def _generation_config(tokenizer: Any, lm_folder: Path | None) -> Any:
@@ -207,69 +210,11 @@ def video_token_id(tokenizer: Any, cfg: RunConfig) -> int | None:
     return image_token_id(tokenizer, cfg.model.video_token)
 
 
-def _resize_embeddings(model: Any, tokenizer: Any) -> None:
-    """Grow the embeddings (and an untied lm_head) to the tokenizer; the new rows are the old rows' mean.
-
-    That is LLaVA's own rule (`smart_tokenizer_and_embedding_resize`): deterministic, so a rebuilt base
-    model is identical (LoRA merging relies on it: the new rows are not in the adapter), and cheap,
-    where transformers' default samples from the old rows' covariance (seconds for a 7B vocabulary).
-    """
-    vocab = model.config.text_config.vocab_size
-    if len(tokenizer) <= vocab:
-        return
-    import torch
-
-    from llava_train.utils.distributed import gathered
-
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    tables = [model.get_input_embeddings().weight]
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is not tables[0]:
-        tables.append(output.weight)
-    with gathered(tables, modifier_rank=0), torch.no_grad():
-        for weight in tables:
-            if weight.numel():  # ZeRO-3: only the modifier rank holds the gathered table
-                weight[vocab:] = weight[:vocab].mean(dim=0, dtype=torch.float32).to(weight.dtype)
-    log.info("token embeddings resized %d -> %d (new rows: the mean of the old ones)", vocab, len(tokenizer))
-
-
-def _construct(cls: Any, config: Any, dtype: Any, attn: str) -> Any:
-    """The arch's model with random init skipped for every part the pretrained files overwrite.
-
-    Outside ZeRO-3 the modules are built without running their initialisers (transformers'
-    `no_init_weights`: the LM's and tower's random init was ~75% of the build time for 1.1B), and only
-    what no checkpoint provides (the projector, NeXT / OneVision's image newline) is initialised
-    afterwards by `init_new_parts`. Under ZeRO-3, `zero.Init` partitions at construction and transformers
-    initialises module by module, gathered, as before.
-    """
-    from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        return cls._from_config(config, dtype=dtype, attn_implementation=attn)
-    with no_init_weights():
-        model = cls._from_config(config, dtype=dtype, attn_implementation=attn)
-    model._llava_train_uninitialised = True
-    return model
-
-
-def init_new_parts(model: Any) -> None:
-    """Initialise (transformers' own `_init_weights`) the parts no pretrained file holds: the projector and the
-    image newline. A no-op for models built by `_from_config` with init (ZeRO-3)."""
-    import torch
-
-    if not getattr(model, "_llava_train_uninitialised", False):
-        return
-    with torch.no_grad():
-        for module in model.model.multi_modal_projector.modules():
-            model._init_weights(module)
-        if hasattr(model.model, "image_newline"):
-            model._init_weights(model.model)  # NeXT / OneVision: normal(0, 1 / sqrt(hidden))
-    del model._llava_train_uninitialised
-
-
 def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
-    """LlavaForConditionalGeneration for `cfg.model` (pretrained LM + vision tower, or `model.init_from`).
+    """The arch's model for `cfg.model`: pretrained LM + vision tower, or from `model.init_from` (any of
+    `model.init_source.KINDS`: a HF-native folder loads as it is; an original checkpoint fills the LM and
+    projector (and the tower when it holds one) through `model.original`'s key map; projector files are
+    loaded onto the pretrained parts).
 
     `tokenizer` must already hold the image token (see `data.tokenize.load_tokenizer`). Embeddings are
     resized when the tokenizer outgrew the LM's vocabulary. QLoRA (`lora.enabled` with `lora.bits`)
@@ -278,38 +223,57 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
     from transformers import AutoConfig
 
     dtype = torch_dtype(cfg.model.dtype)
-    kind = init_from_kind(cfg.model.init_from)
+    source = init_source(cfg.model.init_from, weights=True)
+    kind = source.kind if source else None
+    where = f"model.init_from={cfg.model.init_from}"
     cls = model_class(cfg.model.arch)
     if kind == "full":
         if cfg.lora.enabled and cfg.lora.bits:
             raise ValueError("QLoRA from a full model.init_from folder is not supported; use a projector folder")
-        _check_init_from_arch(cfg)
-        model = cls.from_pretrained(
-            cfg.model.init_from, dtype=dtype, attn_implementation=cfg.model.attn_implementation
-        )
+        _check_init_from_arch(cfg, source.folder)
+        model = cls.from_pretrained(str(source.folder), dtype=dtype, attn_implementation=cfg.model.attn_implementation)
         _check_init_from_config(cfg, model.config)
-        _resize_embeddings(model, tokenizer)
-        model.generation_config = _generation_config(tokenizer, Path(cfg.model.init_from))
-        log.info("model loaded from %s", cfg.model.init_from)
+        resize_embeddings(model, tokenizer)
+        model.generation_config = _generation_config(tokenizer, source.folder)
+        log.info("model loaded from %s", source.folder)
         return model
 
-    lm_folder = resolve_folder(cfg.model.language_model)
+    if kind == "original":
+        if cfg.lora.enabled and cfg.lora.bits:
+            raise InitFromError("QLoRA from an original-format checkpoint is not supported; convert it first")
+        lm_folder, text = source.folder, text_config(source.original, where)
+    else:
+        lm_folder = resolve_folder(cfg.model.language_model)
+        text = AutoConfig.from_pretrained(str(lm_folder))
     vt_folder = resolve_folder(cfg.model.vision_tower)
-    text_config = AutoConfig.from_pretrained(str(lm_folder))
     vision_full = AutoConfig.from_pretrained(str(vt_folder))
     config = llava_config(
-        cfg, text_config, vision_full, image_token_id(tokenizer, cfg.model.image_token), video_token_id(tokenizer, cfg)
+        cfg, text, vision_full, image_token_id(tokenizer, cfg.model.image_token), video_token_id(tokenizer, cfg)
     )
+    if kind == "original_projector":
+        # Checked before the (large) model is built: a projector for another LM or tower fails at once.
+        projector = read_projector(source.projector_file)
+        lm_hidden, vt_hidden = int(config.text_config.hidden_size), int(config.vision_config.hidden_size)
+        args = (lm_hidden, vt_hidden, cfg.model.language_model, cfg.model.vision_tower)
+        check_projector_shapes(projector, source.projector_file, *args)
     if cfg.lora.enabled and cfg.lora.bits:
         model = _build_quantized(cfg, config, lm_folder, vt_folder, vision_full)
     else:
-        model = _construct(cls, config, dtype, cfg.model.attn_implementation)
-        load_pretrained_parts(model, lm_folder, vt_folder, vision_full)
-        init_new_parts(model)
-    _resize_embeddings(model, tokenizer)
-    if kind == "projector":
-        load_projector(model, Path(cfg.model.init_from) / PROJECTOR_FILE)
-        log.info("projector loaded from %s", Path(cfg.model.init_from) / PROJECTOR_FILE)
+        model = construct(cls, config, dtype, cfg.model.attn_implementation)
+        init_new_parts(model)  # before loading: an original checkpoint then overwrites its projector
+        if kind == "original":
+            files, names = weight_files(lm_folder), checkpoint_names(lm_folder)
+            if not load_full(model, files, names, where):
+                load_vision_tower(model, vt_folder, vision_full)
+        else:
+            load_pretrained_parts(model, lm_folder, vt_folder, vision_full)
+    resize_embeddings(model, tokenizer)
+    if kind in ("projector", "original_projector"):
+        if kind == "projector":
+            load_projector(model, source.projector_file)
+        else:
+            load_projector_tensors(model, projector, source.projector_file)
+        log.info("projector loaded from %s", source.projector_file)
     model.generation_config = _generation_config(tokenizer, lm_folder)
     return model
 
@@ -351,10 +315,10 @@ def _build_quantized(cfg: RunConfig, config: Any, lm_folder: Path, vt_folder: Pa
     )
 
 
-def _check_init_from_arch(cfg: RunConfig) -> None:
-    model_type = json.loads((Path(cfg.model.init_from) / "config.json").read_text()).get("model_type")
+def _check_init_from_arch(cfg: RunConfig, folder: Path) -> None:
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if MODEL_TYPE_ARCH.get(model_type) != cfg.model.arch:
-        raise ValueError(
+        raise InitFromError(
             f"model.init_from={cfg.model.init_from} is a {model_type} model but model.arch={cfg.model.arch}; "
             f"set model.arch={MODEL_TYPE_ARCH.get(model_type)}"
         )
@@ -365,7 +329,7 @@ def _check_init_from_config(cfg: RunConfig, config: Any) -> None:
     if config.vision_feature_layer != cfg.model.vision_feature_layer or config.vision_feature_select_strategy != (
         expected
     ):
-        raise ValueError(
+        raise InitFromError(
             f"model.init_from={cfg.model.init_from} was built with vision_feature_layer="
             f"{config.vision_feature_layer}, vision_feature_select_strategy={config.vision_feature_select_strategy}; "
             f"the config asks for {cfg.model.vision_feature_layer}, {expected}"
@@ -373,7 +337,9 @@ def _check_init_from_config(cfg: RunConfig, config: Any) -> None:
 
 
 def tokenizer_source(cfg: RunConfig) -> str:
-    """Where the tokenizer comes from: a full init_from folder, else `model.tokenizer` or the language model."""
-    if init_from_kind(cfg.model.init_from) == "full":
-        return str(cfg.model.init_from)
+    """Where the tokenizer comes from: a full (HF-native, or original with tokenizer files) init_from folder, else
+    `model.tokenizer` or the language model."""
+    folder = tokenizer_folder(init_source(cfg.model.init_from))
+    if folder is not None:
+        return str(folder)
     return str(resolve_folder(cfg.model.tokenizer or cfg.model.language_model, weights=False))

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_train.config import RunConfig
-from llava_train.model.builder import ARCH_CLASSES, init_from_kind
+from llava_train.model.builder import ARCH_CLASSES
+from llava_train.model.init_source import init_source
 from llava_train.model.vision import (
     feature_select_strategy,
     num_additional_image_tokens,
@@ -30,12 +31,13 @@ log = get_logger(__name__)
 
 
 def vision_source(cfg: RunConfig) -> tuple[Path, Any]:
-    """The folder holding the image processor and the vision config (a full init_from folder, else the tower)."""
+    """The folder holding the image processor and the vision config (a HF-native init_from folder, else the tower:
+    original-format checkpoints hold no image processor)."""
     from transformers import AutoConfig
 
-    if init_from_kind(cfg.model.init_from) == "full":
-        source = Path(cfg.model.init_from)
-        return source, AutoConfig.from_pretrained(str(source)).vision_config
+    init = init_source(cfg.model.init_from)
+    if init is not None and init.kind == "full":
+        return init.folder, AutoConfig.from_pretrained(str(init.folder)).vision_config
     source = resolve_folder(cfg.model.vision_tower, weights=False)
     return source, vision_config_of(AutoConfig.from_pretrained(str(source)))
 

@@ -24,11 +24,12 @@ IGNORED_SUFFIXES = (".inv_freq", ".position_ids")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-def resolve_folder(name_or_path: str | os.PathLike, weights: bool = True) -> Path:
+def resolve_folder(name_or_path: str | os.PathLike, weights: bool = True, also: tuple[str, ...] = ()) -> Path:
     """A local folder for a hub id or path: the path itself, else a snapshot in the HF cache (downloaded if allowed).
 
     Only safetensors are fetched, unless a repo has none (then `*.bin`, read with weights_only).
-    `weights=False` fetches configs, tokenizer and processor files only (data commands need no weights).
+    `weights=False` fetches configs, tokenizer and processor files only (data commands need no weights);
+    `also` adds file patterns fetched either way (an original LLaVA stage 1's small `mm_projector.bin`).
     """
     path = Path(name_or_path)
     if path.is_dir():
@@ -36,8 +37,9 @@ def resolve_folder(name_or_path: str | os.PathLike, weights: bool = True) -> Pat
     from huggingface_hub import snapshot_download
 
     if not weights:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[p for p in _HUB_PATTERNS if "safe" not in p]))
-    folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS))
+        small = [p for p in _HUB_PATTERNS if "safe" not in p] + list(also)
+        return Path(snapshot_download(str(name_or_path), allow_patterns=small))
+    folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS + list(also)))
     if not list(folder.glob("*.safetensors")):
         folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS + ["*.bin"]))
     return folder
@@ -177,6 +179,16 @@ def tensor_names(files: list[Path]) -> list[str]:
     return names
 
 
+def checkpoint_names(folder: str | os.PathLike) -> list[str]:
+    """Tensor names of a pretrained folder without reading tensors where an index json lists them."""
+    folder = Path(folder)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            return list(json.loads(index.read_text())["weight_map"])
+    return tensor_names(weight_files(folder))
+
+
 def full_shape(param: Any) -> tuple[int, ...]:
     """The full shape of a parameter (under ZeRO-3 `param.shape` is the empty local shard; ds_shape is whole)."""
     return tuple(getattr(param, "ds_shape", param.shape))
@@ -278,7 +290,8 @@ def load_submodule_weights(
 # -- a LLaVA model from its two pretrained parts ------------------------------------------------
 
 
-def _vision_rules() -> list[tuple[str, str]]:
+def vision_rules() -> list[tuple[str, str]]:
+    """(strip, add) prefix rules from a CLIP/SigLIP checkpoint's names to the vision tower module's."""
     # CLIP/SigLIP checkpoints name the tower's weights with or without a `vision_model.` prefix
     # depending on the class and the transformers version that saved them.
     return [("", ""), ("vision_model.", ""), ("", "vision_model.")]
@@ -288,13 +301,7 @@ def load_pretrained_parts(model: Any, lm_folder: Path, vt_folder: Path, vision_f
     """Copy the LM's and the vision tower's pretrained weights into a freshly built LLaVA model (ZeRO-3 safe)."""
     inner = model.model
     tied = bool(model.config.tie_word_embeddings)
-    n_vt = load_submodule_weights(
-        inner.vision_tower,
-        vt_folder,
-        _vision_rules(),
-        "vision tower",
-        allow_unexpected=getattr(vision_full_config, "vision_config", None) is not None,
-    )
+    n_vt = load_vision_tower(model, vt_folder, vision_full_config)
     lm_files = weight_files(lm_folder)
     names = tensor_names(lm_files)
     body = {k for k in names if not k.startswith("lm_head.")}
@@ -305,6 +312,20 @@ def load_pretrained_parts(model: Any, lm_folder: Path, vt_folder: Path, vision_f
     if not tied:
         n_lm += load_submodule_weights(model.lm_head, lm_folder, [("lm_head.", "")], "lm_head", allow_unexpected=True)
     log.info("pretrained weights loaded: vision tower %d tensors (%s), LM %d (%s)", n_vt, vt_folder, n_lm, lm_folder)
+
+
+def load_vision_tower(model: Any, vt_folder: Path, vision_full_config: Any) -> int:
+    """Copy a CLIP/SigLIP folder's weights into a LLaVA model's vision tower (strict, ZeRO-3 safe); returns the count.
+
+    A full CLIP/SigLIP model folder (vision + text) may hold weights the tower does not use.
+    """
+    return load_submodule_weights(
+        model.model.vision_tower,
+        vt_folder,
+        vision_rules(),
+        "vision tower",
+        allow_unexpected=getattr(vision_full_config, "vision_config", None) is not None,
+    )
 
 
 def _load_lm_body(module: Any, folder: Path, files: list[Path], body: list[str]) -> int:
