@@ -106,13 +106,24 @@ def launch(
         pytest.fail(f"timed out after {LAUNCH_TIMEOUT}s (hang?): {' '.join(cmd)}\n{out[-4000:]}")
     wall = time.monotonic() - start
     output = proc.stdout + proc.stderr
+    leaked = _shm_segments(cmd)
+    for segment in leaked:
+        segment.unlink(missing_ok=True)  # a rank the test killed cannot clean up after itself
     assert proc.returncode == expect_rc, f"{' '.join(cmd)}: exit code {proc.returncode}:\n{output[-6000:]}"
     if launcher == "deepspeed" and expect_rc == 0 and "llava_train" in " ".join(args):
         # DeepSpeed's CPU backend leaves a 69 MB /dev/shm segment per rank; the product's teardown removes it.
-        port = cmd[cmd.index("--master_port") + 1]
-        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "leaked /dev/shm segment"
+        assert not leaked, f"leaked /dev/shm segments {leaked}"
     print(f"[{wall:.0f}s] {' '.join(cmd)}")
     return wall, output
+
+
+def _shm_segments(cmd: list[str]) -> list[Path]:
+    """DeepSpeed CPU workspaces of a launch (named after its master port) still in /dev/shm."""
+    flag = next((f for f in ("--master_port", "--main_process_port") if f in cmd), None)
+    if flag is None:
+        return []
+    port = cmd[cmd.index(flag) + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def reports(folder: Path, num_ranks: int = 2) -> list[dict[str, Any]]:

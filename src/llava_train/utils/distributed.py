@@ -173,8 +173,11 @@ def shutdown_distributed(success: bool) -> bool:
         if success:
             dist.barrier()
     finally:
-        dist.destroy_process_group()
-        release_deepspeed_shm(this_rank)
+        try:
+            dist.destroy_process_group()
+        finally:
+            # Also when tearing down a broken group raises (a peer died): the segment is RAM.
+            release_deepspeed_shm(this_rank)
     return True
 
 
