@@ -14,7 +14,7 @@ import torch
 from llava_train.config import DataConfig, SourceConfig
 from llava_train.data.errors import BadSample, BadSampleError
 from llava_train.data.images import preprocess_anyres, preprocess_images, preprocess_video
-from llava_train.data.rows import HFRows, JsonRows, open_source
+from llava_train.data.rows import SourceRows, open_source
 from llava_train.data.scan import (
     SampleContext,
     SourceScan,
@@ -74,7 +74,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         sources: list[SourceConfig],
-        stores: list[JsonRows | HFRows],
+        stores: list[SourceRows],
         scans: list[SourceScan],
         item_source: np.ndarray,
         item_row: np.ndarray,
