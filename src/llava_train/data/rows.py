@@ -145,7 +145,8 @@ class ArrowRows:
         self._group: tuple[int, Any] | None = None
         self._open()
         table = self._table
-        self.columns: list[str] = list(table.column_names if kind == "hf_disk" else table.schema.names)
+        schema = table.schema_arrow if kind == "parquet" else table.schema if kind == "arrow" else None
+        self.columns: list[str] = list(table.column_names if schema is None else schema.names)
         self._length = table.metadata.num_rows if kind == "parquet" else table.num_rows
 
     def __getstate__(self) -> dict[str, Any]:
