@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # -- files -------------------------------------------------------------------------------------
@@ -132,6 +133,23 @@ def verify_image(image: ImageLike, verify: bool = True) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise BadSample("corrupt_image", f"{ref} has size {width}x{height}")
     return height, width
+
+
+def save_image(image: ImageLike, stem: str | os.PathLike) -> str:
+    """Write an image to `stem` + its format's suffix, as stored (the file's or embedded bytes unchanged; a
+    decoded PIL image as PNG); returns the path written (`data inspect --images`)."""
+    ref = as_image_ref(image)
+    if ref.pil is not None:
+        path = f"{os.fspath(stem)}.png"
+        ref.pil.save(path)
+        return path
+    with ref.open() as img:
+        suffix = {"JPEG": ".jpg"}.get(img.format or "", f".{(img.format or 'bin').lower()}")
+    data = ref.encoded() if ref.path is None else Path(ref.path).read_bytes()
+    path = f"{os.fspath(stem)}{suffix}"
+    with open(path, "wb") as f:
+        f.write(data or b"")
+    return path
 
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

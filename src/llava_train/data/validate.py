@@ -13,6 +13,7 @@ from typing import Any, TextIO
 from llava_train.config import RunConfig, SourceConfig
 from llava_train.data.dataset import make_context
 from llava_train.data.errors import BadSample
+from llava_train.data.images import save_image
 from llava_train.data.rows import open_source
 from llava_train.data.scan import cached_scan, data_cache_dir, process_record, source_report
 from llava_train.data.tokenize import check_template_consistency, label_tokens
@@ -161,6 +162,7 @@ def inspect_samples(
     jsonl_path: str | None = None,
     out: TextIO | None = None,
     color: bool | None = None,
+    images_dir: str | None = None,
 ) -> int:
     """Show samples' prompts with trained spans highlighted and/or write them as JSONL.
 
@@ -168,7 +170,9 @@ def inspect_samples(
     `indices`: the samples to show/write (None: show sample 0 and write every sample). `color`:
     ANSI colour (None = when `out` is a TTY), else `[[...]]` markers. JSONL lines are
     {"id", "source", "input_ids", "labels", "num_images"} with image blocks fully expanded; bad rows
-    are printed with their reason and not written. Returns the number of JSONL lines written.
+    are printed with their reason and not written. `images_dir`: write each shown sample's images there,
+    as stored (`sample<index>_image<k>.<format>`, files and embedded bytes alike). Returns the number of
+    JSONL lines written.
     `parts` is the run's `components.Components`.
     """
     stream = out if out is not None else sys.stdout
@@ -208,6 +212,11 @@ def inspect_samples(
                     )
                     stream.write(render_labelled(record, parts, use_color, done.media_tokens))
                     stream.write("\n")
+                    if images_dir is not None and done.paths:
+                        Path(images_dir).mkdir(parents=True, exist_ok=True)
+                        stem = Path(images_dir) / f"sample{index}_image"
+                        written_images = [save_image(ref, f"{stem}{k}") for k, ref in enumerate(done.paths)]
+                        stream.write(f"# images of sample {index}: {', '.join(written_images)}\n")
                 if sink is not None:
                     line = {
                         "id": sample_id,
