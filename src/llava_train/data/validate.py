@@ -14,8 +14,9 @@ from llava_train.config import RunConfig, SourceConfig
 from llava_train.data.dataset import make_context
 from llava_train.data.errors import BadSample
 from llava_train.data.images import save_image
+from llava_train.data.report import source_report
 from llava_train.data.rows import open_source
-from llava_train.data.scan import cached_scan, data_cache_dir, process_record, source_report
+from llava_train.data.scan import cached_scan, data_cache_dir, process_record
 from llava_train.data.tokenize import check_template_consistency, label_tokens
 from llava_train.llava_format import normalize_conversation, record_id, record_video
 
@@ -33,7 +34,7 @@ def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict
     are checked for existence and decodability (PIL verify; not preprocessed). The scan is the one
     training uses, read from / written to the same cache (`data.cache_dir`), so a second validate or
     the training start on unchanged data reads it instead of scanning again. The report holds, per
-    source, `data.scan.source_report` (rows, good, bad, images, text_only, truncated, token-length
+    source, `data.report.source_report` (rows, good, bad, images, text_only, truncated, token-length
     percentiles, bad rows by reason with the first ids); `bad_rows` lists EVERY bad row as
     {"source", "row", "id", "reason", "detail"}. `parts` is the run's `components.Components`.
     """
