@@ -102,6 +102,8 @@ def test_second_validate_reads_the_scan_cache_and_training_reuses_it(
     second = json.loads(report_path.read_text())
     assert [s.pop("from_cache") for s in second["sources"]] == [True]
     assert [s.pop("from_cache") for s in first["sources"]] == [False]
+    assert [(s.pop("shards_scanned"), s["shards"]) for s in first["sources"]] == [(1, 1)]
+    assert [(s.pop("shards_scanned"), s["shards"]) for s in second["sources"]] == [(0, 1)]
     assert second["sources"] == first["sources"] and second["bad_rows"] == first["bad_rows"]
     assert "read from the scan cache" in capsys.readouterr().out
     assert any("read the cached scan of pretrain.json" in r.getMessage() for r in caplog.records)

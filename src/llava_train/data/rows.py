@@ -255,6 +255,7 @@ class SourceRows:
         self.shards, self.shard_paths, self.columns, self.path = shards, paths, columns, path
         self.fingerprints = [fingerprint_path(Path(p).resolve()) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in shards]).astype(np.int64)
+        self.name_shards = len(shards) > 1  # bad-row details name the shard when the source has several
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -269,6 +270,7 @@ class SourceRows:
             self.path,
         )
         view.fingerprints, view.starts = [self.fingerprints[k]], np.asarray([0, len(self.shards[k])], dtype=np.int64)
+        view.name_shards = self.name_shards
         return view
 
     def locate(self, i: int) -> tuple[int, int]:
@@ -285,7 +287,7 @@ class SourceRows:
             raw = shard.get_raw(j)
             record = canonical_record(raw, self.columns)
         except BadSample as e:
-            if len(self.shards) > 1 and self.shard_paths[k] not in e.detail:
+            if self.name_shards and self.shard_paths[k] not in e.detail:
                 raise BadSample(e.reason, f"{self.shard_paths[k]} row {j}: {e.detail}") from e
             raise
         if isinstance(shard, TarRows):

@@ -60,7 +60,8 @@ def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict
         store = open_source(src, cache_dir)
         scan = cached_scan(src, store, make_context(cfg.data, src, parts), cache_dir, num_workers=workers)
         report["bad_rows"].extend({"source": src.name, **b} for b in scan.bad)
-        report["sources"].append({**source_report(src, split, scan), "from_cache": scan.from_cache})
+        shards = {"shards": len(store.shards), "shards_scanned": scan.shards_scanned}
+        report["sources"].append({**source_report(src, split, scan), "from_cache": scan.from_cache, **shards})
     report["total_rows"] = sum(s["rows"] for s in report["sources"])
     report["total_bad"] = len(report["bad_rows"])
     report["seconds"] = round(time.perf_counter() - start, 2)

@@ -38,7 +38,7 @@ def scan_progress(desc: str, total: int, enabled: bool | None = None) -> Iterato
     if enabled if enabled is not None else show_progress():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=desc, unit="rows", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=total, desc=desc, unit="rows", dynamic_ncols=True, file=sys.stderr)
     progress = _Progress(bar)
     try:
         yield progress
