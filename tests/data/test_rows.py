@@ -224,12 +224,12 @@ def test_webdataset_tar(disk: Path, llama_tokenizer: Any, clip_image_processor: 
     members.append(("sample_0005.png", _png(2)))
     _tar(disk / "train-000.tar", members)
     index = build_tar_index(str(disk / "train-000.tar"))
-    assert index["keys"].tolist() == [f"sample_{i:04d}" for i in range(6)]
+    assert index["keys"].tolist() == [f"sample_{i:04d}".encode() for i in range(6)]
     assert np.diff(index["image_ptr"]).tolist() == [1, 1, 0, 2, 1, 1]
     long_key = "d" * 150 + "/s_1"  # a name past ustar's 100 bytes: a PAX header precedes the member
     _tar(disk / "long.tar", [(f"{long_key}.json", b"{}"), (f"{long_key}.jpg", b"xy")])
     long = build_tar_index(str(disk / "long.tar"))
-    assert long["keys"].tolist() == [long_key] and long["image_size"].tolist() == [2]
+    assert long["keys"].tolist() == [long_key.encode()] and long["image_size"].tolist() == [2]
     with tarfile.open(disk / "long.tar") as tf:
         assert long["image_offset"].tolist() == [tf.getmember(f"{long_key}.jpg").offset_data]
 

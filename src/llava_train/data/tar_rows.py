@@ -22,7 +22,7 @@ from llava_train.data.images import ImageRef
 
 KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext rule
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 BLOCK = 512
 
 
@@ -113,7 +113,7 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
     flush()
     table = np.asarray(meta, dtype=np.int64).reshape(-1, 4)
     return {
-        "keys": np.asarray(keys, dtype=np.str_),
+        "keys": np.asarray([k.encode("utf-8", "surrogateescape") for k in keys], dtype=np.bytes_),  # UTF-8 bytes
         "json": table[:, :2].copy(),
         "txt": table[:, 2:].copy(),
         "image_ptr": np.asarray(image_ptr, dtype=np.int64),
@@ -166,7 +166,7 @@ class TarRows:
     def get_raw(self, i: int) -> dict[str, Any]:
         """Sample i as a record (see the class doc); BadSample(malformed_json) without a JSON or text member."""
         index = self._arrays()
-        key = str(index["keys"][i])
+        key = bytes(index["keys"][i]).decode("utf-8", "surrogateescape")
         (j_off, j_len), (t_off, t_len) = index["json"][i], index["txt"][i]
         s, e = int(index["image_ptr"][i]), int(index["image_ptr"][i + 1])
         images = [
