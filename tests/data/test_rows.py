@@ -194,6 +194,19 @@ def test_parquet_shards_by_folder_and_glob(disk: Path, llama_tokenizer: Any, cli
         ds = _build([SourceConfig(path, columns={"image": "images"})], llama_tokenizer, clip_image_processor)
         assert [it["id"] for it in _items(ds)] == ["r0", "r1", "r2", "r3"]
         _same_items(_items(ds), ref)
+    # Arrow IPC shards, in the file format and in the stream format `datasets` writes its cache files in.
+    import pyarrow as pa
+
+    (disk / "arrow").mkdir()
+    table = hf.data.table
+    for name, writer in (("a-0.arrow", pa.ipc.new_file), ("a-1.arrow", pa.ipc.new_stream)):
+        part = table.slice(0, 2) if name == "a-0.arrow" else table.slice(2, 2)
+        with pa.OSFile(str(disk / "arrow" / name), "wb") as sink, writer(sink, part.schema) as w:
+            w.write_table(part)
+    ds = _build(
+        [SourceConfig(str(disk / "arrow"), columns={"image": "images"})], llama_tokenizer, clip_image_processor
+    )
+    _same_items(_items(ds), ref)
     with pytest.raises(FileNotFoundError, match="no .* shards match"):
         shard_paths(str(disk / "shards" / "nope-*.parquet"))
     with pytest.raises(ConfigError, match=r"columns.image='pics' is not a column of .*train-00000.parquet; its "):
