@@ -102,6 +102,75 @@ def test_second_validate_reads_the_scan_cache_and_training_reuses_it(
     second = json.loads(report_path.read_text())
     assert [s.pop("from_cache") for s in second["sources"]] == [True]
     assert [s.pop("from_cache") for s in first["sources"]] == [False]
+    assert [(s.pop("shards_scanned"), s["shards"]) for s in first["sources"]] == [(1, 1)]
+    assert [(s.pop("shards_scanned"), s["shards"]) for s in second["sources"]] == [(0, 1)]
     assert second["sources"] == first["sources"] and second["bad_rows"] == first["bad_rows"]
     assert "read from the scan cache" in capsys.readouterr().out
     assert any("read the cached scan of pretrain.json" in r.getMessage() for r in caplog.records)
+
+
+def test_inspect_writes_the_images_of_embedded_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`data inspect --images DIR` on a parquet source with embedded images writes each image as stored."""
+    import datasets
+    from PIL import Image
+
+    source = write_caption_data(tmp_path / "data", n=3)
+    rows = json.loads(Path(source["path"]).read_text())
+    blobs = [(Path(source["image_folder"]) / r["image"]).read_bytes() for r in rows]
+    ds = datasets.Dataset.from_dict(
+        {
+            "id": [r["id"] for r in rows],
+            "image": [{"bytes": b, "path": None} for b in blobs],
+            "conversations": [r["conversations"] for r in rows],
+        },
+        features=datasets.Features(
+            {
+                "id": datasets.Value("string"),
+                "image": datasets.Image(),
+                "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+            }
+        ),
+    )
+    ds.to_parquet(str(tmp_path / "emb.parquet"))
+    cfg = {
+        "stage": "pretrain",
+        "model": {"language_model": str(tmp_path / "lm"), "vision_tower": str(tmp_path / "vision"), "preset": "tiny"},
+        "data": {"train": [{"path": str(tmp_path / "emb.parquet")}], "template": "plain", "model_max_length": 64},
+        "train": {"output_dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out_dir = tmp_path / "shown"
+    assert main(["data", "inspect", str(path), "--index", "2", "--images", str(out_dir), "--color", "never"]) == 0
+    assert f"# images of sample 2: {out_dir / 'sample2_image0.png'}" in capsys.readouterr().out
+    assert (out_dir / "sample2_image0.png").read_bytes() == blobs[2]
+    assert Image.open(out_dir / "sample2_image0.png").size == (40, 32)
+    assert main(["data", "validate", str(path), "--workers", "1"]) == 0
+
+
+def test_missing_paths_are_one_line_errors_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    source = write_caption_data(tmp_path / "data", n=2)
+    base = {
+        "stage": "pretrain",
+        "model": {"language_model": str(tmp_path / "lm"), "vision_tower": str(tmp_path / "vision"), "preset": "tiny"},
+        "data": {"train": [source], "template": "plain"},
+        "train": {"output_dir": str(tmp_path / "run")},
+    }
+    cases = [
+        ({"data": {**base["data"], "train": [{"path": str(tmp_path / "nope.json")}]}}, "data.train[0].path: "),
+        (
+            {"data": {**base["data"], "train": [{**source, "image_folder": str(tmp_path / "nope")}]}},
+            "data.train[0].image_folder: folder not found",
+        ),
+        ({"model": {"language_model": "/nope/lm"}}, "model.language_model: local folder not found: /nope/lm"),
+        ({"model": {"language_model": "not a//valid id"}}, "model.language_model: local folder not found"),
+        # Neither a path nor a valid hub id (huggingface_hub's HFValidationError otherwise).
+        ({"model": {"language_model": "bad id!"}}, "model.language_model: 'bad id!' is neither a local folder nor"),
+    ]
+    for change, message in cases:
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump({**base, **change}))
+        for command in (["data", "validate"], ["data", "inspect"], ["train"]):
+            assert main([*command, str(path)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"llava-train: error: {message}") and err.count("\n") == 1, err

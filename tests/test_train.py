@@ -356,3 +356,69 @@ def test_a_missing_optional_extra_never_stops_the_final_save(
     assert (out / "model.safetensors").is_file() and (out / "projector.safetensors").is_file()
     assert not (out / "loss.png").exists()
     assert any("loss plot" in r.getMessage() and "matplotlib" in r.getMessage() for r in caplog.records)
+
+
+def test_mixture_of_parquet_tar_and_json_trains_and_resumes_exactly(workspace: dict) -> None:
+    """The finetune rows split across a folder of 3 parquet shards with embedded images, a webdataset tar and the
+    JSON file: every row trains as a sample (same item count as JSON alone), and a resume from checkpoint-2 of 4
+    reproduces the losses exactly."""
+    import io
+    import tarfile
+
+    import datasets
+
+    root = Path(workspace["root"]) / "mixed"
+    rows = json.loads(Path(workspace["finetune"]).read_text())
+    images = Path(workspace["images"])
+
+    def embedded(row: dict) -> dict:
+        blob = (images / row["image"]).read_bytes() if "image" in row else None
+        return {"id": row["id"], "image": {"bytes": blob, "path": None} if blob else None, **_conv_json(row)}
+
+    feats = datasets.Features(
+        {"id": datasets.Value("string"), "image": datasets.Image(), "conversations": datasets.Value("string")}
+    )
+    (root / "parquet").mkdir(parents=True)
+    for k in range(3):
+        part = [embedded(r) for r in rows[k * 4 : k * 4 + 4]]
+        table = {key: [p[key] for p in part] for key in ("id", "image", "conversations")}
+        datasets.Dataset.from_dict(table, features=feats).to_parquet(str(root / "parquet" / f"train-{k}.parquet"))
+    with tarfile.open(root / "train-0.tar", "w") as tf:
+        for r in rows[12:24]:
+            members = [(f"{r['id']}.json", json.dumps({"id": r["id"], "conversations": r["conversations"]}).encode())]
+            if "image" in r:
+                members.append((f"{r['id']}.png", (images / r["image"]).read_bytes()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    (root / "rest.json").write_text(json.dumps(rows[24:]))
+
+    def config(out: Path, **train: object) -> dict:
+        cfg = tiny_config(workspace, "finetune", str(out), max_steps=4, save_steps=2, **train)
+        cfg["data"]["train"] = [
+            {"path": str(root / "parquet")},
+            {"path": str(root / "train-0.tar")},
+            {"path": str(root / "rest.json"), "image_folder": workspace["images"]},
+        ]
+        return cfg
+
+    full = run(from_dict(config(root / "full")))
+    summary = json.loads((root / "full" / "data_summary.json").read_text())
+    assert summary["items"] == len(rows) and summary["skipped"] == {}
+    assert [(s["name"], s["rows"]) for s in summary["sources"]] == [
+        ("parquet", 12),
+        ("train-0.tar", 12),
+        ("rest.json", 12),
+    ]
+    shutil.copytree(root / "full" / "checkpoint-2", root / "cut" / "checkpoint-2")
+    resumed = run(from_dict(config(root / "cut", resume_from_checkpoint="auto")))
+    a, b = losses(full.log_history), losses(resumed.log_history)
+    assert sorted(s for s in b if s > 2) == [3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), f"step {step}: {b[step]} != {a[step]}"
+
+
+def _conv_json(row: dict) -> dict:
+    """The conversation as a JSON string column (how some hub datasets store it)."""
+    return {"conversations": json.dumps(row["conversations"])}

@@ -48,7 +48,7 @@ def cmd_data_validate(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_train.commands import run_inspect
 
-    run_inspect(_load(args, extra), indices=args.index, jsonl=args.jsonl, color=args.color)
+    run_inspect(_load(args, extra), indices=args.index, jsonl=args.jsonl, color=args.color, images_dir=args.images)
     return 0
 
 
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--jsonl", help="write input_ids/labels of the samples (all, or --index ones) to this JSONL")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--images", metavar="DIR", help="write the shown samples' images into DIR, as stored")
     p.set_defaults(fn=cmd_data_inspect)
 
     p = sub.add_parser("config", help="print the config reference, or the resolved config of a file")

@@ -25,7 +25,9 @@ def run_validate(cfg: RunConfig, report_path: str | None = None, num_workers: in
     """Scan every row of every source, print the summary table, write the full JSON report."""
     from llava_train.components import load_components
     from llava_train.data.validate import format_report, validate
+    from llava_train.preflight import check_paths
 
+    check_paths(cfg)
     report = validate(cfg, load_components(cfg, weights=False), num_workers=num_workers)
     path = Path(report_path) if report_path else default_report_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,12 +38,18 @@ def run_validate(cfg: RunConfig, report_path: str | None = None, num_workers: in
 
 
 def run_inspect(
-    cfg: RunConfig, indices: list[int] | None = None, jsonl: str | None = None, color: str = "auto"
+    cfg: RunConfig,
+    indices: list[int] | None = None,
+    jsonl: str | None = None,
+    color: str = "auto",
+    images_dir: str | None = None,
 ) -> int:
     """Print samples with trained spans highlighted; optionally write their exact ids/labels as JSONL."""
     from llava_train.components import load_components
     from llava_train.data.validate import inspect_samples
+    from llava_train.preflight import check_paths
 
+    check_paths(cfg)
     use_color = {"auto": None, "always": True, "never": False}[color]
     written = inspect_samples(
         cfg,
@@ -50,6 +58,7 @@ def run_inspect(
         jsonl_path=jsonl,
         out=sys.stdout,
         color=use_color,
+        images_dir=images_dir,
     )
     if jsonl:
         print(f"wrote {written} samples to {jsonl}")

@@ -37,16 +37,44 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 
 @dataclass
+class ColumnsConfig:
+    """Which column (or JSON key) of a source holds each field of a LLaVA record; null = the first of the
+    usual names that the row has.
+
+    image: the image(s): a path or a list of paths (relative to `image_folder`), an HF `Image` column or a
+        list of them (embedded bytes). Usual names: image, images. Tar shards take their image members.
+    conversations: the conversation: `from`/`value` or `role`/`content` turns (string or typed content), or
+        the_cauldron's `[{user, assistant}]` pairs (its images go before the first turn); a JSON string
+        of those is decoded. Usual names: conversations, messages, texts, conversation.
+    id: the row id shown in reports (usual name: id; tar shards: the sample key).
+    video: OneVision's video (usual name: video).
+    """
+
+    image: str | None = None
+    conversations: str | None = None
+    id: str | None = None
+    video: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        """field -> column name (None = the usual names)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class SourceConfig:
     """One training/eval data source.
 
-    path: LLaVA JSON list, JSONL file, a local HF dataset folder (save_to_disk), or a
-        parquet/arrow/json file or folder read with `datasets.load_dataset`.
-    image_folder: folder that `image` paths are relative to (paths may not escape it).
+    path: a LLaVA JSON list or JSONL file, a parquet / arrow file, a webdataset `.tar` shard, a local HF
+        dataset folder (save_to_disk), a folder of shards (every .json/.jsonl/.parquet/.arrow/.tar file
+        below it, sorted by path) or a glob of shards (`data/train-*.parquet`). Each shard is scanned
+        and cached on its own: adding a shard scans only the new one.
+    image_folder: folder that `image` paths are relative to (paths may not escape it); embedded images
+        need none.
     weight: mixture weight relative to the other sources (1.0 = use every row once per epoch;
         0.5 = half of this source's rows per epoch, 2.0 = every row twice).
     name: short name used in reports (default: the file name).
-    split: split to read from HF datasets sources.
+    split: split to read from a save_to_disk DatasetDict.
+    columns: which columns hold the image(s), conversation, id and video (see ColumnsConfig).
     """
 
     path: str
@@ -54,12 +82,18 @@ class SourceConfig:
     weight: float = 1.0
     name: str | None = None
     split: str = "train"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data source needs a non-empty `path`")
         if self.weight <= 0:
             raise ConfigError(f"data source {self.path}: weight must be > 0, got {self.weight}")
+        if isinstance(self.columns, dict):
+            self.columns = build(ColumnsConfig, self.columns, "columns")
+        for key, column in self.columns.as_dict().items():
+            if column is not None and (not isinstance(column, str) or not column):
+                raise ConfigError(f"data source {self.path}: columns.{key} must be a column name, got {column!r}")
         if self.name is None:
             self.name = Path(self.path).name
 

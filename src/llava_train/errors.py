@@ -23,6 +23,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from llava_train.data.errors import BadSampleError
 
     errors: tuple[type[BaseException], ...] = (ConfigError, BadSampleError, FileNotFoundError, InitFromError)
+    try:  # a model reference that is neither a local folder nor a valid / existing hub id
+        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+        errors = (*errors, HFValidationError, RepositoryNotFoundError)
+    except ImportError:
+        pass
     try:  # a disk-full save: the message says what is intact and how to resume
         from llava_train.training.checkpoint import CheckpointWriteError
     except ImportError:  # the training stack is not importable (a data-only install)

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from llava_train.data.errors import BadSample
-from llava_train.data.images import load_image, resolve_image_path
+from llava_train.data.images import image_ref, load_image
 from llava_train.llava_format import (
     DATA_IMAGE_TAG,
     USER,
@@ -202,7 +202,7 @@ def record_request(
         n_tags = count_images(turns, image_token)
         if n_tags != len(raw):
             raise BadSample("image_count_mismatch", f"{n_tags} <image> tags but {len(raw)} image paths")
-        images = [load_image(resolve_image_path(str(image_folder or "."), p)) for p in raw]
+        images = [load_image(image_ref(v, str(image_folder or "."), f"image {k}")) for k, v in enumerate(raw)]
     except BadSample as e:
         raise ValueError(f"record {rid!r}: {e}") from e
     return Request(to_messages(turns[:-1], image_token), images), turns[-1].text

@@ -2,7 +2,9 @@
 
 A record is `{"image": path | [paths] (optional), "conversations": [{"from": "human", "value": ...}, ...]}`.
 Also accepted, everywhere: `role`/`content` instead of `from`/`value`, the roles `user`/`assistant`
-besides `human`/`gpt`, and HF-style typed content (`[{"type": "image"}, {"type": "text", "text": ...}]`).
+besides `human`/`gpt`, HF-style typed content (`[{"type": "image", "index": 0}, {"type": "text", "text": ...}]`),
+embedded images (HF `Image` structs `{"bytes", "path"}`), and, through `canonical_record`, other column names
+(`images`, `messages`, `texts`) and the_cauldron's `[{"user": ..., "assistant": ...}]` pairs.
 Images are marked in the text with LLaVA's `<image>` tag (or the model's own image token when it is
 another string); each user turn is normalised the way the original LLaVA does it: its image
 placeholders move to the front, one `<image_token>\\n` each, then the rest of the text, stripped.
@@ -11,6 +13,8 @@ Imports only the bad-sample types.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +78,13 @@ def message_text(content: Any, where: str) -> tuple[int, str]:
     for item in content:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind in ("image", "video"):
+            index = item.get("index")
+            # Images are matched to placeholders in text order; an `index` saying otherwise would pair a
+            # reply with the wrong picture, so it is rejected rather than silently reordered.
+            if index is not None and index != images:
+                raise BadSample(
+                    "image_count_mismatch", f"{where} image item {images} has index {index}: images must be in order"
+                )
             images += 1
         elif kind == "text" and isinstance(item.get("text"), str):
             texts.append(item["text"])
@@ -132,11 +143,64 @@ def normalize_conversation(
 
 
 def record_images(record: dict[str, Any]) -> list[Any]:
-    """The record's images in order, as given (`image` missing, one path, or a list); not resolved or opened."""
+    """The record's images in order, as given (`image` missing, one path or HF `Image` struct, or a list);
+    not resolved or opened (`data.images.image_ref` does that)."""
     image = record.get("image")
     if image is None:
         return []
     return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+# Usual column names of each record field, in the order they are looked for (LLaVA, OneVision, TRL/H4,
+# the_cauldron / FineVision, TIGER-Lab's llava-data).
+FIELD_COLUMNS: dict[str, tuple[str, ...]] = {
+    "id": ("id",),
+    "image": ("image", "images"),
+    "conversations": ("conversations", "messages", "texts", "conversation"),
+    "video": ("video",),
+}
+
+
+def canonical_record(raw: Mapping[str, Any], columns: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """A row of any supported layout as a LLaVA record (`id`, `image`, `conversations`, `video` keys, each only
+    when the row has it).
+
+    columns: field -> the column holding it (`config.ColumnsConfig`); a missing or None entry takes the first
+    of FIELD_COLUMNS present in the row. A conversation stored as a JSON string is decoded, and the_cauldron's
+    `[{"user", "assistant"}]` pairs become turns, with one `<image>` per image before the first user text
+    when the text holds no image tag (the_cauldron's convention). Raises BadSample(malformed_json).
+    """
+    out: dict[str, Any] = {}
+    for key, usual in FIELD_COLUMNS.items():
+        name = (columns or {}).get(key)
+        for column in (name,) if name else usual:
+            if column in raw:
+                out[key] = raw[column]
+                break
+    conv = out.get("conversations")
+    if isinstance(conv, str):
+        try:
+            conv = json.loads(conv)
+        except json.JSONDecodeError as e:
+            raise BadSample("malformed_json", f"the conversation is a string but not JSON: {e}") from e
+    if isinstance(conv, list) and conv and all(isinstance(t, dict) and set(t) <= {"user", "assistant"} for t in conv):
+        conv = pair_turns(conv, len(record_images(out)))
+    if conv is not None:
+        out["conversations"] = conv
+    return out
+
+
+def pair_turns(pairs: list[dict[str, Any]], num_images: int) -> list[dict[str, Any]]:
+    """the_cauldron's `[{"user": q, "assistant": a}, ...]` as `from`/`value` turns; the row's images go before the
+    first question (one `<image>` each) unless the text already places them with tags."""
+    turns: list[dict[str, Any]] = []
+    for pair in pairs:
+        turns.append({"from": "human", "value": pair.get("user")})
+        turns.append({"from": "gpt", "value": pair.get("assistant")})
+    tagged = any(isinstance(t["value"], str) and DATA_IMAGE_TAG in t["value"] for t in turns)
+    if num_images and not tagged and isinstance(turns[0]["value"], str):
+        turns[0]["value"] = DATA_IMAGE_TAG * num_images + "\n" + turns[0]["value"]
+    return turns
 
 
 def record_id(record: dict[str, Any], row: int) -> Any:

@@ -14,6 +14,7 @@ import yaml
 from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config, sweep_run_output_dir
 from llava_train.config_io import ConfigError
 from llava_train.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, user_errors
+from llava_train.preflight import check_paths
 from llava_train.utils.logging import get_logger, is_main_process
 
 log = get_logger(__name__)
@@ -35,6 +36,7 @@ class TrainResult:
 
 def run(cfg: RunConfig) -> TrainResult:
     """Run one stage. Reads as the table of contents of a training run."""
+    check_paths(cfg)  # a missing data path or model folder is a one-line error before anything loads
     out = prepare_run_dir(cfg)
     args = build_training_arguments(cfg)  # before the model: under ZeRO-3 it enables zero.Init
     seed_everything(args)

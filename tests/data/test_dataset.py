@@ -187,7 +187,7 @@ def test_cache_reuse_does_not_retokenize(data_dir: Path, llama_tokenizer: Any, c
     cfg = _cfg([src], cache_dir=str(data_dir / "cache"))
     first = _build(cfg, llama_tokenizer, clip_image_processor)
     assert not first.scans[0].from_cache
-    assert isinstance(first.stores[0].buf, np.memmap)  # rows are memory-mapped, not a list of dicts
+    assert isinstance(first.stores[0].shards[0].buf, np.memmap)  # rows are memory-mapped, not a list of dicts
     calls = {"n": 0}
     real = scan_mod.scan_row
 

@@ -14,15 +14,9 @@ import torch
 from llava_train.config import DataConfig, SourceConfig
 from llava_train.data.errors import BadSample, BadSampleError
 from llava_train.data.images import preprocess_anyres, preprocess_images, preprocess_video
-from llava_train.data.rows import HFRows, JsonRows, open_source
-from llava_train.data.scan import (
-    SampleContext,
-    SourceScan,
-    cached_scan,
-    format_source_line,
-    process_record,
-    source_report,
-)
+from llava_train.data.report import format_source_line, source_report
+from llava_train.data.rows import SourceRows, open_source
+from llava_train.data.scan import SampleContext, SourceScan, cached_scan, process_record
 from llava_train.data.tokenize import check_template_consistency
 from llava_train.llava_format import record_id
 from llava_train.utils.logging import get_logger
@@ -66,7 +60,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         group_by_modality_length convention).
     skipped: bad rows excluded at build time, by reason (on_bad_sample: skip).
     truncated: number of items cut at model_max_length (text after the last image only).
-    reports: the per-source reports (`data.scan.source_report`), in source order.
+    reports: the per-source reports (`data.report.source_report`), in source order.
     has_video: whether any item has a video (OneVision): every micro-batch of such a run then runs the
         video path of the vision tower, real or keepalive (`training.trainer`).
     """
@@ -74,7 +68,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         sources: list[SourceConfig],
-        stores: list[JsonRows | HFRows],
+        stores: list[SourceRows],
         scans: list[SourceScan],
         item_source: np.ndarray,
         item_row: np.ndarray,
@@ -95,6 +89,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             lengths[mask] = scan.lengths[item_row[mask]]
             images[mask] = scan.num_images[item_row[mask]]
             truncated[mask] = scan.truncated[item_row[mask]]
+        # The samplers take Python lists (main process); __getitem__ checks against the array, so DataLoader
+        # workers never touch (and copy-on-write) the list's int objects: at 10M rows that is ~360 MB a worker.
+        self._length_array = lengths
         self.lengths: list[int] = lengths.tolist()
         self.modality_lengths: list[int] = np.where(images > 0, lengths, -lengths).tolist()
         self.skipped: dict[str, int] = {}
@@ -129,10 +126,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             # Validated at build time: a row failing now changed underneath us; never drop it silently.
             raise BadSampleError(src.name or src.path, row, sample_id, e.reason, e.detail) from e
         sample = done.sample
-        if len(sample.input_ids) != self.lengths[i]:
+        if len(sample.input_ids) != int(self._length_array[i]):
             raise RuntimeError(
                 f"{src.name} row {row} (id {sample_id!r}): {len(sample.input_ids)} tokens but the cached length "
-                f"is {self.lengths[i]}; the cache is stale (delete the cache folder)"
+                f"is {int(self._length_array[i])}; the cache is stale (delete the cache folder)"
             )
         item: dict[str, Any] = {
             "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),  # [L]

@@ -1,4 +1,5 @@
-"""Images and video frames: paths inside the image folder, header sizes, RGB loading, LLaVA's pad-to-square,
+"""Images and video frames: image references (files, embedded bytes, tar members), paths inside the image folder,
+header sizes, RGB loading, LLaVA's pad-to-square,
 the anyres image processor call (NeXT / OneVision) and video frame tensors.
 
 How many tokens an image becomes is a model fact: `model.vision`.
@@ -6,7 +7,10 @@ How many tokens an image becomes is a model fact: `model.vision`.
 
 from __future__ import annotations
 
+import io
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llava_train.archs import IMAGE_ASPECT_RATIOS
@@ -29,26 +33,125 @@ def resolve_image_path(image_folder: str | None, rel: str) -> str:
     return full
 
 
-def verify_image(path: str, verify: bool = True) -> tuple[int, int]:
-    """(height, width) of an image file from its header, after checking that it exists and (with `verify`)
-    decodes (PIL verify); raises BadSample otherwise. The size is the decoded image's (no EXIF rotation:
-    neither LLaVA nor transformers' processors apply it), the one anyres token counts use."""
-    from PIL import Image
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a row, wherever it lives: a file, encoded bytes embedded in the data (an HF `Image` column),
+    a member of a tar shard (read on demand), or an already decoded PIL image.
 
+    Every image path of the data layer (scan, training, validate, inspect, predict) takes an ImageRef, so an
+    embedded image gives the same size, pixels and bad-row reasons as the same image on disk.
+    path: the resolved file (file images). data: the encoded bytes (embedded images).
+    member: (tar file, byte offset, size) of a tar member. pil: a decoded image. name: how messages name it.
+    """
+
+    path: str | None = None
+    data: bytes | None = None
+    member: tuple[str, int, int] | None = None
+    pil: Any = None
+    name: str = ""
+
+    def __str__(self) -> str:
+        return self.name or self.path or "<embedded image>"
+
+    def encoded(self) -> bytes | None:
+        """The encoded bytes of an embedded or tar image (None for a file or a PIL image)."""
+        if self.member is not None:
+            tar, offset, size = self.member
+            with open(tar, "rb") as f:
+                data = os.pread(f.fileno(), size, offset)
+            if len(data) != size:
+                from llava_train.data.errors import BadSample
+
+                raise BadSample("missing_image", f"{self}: {tar} ends before byte {offset + size}")
+            return data
+        return self.data
+
+    def open(self) -> Any:
+        """A lazy `PIL.Image.open` of the image (reads the header only until pixels are needed)."""
+        from PIL import Image
+
+        if self.path is not None:
+            return Image.open(self.path)
+        return Image.open(io.BytesIO(self.encoded() or b""))
+
+
+ImageLike = str | ImageRef
+
+
+def as_image_ref(image: ImageLike) -> ImageRef:
+    """A path string (already resolved) as an ImageRef; an ImageRef as it is."""
+    return image if isinstance(image, ImageRef) else ImageRef(path=image, name=image)
+
+
+def image_ref(value: Any, image_folder: str | None, where: str = "image") -> ImageRef:
+    """One image value of a record as an ImageRef: a path string (relative to `image_folder`), an HF `Image`
+    struct `{"bytes", "path"}` (the bytes win; bytes None = a file path, as `to_parquet` writes local files),
+    raw bytes, a PIL image or an ImageRef (tar members). An empty value is BadSample(missing_image)."""
     from llava_train.data.errors import BadSample
 
-    if not os.path.isfile(path):
-        raise BadSample("missing_image", f"image file not found: {path}")
+    if isinstance(value, ImageRef):
+        return value
+    if isinstance(value, str):
+        path = resolve_image_path(image_folder, value)
+        return ImageRef(path=path, name=path)
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        data, rel = value.get("bytes"), value.get("path")
+        if data:
+            return ImageRef(data=bytes(data), name=f"embedded {where}" + (f" ({rel})" if rel else ""))
+        if rel:
+            return image_ref(rel, image_folder, where)
+        raise BadSample("missing_image", f"embedded {where} has neither bytes nor a path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if not value:
+            raise BadSample("missing_image", f"embedded {where} is empty")
+        return ImageRef(data=bytes(value), name=f"embedded {where}")
+    if hasattr(value, "convert") and hasattr(value, "size"):  # a decoded PIL image
+        return ImageRef(pil=value, name=f"decoded {where}")
+    raise BadSample("missing_image", f"{where} must be a path, an image struct or bytes, got {type(value).__name__}")
+
+
+def verify_image(image: ImageLike, verify: bool = True) -> tuple[int, int]:
+    """(height, width) of an image from its header, after checking that it exists and (with `verify`)
+    decodes (PIL verify); raises BadSample otherwise. The size is the decoded image's (no EXIF rotation:
+    neither LLaVA nor transformers' processors apply it, and embedded images are read the same way), the
+    one anyres token counts use. Embedded bytes are never decoded here: PIL reads the header only."""
+    from llava_train.data.errors import BadSample
+
+    ref = as_image_ref(image)
+    if ref.pil is not None:
+        width, height = ref.pil.size
+        return height, width
+    if ref.path is not None and not os.path.isfile(ref.path):
+        raise BadSample("missing_image", f"image file not found: {ref.path}")
     try:
-        with Image.open(path) as img:
+        with ref.open() as img:
             width, height = img.size
             if verify:
                 img.verify()
+    except BadSample:
+        raise
     except Exception as e:  # PIL raises many types for broken files
-        raise BadSample("corrupt_image", f"cannot decode {path}: {e}") from e
+        raise BadSample("corrupt_image", f"cannot decode {ref}: {e}") from e
     if width <= 0 or height <= 0:
-        raise BadSample("corrupt_image", f"{path} has size {width}x{height}")
+        raise BadSample("corrupt_image", f"{ref} has size {width}x{height}")
     return height, width
+
+
+def save_image(image: ImageLike, stem: str | os.PathLike) -> str:
+    """Write an image to `stem` + its format's suffix, as stored (the file's or embedded bytes unchanged; a
+    decoded PIL image as PNG); returns the path written (`data inspect --images`)."""
+    ref = as_image_ref(image)
+    if ref.pil is not None:
+        path = f"{os.fspath(stem)}.png"
+        ref.pil.save(path)
+        return path
+    with ref.open() as img:
+        suffix = {"JPEG": ".jpg"}.get(img.format or "", f".{(img.format or 'bin').lower()}")
+    data = ref.encoded() if ref.path is None else Path(ref.path).read_bytes()
+    path = f"{os.fspath(stem)}{suffix}"
+    with open(path, "wb") as f:
+        f.write(data or b"")
+    return path
 
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -80,19 +183,21 @@ def video_frame_paths(image_folder: str | None, video: Any, frames: int) -> list
     return [all_frames[int(i)] for i in picks]
 
 
-def load_image(path: str) -> Any:
-    """Open an image file as RGB (verify, then a fresh open and full decode); BadSample on failure."""
-    from PIL import Image
-
+def load_image(image: ImageLike) -> Any:
+    """Open an image (file, embedded bytes, tar member) as RGB (verify, then a fresh open and full decode);
+    BadSample on failure."""
     from llava_train.data.errors import BadSample
 
-    verify_image(path)
+    ref = as_image_ref(image)
+    verify_image(ref)
+    if ref.pil is not None:
+        return ref.pil.convert("RGB")
     try:
-        with Image.open(path) as img:
+        with ref.open() as img:
             img.load()
             return img.convert("RGB")
     except Exception as e:
-        raise BadSample("corrupt_image", f"cannot decode {path}: {e}") from e
+        raise BadSample("corrupt_image", f"cannot decode {ref}: {e}") from e
 
 
 # -- preprocessing -----------------------------------------------------------------------------

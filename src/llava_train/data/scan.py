@@ -1,7 +1,7 @@
 """The scan: every row of a source once (normalise, render, tokenize, check images) -> exact lengths or a bad-row
-reason; cached on disk, shared by `data validate`, training and every rank; and the one per-source report.
+reason; cached on disk, shared by `data validate`, training and every rank (the report of a scan: `data.report`).
 
-The cache key is made of the source files' size/mtime, the tokenizer, the template, the image token,
+The cache is one file per shard, keyed by the shard file's size/mtime, the tokenizer, the template, the image token,
 the image geometry (tokens per image, anyres pinpoints) and the max length, so a changed input rescans
 and an unchanged one never does.
 The cache is on by default (`data.cache_dir: auto` = `<output_dir>/../.cache`).
@@ -9,6 +9,7 @@ The cache is on by default (`data.cache_dir: auto` = `<output_dir>/../.cache`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -22,19 +23,22 @@ import numpy as np
 
 from llava_train.config import RunConfig, SourceConfig
 from llava_train.data.errors import BAD_REASONS, BadSample
-from llava_train.data.images import load_image, resolve_image_path, verify_image, video_frame_paths
-from llava_train.data.rows import HFRows, JsonRows, fingerprint_path
+from llava_train.data.images import ImageRef, image_ref, load_image, verify_image, video_frame_paths
+from llava_train.data.rows import SourceRows
 from llava_train.data.templates import Template
 from llava_train.data.tokenize import TokenizedSample, tokenize_conversation
-from llava_train.llava_format import normalize_conversation, record_id, record_images, record_video
+from llava_train.llava_format import normalize_conversation, record_images, record_video
 from llava_train.utils.logging import get_logger
+from llava_train.utils.progress import scan_progress
 
 log = get_logger(__name__)
 
 # Bump when the scan's meaning changes so stale caches are not reused.
-SCAN_VERSION = 3  # 3: per-image token counts (anyres) and video rows; 2: the tokenizer template's wrapper
+# 4: per-shard caches, embedded images, column mappings; 3: per-image token counts (anyres) and video rows.
+SCAN_VERSION = 4
 REASON_CODES = tuple(BAD_REASONS)
-FIRST_IDS = 5  # row ids listed per bad-row reason in a report
+SCAN_ARRAYS = ("lengths", "num_images", "reasons", "truncated", "media_tokens", "num_videos")
+SCAN_CHUNK = 2000  # rows per scan task
 
 
 def data_cache_dir(cfg: RunConfig) -> str | None:
@@ -68,18 +72,18 @@ class SampleContext:
     video_frames: int = 32
 
 
-def image_paths(record: dict[str, Any], image_folder: str | None) -> list[str]:
-    """The record's images as resolved paths (`image` may be missing, a string or a list)."""
-    return [resolve_image_path(image_folder, p) for p in record_images(record)]
+def image_refs(record: dict[str, Any], image_folder: str | None) -> list[ImageRef]:
+    """The record's images as ImageRefs (`image` may be missing, a path, an embedded image or a list of them)."""
+    return [image_ref(v, image_folder, f"image {k}") for k, v in enumerate(record_images(record))]
 
 
 @dataclass
 class Processed:
-    """A record made into a sample: the tokenized sample, its media files, the LM tokens per image / video
-    (text order), and with `load` the decoded RGB images and video frames."""
+    """A record made into a sample: the tokenized sample, its images (ImageRefs) and video frame files, the LM
+    tokens per image / video (text order), and with `load` the decoded RGB images and video frames."""
 
     sample: TokenizedSample
-    paths: list[str]
+    paths: list[ImageRef]
     frames: list[str]
     media_tokens: list[int]
     images: list[Any] = field(default_factory=list)
@@ -93,7 +97,7 @@ def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, 
     `verify` reads every header and PIL-verifies every image and sampled frame (the scan), `load`
     decodes them (training; the counts then come from the decoded images).
     """
-    paths = image_paths(record, ctx.image_folder)
+    paths = image_refs(record, ctx.image_folder)
     video = record_video(record)
     frames: list[str] = []
     if video is not None:
@@ -157,12 +161,15 @@ class RowResult:
     num_videos: int = 0
 
 
-def scan_row(store: JsonRows | HFRows, i: int, ctx: SampleContext, check_images: bool = True) -> RowResult:
-    """Scan one row: tokenize with exact image counts, and check that its images exist and decode (PIL verify)."""
-    sample_id: Any = i
+def scan_row(store: SourceRows, i: int, ctx: SampleContext, check_images: bool = True) -> RowResult:
+    """Scan one row: tokenize with exact image counts, and check that its images exist and decode (PIL verify).
+
+    The id of a row without one is left None here and becomes its row number in the source (`concat_scans`),
+    since a shard's cached scan numbers its rows from 0."""
+    sample_id: Any = None
     try:
         record = store.get(i)
-        sample_id = record_id(record, i)
+        sample_id = record.get("id")
         done = process_record(record, ctx, i, "verify" if check_images else "auto")
         sample = done.sample
         return RowResult(
@@ -193,6 +200,8 @@ class SourceScan:
     num_videos: np.ndarray  # int8 [rows]: videos of the row (0 or 1)
     bad: list[dict[str, Any]] = field(default_factory=list)
     from_cache: bool = False
+    shards_scanned: int = 0  # shards of the source scanned by this call (the others were read from the cache)
+    shards_cached: int = 0
 
     @property
     def good_rows(self) -> np.ndarray:
@@ -200,7 +209,7 @@ class SourceScan:
         return np.flatnonzero(self.reasons < 0)
 
 
-def _scan_chunk(args: tuple[Any, SampleContext, int, int, bool]) -> list[RowResult]:
+def _scan_chunk(args: tuple[SourceRows, SampleContext, int, int, bool]) -> list[RowResult]:
     store, ctx, start, stop, check_images = args
     return [scan_row(store, i, ctx, check_images) for i in range(start, stop)]
 
@@ -213,24 +222,46 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
+def _in_memory(store: SourceRows) -> bool:
+    buf = getattr(store.shards[0], "buf", None) if len(store.shards) == 1 else None
+    return buf is not None and not isinstance(buf, np.memmap)
+
+
 def scan_source(
-    store: JsonRows | HFRows,
+    store: SourceRows,
     ctx: SampleContext,
     num_workers: int = 1,
     check_images: bool = True,
     chunk_size: int = 2000,
+    pool: Any = None,
+    progress: Any = None,
 ) -> SourceScan:
-    """Scan every row (in `num_workers` spawned processes, by chunks, when > 1)."""
+    """Scan every row (in `num_workers` spawned processes, by chunks, when > 1; or in `pool`, a process pool
+    shared by the shards of a source). `progress(rows, bad)` is called after each chunk."""
     n = len(store)
-    if num_workers > 1 and isinstance(store, JsonRows) and not isinstance(store.buf, np.memmap):
+    if (num_workers > 1 or pool is not None) and _in_memory(store):
         # An in-memory buffer is pickled with every chunk: use one chunk per worker.
-        chunk_size = max(chunk_size, -(-n // num_workers))
+        chunk_size = max(chunk_size, -(-n // max(num_workers, 2)))
     chunks = [(store, ctx, s, min(n, s + chunk_size), check_images) for s in range(0, n, chunk_size)]
-    if num_workers > 1 and len(chunks) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(num_workers, len(chunks)), _worker_init) as pool:
-            parts = pool.map(_scan_chunk, chunks, chunksize=1)
+    results: list[RowResult] = []
+
+    def collect(parts: Any) -> None:
+        for part in parts:
+            results.extend(part)
+            if progress is not None:
+                progress(len(part), sum(r.reason is not None for r in part))
+
+    if pool is not None and len(chunks) > 1:
+        collect(pool.imap(_scan_chunk, chunks, chunksize=1))
+    elif num_workers > 1 and len(chunks) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(num_workers, len(chunks)), _worker_init) as own:
+            collect(own.imap(_scan_chunk, chunks, chunksize=1))
     else:
-        parts = [_scan_chunk(c) for c in chunks]
+        collect(_scan_chunk(c) for c in chunks)
+    return _assemble(n, results)
+
+
+def _assemble(n: int, results: list[RowResult]) -> SourceScan:
     lengths = np.zeros(n, dtype=np.int32)
     num_images = np.zeros(n, dtype=np.int32)
     reasons = np.full(n, -1, dtype=np.int8)
@@ -238,15 +269,30 @@ def scan_source(
     media: list[int] = []
     num_videos = np.zeros(n, dtype=np.int8)
     bad: list[dict[str, Any]] = []
-    for part in parts:
-        for r in part:
-            lengths[r.row], num_images[r.row], truncated[r.row] = r.length, r.num_images, r.truncated
-            media.extend(r.media_tokens)
-            num_videos[r.row] = r.num_videos
-            if r.reason is not None:
-                reasons[r.row] = REASON_CODES.index(r.reason)
-                bad.append({"row": r.row, "id": r.id, "reason": r.reason, "detail": r.detail})
+    for r in results:
+        lengths[r.row], num_images[r.row], truncated[r.row] = r.length, r.num_images, r.truncated
+        media.extend(r.media_tokens)
+        num_videos[r.row] = r.num_videos
+        if r.reason is not None:
+            reasons[r.row] = REASON_CODES.index(r.reason)
+            bad.append({"row": r.row, "id": r.id, "reason": r.reason, "detail": r.detail})
     return SourceScan(lengths, num_images, reasons, truncated, np.asarray(media, dtype=np.int32), num_videos, bad)
+
+
+def concat_scans(scans: list[SourceScan]) -> SourceScan:
+    """The scans of a source's shards, in order, as one scan: bad rows renumbered to the source's rows (and a
+    row without an id takes that number as its id)."""
+    bad, start = [], 0
+    for scan in scans:
+        for b in scan.bad:
+            row = b["row"] + start
+            bad.append({**b, "row": row, "id": row if b["id"] is None else b["id"]})
+        start += len(scan.reasons)
+    if len(scans) == 1:
+        scans[0].bad = bad
+        return scans[0]
+    arrays = [np.concatenate([getattr(s, k) for s in scans]) for k in SCAN_ARRAYS]
+    return SourceScan(*arrays, bad=bad)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -259,13 +305,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:20]
 
 
-def scan_key(src: SourceConfig, ctx: SampleContext, check_images: bool) -> str:
-    """Cache key of a source's scan: source files' mtime/size + tokenizer + template + image tokens + max length."""
+def scan_key(src: SourceConfig, shard_fingerprint: str, ctx: SampleContext, check_images: bool) -> str:
+    """Cache key of one shard's scan: the shard's mtime/size + the source's split, image folder and column mapping
+    + tokenizer + template + image tokens + max length (so adding a shard to a source scans only that shard)."""
     parts = [
         SCAN_VERSION,
-        fingerprint_path(Path(src.path).resolve()),
+        shard_fingerprint,
         src.split,
         os.path.abspath(src.image_folder or "."),
+        sorted(src.columns.as_dict().items()),
         tokenizer_fingerprint(ctx.tokenizer),
         repr(ctx.template),
         ctx.image_token_id,
@@ -278,113 +326,89 @@ def scan_key(src: SourceConfig, ctx: SampleContext, check_images: bool) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
 
+def _read_cached(npz: Path, bad_json: Path) -> SourceScan | None:
+    if not (npz.exists() and bad_json.exists()):
+        return None
+    with np.load(npz) as z:
+        scan = SourceScan(*(z[k] for k in SCAN_ARRAYS))
+    scan.bad = json.loads(bad_json.read_text())
+    return scan
+
+
+def _write_cached(scan: SourceScan, npz: Path, bad_json: Path) -> None:
+    """Written atomically (temporary names, then rename), so concurrent readers never see half a scan."""
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npz.with_name(f"{npz.stem}.tmp{os.getpid()}")
+    np.savez(tmp.with_suffix(".npz"), **{k: getattr(scan, k) for k in SCAN_ARRAYS})
+    tmp.with_suffix(".bad.json").write_text(json.dumps(scan.bad, default=str))
+    os.replace(tmp.with_suffix(".bad.json"), bad_json)
+    os.replace(tmp.with_suffix(".npz"), npz)
+
+
 def cached_scan(
     src: SourceConfig,
-    store: JsonRows | HFRows,
+    store: SourceRows,
     ctx: SampleContext,
     cache_dir: str | None,
     num_workers: int = 1,
     check_images: bool = True,
 ) -> SourceScan:
-    """`scan_source`, read from / written to `cache_dir` when set (key: `scan_key`); logs which it was.
+    """`scan_source` of each shard of a source, read from / written to `cache_dir` when set (one file per shard,
+    key: `scan_key`), concatenated; logs one line saying how many shards were scanned and how many read.
 
-    Written atomically (temporary names, then rename), so concurrent readers never see half a scan.
+    Shards needing a scan share one process pool; a progress bar (rows/s, bad rows) shows on the terminal of
+    the process that scans (`utils.progress`).
     """
     start = time.perf_counter()
-    if cache_dir is None:
-        scan = scan_source(store, ctx, num_workers, check_images)
-        log.info(
-            "scanned %s: %d rows in %.1f s (no cache: data.cache_dir is null)", src.name, len(store), _since(start)
-        )
-        return scan
-    folder = Path(cache_dir)
-    base = folder / f"scan-{scan_key(src, ctx, check_images)}"
-    npz, bad_json = base.with_suffix(".npz"), base.with_suffix(".bad.json")
-    if npz.exists() and bad_json.exists():
-        with np.load(npz) as z:
-            scan = SourceScan(
-                z["lengths"], z["num_images"], z["reasons"], z["truncated"], z["media_tokens"], z["num_videos"]
+    views = [store.shard(k) for k in range(len(store.shards))]
+    scans: list[SourceScan | None] = [None] * len(views)
+    files: list[tuple[Path, Path] | None] = [None] * len(views)
+    if cache_dir is not None:
+        for k, fp in enumerate(store.fingerprints):
+            base = Path(cache_dir) / f"scan-{scan_key(src, fp, ctx, check_images)}"
+            files[k] = (base.with_suffix(".npz"), base.with_suffix(".bad.json"))
+            scans[k] = _read_cached(*files[k])
+    todo = [k for k, scan in enumerate(scans) if scan is None]
+    rows = sum(len(views[k]) for k in todo)
+    if todo:
+        use_pool = num_workers > 1 and rows > SCAN_CHUNK
+        with contextlib.ExitStack() as stack:
+            pool = (
+                stack.enter_context(multiprocessing.get_context("spawn").Pool(num_workers, _worker_init))
+                if use_pool
+                else None
             )
-        scan.bad = json.loads(bad_json.read_text())
-        scan.from_cache = True
-        log.info("read the cached scan of %s (%d rows) from %s in %.2f s", src.name, len(store), npz, _since(start))
-        return scan
-    scan = scan_source(store, ctx, num_workers, check_images)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{base.name}.tmp{os.getpid()}"
-    np.savez(
-        tmp.with_suffix(".npz"),
-        lengths=scan.lengths,
-        num_images=scan.num_images,
-        reasons=scan.reasons,
-        truncated=scan.truncated,
-        media_tokens=scan.media_tokens,
-        num_videos=scan.num_videos,
-    )
-    tmp.with_suffix(".bad.json").write_text(json.dumps(scan.bad, default=str))
-    os.replace(tmp.with_suffix(".bad.json"), bad_json)
-    os.replace(tmp.with_suffix(".npz"), npz)
-    log.info("scanned %s: %d rows in %.1f s, cached in %s", src.name, len(store), _since(start), npz)
+            bar = stack.enter_context(scan_progress(f"scanning {src.name}", rows))
+            for k in todo:
+                scans[k] = scan_source(views[k], ctx, 1, check_images, SCAN_CHUNK, pool, bar.update)
+                if files[k] is not None:
+                    _write_cached(scans[k], *files[k])
+    scan = concat_scans([s for s in scans if s is not None])
+    scan.from_cache = not todo
+    scan.shards_scanned, scan.shards_cached = len(todo), len(views) - len(todo)
+    where = f"cached in {cache_dir}" if cache_dir is not None else "no cache: data.cache_dir is null"
+    if not todo:
+        log.info(
+            "read the cached scan of %s (%d rows, %d shard(s)) from %s in %.2f s",
+            src.name,
+            len(store),
+            len(views),
+            cache_dir,
+            _since(start),
+        )
+    else:
+        log.info(
+            "scanned %s: %d rows in %.1f s (%d of %d shard(s) scanned, %d read from the cache; %s)",
+            src.name,
+            rows,
+            _since(start),
+            len(todo),
+            len(views),
+            len(views) - len(todo),
+            where,
+        )
     return scan
 
 
 def _since(start: float) -> float:
     return time.perf_counter() - start
-
-
-# -- the one per-source report -------------------------------------------------------------------
-
-
-def percentiles(lengths: np.ndarray) -> dict[str, int]:
-    """p50 / p90 / p99 / max of token lengths (nearest-rank: every value is a real sample's length)."""
-    if len(lengths) == 0:
-        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    p50, p90, p99 = np.percentile(lengths, [50, 90, 99], method="nearest")
-    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lengths.max())}
-
-
-def source_report(
-    src: SourceConfig, split: str, scan: SourceScan, used: int | None = None, weight: float | None = None
-) -> dict[str, Any]:
-    """One source's counts, the same in `data_report.json`, the run folder's `data_summary.json` and the logs.
-
-    rows, good, bad, images (of good rows), text_only, truncated, token-length percentiles of the good
-    rows (image tokens included), `image_tokens` percentiles of the LM tokens of each image / video of the
-    good rows (anyres: from each image's size), bad rows by reason with their first ids; `used` (rows per epoch
-    after the mixture weight) and `weight` when the source is part of a training mixture.
-    """
-    good = scan.reasons < 0
-    by_reason: dict[str, dict[str, Any]] = {}
-    for b in scan.bad:
-        entry = by_reason.setdefault(b["reason"], {"count": 0, "first_ids": []})
-        entry["count"] += 1
-        if len(entry["first_ids"]) < FIRST_IDS:
-            entry["first_ids"].append(b["id"])
-    report: dict[str, Any] = {
-        "name": src.name,
-        "path": src.path,
-        "split": split,
-        "rows": int(len(scan.reasons)),
-        "good": int(good.sum()),
-        "bad": len(scan.bad),
-        "images": int(scan.num_images[good].sum()),
-        "text_only": int((good & (scan.num_images == 0)).sum()),
-        "truncated": int(scan.truncated[good].sum()),
-        "tokens": percentiles(scan.lengths[good]),
-        "image_tokens": percentiles(scan.media_tokens),
-        "bad_by_reason": {r: by_reason[r] for r in REASON_CODES if r in by_reason},
-    }
-    if used is not None:
-        report.update(used=int(used), weight=weight)
-    return report
-
-
-def format_source_line(report: dict[str, Any]) -> str:
-    """The one-line log form of a source report."""
-    skipped = ", ".join(f"{r}={e['count']}" for r, e in report["bad_by_reason"].items()) or "none"
-    used = f", {report['used']} used (weight {report['weight']})" if "used" in report else ""
-    t = report["tokens"]
-    return (
-        f"data {report['split']} source {report['name']}: {report['rows']} rows, {report['good']} good{used}, "
-        f"bad: {skipped}, truncated: {report['truncated']}, tokens p50/p90/max {t['p50']}/{t['p90']}/{t['max']}"
-    )

@@ -13,8 +13,10 @@ from typing import Any, TextIO
 from llava_train.config import RunConfig, SourceConfig
 from llava_train.data.dataset import make_context
 from llava_train.data.errors import BadSample
+from llava_train.data.images import save_image
+from llava_train.data.report import source_report
 from llava_train.data.rows import open_source
-from llava_train.data.scan import cached_scan, data_cache_dir, process_record, source_report
+from llava_train.data.scan import cached_scan, data_cache_dir, process_record
 from llava_train.data.tokenize import check_template_consistency, label_tokens
 from llava_train.llava_format import normalize_conversation, record_id, record_video
 
@@ -32,7 +34,7 @@ def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict
     are checked for existence and decodability (PIL verify; not preprocessed). The scan is the one
     training uses, read from / written to the same cache (`data.cache_dir`), so a second validate or
     the training start on unchanged data reads it instead of scanning again. The report holds, per
-    source, `data.scan.source_report` (rows, good, bad, images, text_only, truncated, token-length
+    source, `data.report.source_report` (rows, good, bad, images, text_only, truncated, token-length
     percentiles, bad rows by reason with the first ids); `bad_rows` lists EVERY bad row as
     {"source", "row", "id", "reason", "detail"}. `parts` is the run's `components.Components`.
     """
@@ -58,7 +60,8 @@ def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict
         store = open_source(src, cache_dir)
         scan = cached_scan(src, store, make_context(cfg.data, src, parts), cache_dir, num_workers=workers)
         report["bad_rows"].extend({"source": src.name, **b} for b in scan.bad)
-        report["sources"].append({**source_report(src, split, scan), "from_cache": scan.from_cache})
+        shards = {"shards": len(store.shards), "shards_scanned": scan.shards_scanned}
+        report["sources"].append({**source_report(src, split, scan), "from_cache": scan.from_cache, **shards})
     report["total_rows"] = sum(s["rows"] for s in report["sources"])
     report["total_bad"] = len(report["bad_rows"])
     report["seconds"] = round(time.perf_counter() - start, 2)
@@ -161,6 +164,7 @@ def inspect_samples(
     jsonl_path: str | None = None,
     out: TextIO | None = None,
     color: bool | None = None,
+    images_dir: str | None = None,
 ) -> int:
     """Show samples' prompts with trained spans highlighted and/or write them as JSONL.
 
@@ -168,7 +172,9 @@ def inspect_samples(
     `indices`: the samples to show/write (None: show sample 0 and write every sample). `color`:
     ANSI colour (None = when `out` is a TTY), else `[[...]]` markers. JSONL lines are
     {"id", "source", "input_ids", "labels", "num_images"} with image blocks fully expanded; bad rows
-    are printed with their reason and not written. Returns the number of JSONL lines written.
+    are printed with their reason and not written. `images_dir`: write each shown sample's images there,
+    as stored (`sample<index>_image<k>.<format>`, files and embedded bytes alike). Returns the number of
+    JSONL lines written.
     `parts` is the run's `components.Components`.
     """
     stream = out if out is not None else sys.stdout
@@ -208,6 +214,11 @@ def inspect_samples(
                     )
                     stream.write(render_labelled(record, parts, use_color, done.media_tokens))
                     stream.write("\n")
+                    if images_dir is not None and done.paths:
+                        Path(images_dir).mkdir(parents=True, exist_ok=True)
+                        stem = Path(images_dir) / f"sample{index}_image"
+                        written_images = [save_image(ref, f"{stem}{k}") for k, ref in enumerate(done.paths)]
+                        stream.write(f"# images of sample {index}: {', '.join(written_images)}\n")
                 if sink is not None:
                     line = {
                         "id": sample_id,
