@@ -141,7 +141,7 @@ def tile_caches(root: Path) -> dict[str, Any]:
     import shutil
 
     from llava_train.components import load_components
-    from llava_train.data import scan as scan_mod
+    from llava_train.data import scan_cache
     from llava_train.data.dataset import make_context
     from llava_train.data.rows import open_source
 
@@ -153,7 +153,7 @@ def tile_caches(root: Path) -> dict[str, Any]:
         store = open_source(src, cfg.data.cache_dir)  # converts the JSONL shards to memory-mapped rows once
         ctx = make_context(cfg.data, src, parts)
         base = [
-            Path(cfg.data.cache_dir) / f"scan-{scan_mod.scan_key(src, fp, ctx, True)}" for fp in store.fingerprints
+            Path(cfg.data.cache_dir) / f"scan-{scan_cache.scan_key(src, fp, ctx, True)}" for fp in store.fingerprints
         ]
         for target in base[1:]:
             for suffix in (".npz", ".bad.json"):

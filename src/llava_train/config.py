@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -390,15 +389,3 @@ def dump_config(config: RunConfig, path: str | os.PathLike) -> Path:
 def config_reference() -> list[tuple[str, str, str]]:
     """(dotted key, type = default, documentation) of every run-config key (`llava-train config`)."""
     return describe(RunConfig)
-
-
-def sweep_run_output_dir(output_dir: str, environ: Mapping[str, str] | None = None) -> str:
-    """The run folder to use under a wandb agent: `<output_dir>/<WANDB_RUN_ID>` when WANDB_SWEEP_ID is set.
-
-    Every agent trial runs the same command, so without this all trials would share one folder
-    (wandb's `${envvar:...}` macros are expanded once per agent, not per run).
-    """
-    env = os.environ if environ is None else environ
-    if env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
-        return str(Path(output_dir) / env["WANDB_RUN_ID"])
-    return output_dir

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,15 @@ def _parse_field_docs(doc: str) -> dict[str, str]:
         elif not stripped:
             current = []
     return out
+
+
+def sweep_run_output_dir(output_dir: str, environ: Mapping[str, str] | None = None) -> str:
+    """The run folder to use under a wandb agent: `<output_dir>/<WANDB_RUN_ID>` when WANDB_SWEEP_ID is set.
+
+    Every agent trial runs the same command, so without this all trials would share one folder
+    (wandb's `${envvar:...}` macros are expanded once per agent, not per run).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
+        return str(Path(output_dir) / env["WANDB_RUN_ID"])
+    return output_dir

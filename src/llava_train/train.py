@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config, sweep_run_output_dir
-from llava_train.config_io import ConfigError
+from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config
+from llava_train.config_io import ConfigError, sweep_run_output_dir
 from llava_train.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, user_errors
 from llava_train.preflight import check_paths
 from llava_train.utils.logging import get_logger, is_main_process
@@ -202,7 +202,7 @@ def build_data(cfg: RunConfig, parts: Any, args: Any) -> tuple[Any, Any]:
     HF's `main_process_first` barrier and then read it (with `data.cache_dir: null` they rescan).
     """
     from llava_train.data.dataset import build_dataset
-    from llava_train.data.scan import data_cache_dir
+    from llava_train.data.scan_cache import data_cache_dir
 
     seed = args.data_seed if args.data_seed is not None else args.seed
     cache = data_cache_dir(cfg)

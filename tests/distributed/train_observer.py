@@ -88,7 +88,7 @@ def main(report_dir: str, argv: list[str]) -> int:
         report["world_size"] = trainer.args.world_size
         return trainer
 
-    import llava_train.data.scan as scan_module
+    import llava_train.data.scan_cache as scan_module  # cached_scan calls scan_source from there
 
     scan_source = scan_module.scan_source
     report["scans"] = 0

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava_train.config import load_config, sweep_run_output_dir
+from llava_train.config import load_config
+from llava_train.config_io import sweep_run_output_dir
 from llava_train.tools.sweep.run import (
     agent_args_to_overrides,
     expand_command,

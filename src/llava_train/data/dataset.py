@@ -16,7 +16,8 @@ from llava_train.data.errors import BadSample, BadSampleError
 from llava_train.data.images import preprocess_anyres, preprocess_images, preprocess_video
 from llava_train.data.report import format_source_line, source_report
 from llava_train.data.rows import SourceRows, open_source
-from llava_train.data.scan import SampleContext, SourceScan, cached_scan, process_record
+from llava_train.data.scan import SampleContext, SourceScan, process_record
+from llava_train.data.scan_cache import cached_scan
 from llava_train.data.tokenize import check_template_consistency
 from llava_train.llava_format import record_id
 from llava_train.utils.logging import get_logger

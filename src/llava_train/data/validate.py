@@ -16,7 +16,8 @@ from llava_train.data.errors import BadSample
 from llava_train.data.images import save_image
 from llava_train.data.report import source_report
 from llava_train.data.rows import open_source
-from llava_train.data.scan import cached_scan, data_cache_dir, process_record
+from llava_train.data.scan import process_record
+from llava_train.data.scan_cache import cached_scan, data_cache_dir
 from llava_train.data.tokenize import check_template_consistency, label_tokens
 from llava_train.llava_format import normalize_conversation, record_id, record_video
 
