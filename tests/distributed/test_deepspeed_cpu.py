@@ -401,7 +401,7 @@ def test_data_error_exits_2_on_every_rank(workspace: Path, tmp_path: Path) -> No
     config["data"]["train"][0]["path"] = str(tmp_path / "missing.json")
     cfg = write_config(tmp_path, "pretrain", config)
     _, output = launch(["--module", "llava_train.train", str(cfg)], cwd=tmp_path, expect_rc=2)
-    assert f"llava-train: error: data source not found: {tmp_path / 'missing.json'}" in output
+    assert f"llava-train: error: data.train[0].path: data source not found: {tmp_path / 'missing.json'}" in output
     assert "Traceback" not in output
 
 
