@@ -38,7 +38,7 @@ def _small() -> object:
 
 def test_registries_list_valid_keys() -> None:
     valid = (
-        "valid presets: cpu-tiny, cpu-tiny-576, gpu-1b-finetune, gpu-7b-next-finetune, gpu-7b-pretrain, cpu-tiny-next"
+        "valid presets: cpu-tiny, cpu-tiny-576, gpu-1b-finetune, gpu-7b-pretrain, gpu-7b-next-finetune, cpu-tiny-next"
     )
     with pytest.raises(ConfigError, match=valid):
         get_preset("gpu-70b")

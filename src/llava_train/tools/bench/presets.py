@@ -164,34 +164,6 @@ PRESETS: dict[str, BenchPreset] = {
         baseline_checkpointing=True,
         num_workers=4,
     ),
-    # LLaVA-NeXT-7B stage 2 (configs/llava-next-7b/finetune.yaml): Vicuna-7B + CLIP-L/336, anyres; a 480 x 640
-    # image is 5 crops and 2340 LM tokens, so rows of 8192 hold about 3 samples.
-    "gpu-7b-next-finetune": BenchPreset(
-        text={
-            **_LLAMA,
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-            "max_position_embeddings": 8192,
-        },
-        vision=_CLIP_L_336,
-        stage="finetune",
-        mix="665k",
-        max_length=4096,
-        batch_size=2,
-        packing_length=8192,
-        rows=1,
-        steps=6,
-        warmup=2,
-        num_samples=2048,
-        dtype="bfloat16",
-        bf16=True,
-        baseline_checkpointing=True,
-        num_workers=4,
-        arch="llava_next",
-    ),
     "gpu-7b-pretrain": BenchPreset(
         text={
             **_LLAMA,
@@ -217,6 +189,22 @@ PRESETS: dict[str, BenchPreset] = {
     ),
 }
 # cpu-tiny with LLaVA-NeXT anyres: 480 x 640 images -> 2 x 2 grids of 48 px crops (5 crops, 594 tokens).
+# LLaVA-NeXT-7B stage 2 (configs/llava-next-7b/finetune.yaml): Vicuna-7B + CLIP-L/336, anyres; a 480 x 640
+# image is 5 crops and 2340 LM tokens, so rows of 8192 hold about 3 samples.
+PRESETS["gpu-7b-next-finetune"] = replace(
+    PRESETS["gpu-7b-pretrain"],
+    text={**PRESETS["gpu-7b-pretrain"].text, "max_position_embeddings": 8192},
+    stage="finetune",
+    mix="665k",
+    max_length=4096,
+    batch_size=2,
+    packing_length=8192,
+    rows=1,
+    steps=6,
+    warmup=2,
+    num_samples=2048,
+    arch="llava_next",
+)
 PRESETS["cpu-tiny-next"] = replace(
     PRESETS["cpu-tiny"],
     max_length=1024,
