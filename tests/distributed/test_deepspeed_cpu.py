@@ -544,13 +544,17 @@ def test_a_dead_rank_ends_the_survivor_within_the_bound(workspace: Path, tmp_pat
             )  # fmt: skip
         )
     survivor, victim = procs
-    assert victim.wait(timeout=LAUNCH_TIMEOUT) == -9
-    died = time.monotonic()
     try:
-        code = survivor.wait(timeout=DEAD_RANK_BOUND_S)
-    except subprocess.TimeoutExpired:
-        survivor.kill()
-        pytest.fail(f"rank 0 still running {DEAD_RANK_BOUND_S}s after rank 1 died")
+        assert victim.wait(timeout=LAUNCH_TIMEOUT) == -9
+        died = time.monotonic()
+        try:
+            code = survivor.wait(timeout=DEAD_RANK_BOUND_S)
+        except subprocess.TimeoutExpired:
+            survivor.kill()
+            pytest.fail(f"rank 0 still running {DEAD_RANK_BOUND_S}s after rank 1 died")
+    finally:
+        for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            segment.unlink(missing_ok=True)  # the SIGKILLed rank's workspace: it cannot remove it itself
     waited = time.monotonic() - died
     output = survivor.stdout.read()
     assert code != 0, output[-3000:]
