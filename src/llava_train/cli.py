@@ -31,11 +31,11 @@ def _load(args: argparse.Namespace, extra: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.train import execute
+    """The same entry as `python -m llava_train.train` (documented exit codes, launched-rank exit)."""
+    from llava_train.train import main as train_main
 
-    result = execute(_load(args, extra))
-    print(f"finished: {result.output_dir} (step {result.global_step})")
-    return 0
+    argv = ([args.config] if args.config else []) + list(args.overrides) + _split_overrides(extra)
+    return train_main(argv)
 
 
 def cmd_data_validate(args: argparse.Namespace, extra: list[str]) -> int:

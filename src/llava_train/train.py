@@ -13,7 +13,7 @@ import yaml
 
 from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config
 from llava_train.config_io import ConfigError, sweep_run_output_dir
-from llava_train.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, user_errors
+from llava_train.errors import EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, user_errors
 from llava_train.preflight import check_paths
 from llava_train.utils.logging import get_logger, is_main_process
 
@@ -57,6 +57,10 @@ def run(cfg: RunConfig) -> TrainResult:
     return TrainResult(str(out), int(trainer.state.global_step), list(trainer.state.log_history), preempted)
 
 
+# Set when `execute` tore down this process's process groups: `main` then ends the process itself.
+_GROUPS_DESTROYED = False
+
+
 def execute(cfg: RunConfig) -> TrainResult:
     """`run(cfg)` as the last thing a launched process does: then its process groups are torn down.
 
@@ -67,6 +71,7 @@ def execute(cfg: RunConfig) -> TrainResult:
     """
     from llava_train.utils.distributed import shutdown_distributed
 
+    global _GROUPS_DESTROYED
     ok = False
     try:
         result = run(cfg)
@@ -74,6 +79,7 @@ def execute(cfg: RunConfig) -> TrainResult:
         return result
     finally:
         if shutdown_distributed(ok):
+            _GROUPS_DESTROYED = True
             log.info("process group destroyed (%s)", "run finished" if ok else "run failed")
 
 
@@ -296,6 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         (argv[0], argv[1:]) if not argv[0].startswith("-") and "=" not in argv[0] else (None, argv)
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    code = _main(config_path, overrides)
+    if _GROUPS_DESTROYED:
+        from llava_train.utils.distributed import exit_after_teardown
+
+        exit_after_teardown(code)  # a launched rank: the documented code, never a finalization abort
+    return code
+
+
+def _main(config_path: str | None, overrides: list[str]) -> int:
     try:
         cfg = load_config(config_path, overrides)
         # Under a wandb sweep agent every trial runs this same command: give each its own folder.
@@ -308,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llava-train: stopped: {e}", file=sys.stderr)
             return EXIT_NONFINITE
         if not isinstance(e, user_errors()):
+            if _GROUPS_DESTROYED:
+                import traceback
+
+                traceback.print_exc()
+                return EXIT_ERROR
             raise  # traceback, exit code 1
         print(f"llava-train: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -318,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_PREEMPTED
+    print(f"finished: {result.output_dir} (step {result.global_step})")
     return EXIT_OK
 
 
