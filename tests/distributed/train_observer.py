@@ -8,11 +8,12 @@ gathered projector equals the saved one; after `build_trainer` it records every 
 sample ids, image counts and trained-token counts, and after the first step the optimizer's named
 group learning rates and the parameter sizes again (now inside the DeepSpeed engine). It also counts
 the sources this rank really scanned (a scan read from the cache does not count). Each rank writes
-`REPORT_DIR/rank<R>.json` after training.
+`REPORT_DIR/rank<R>.json` after training (at exit).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import sys
 from pathlib import Path
@@ -100,10 +101,15 @@ def main(report_dir: str, argv: list[str]) -> int:
     scan_module.scan_source = counted_scan
     train_module.build_components = observed_build_components
     train_module.build_trainer = observed_build_trainer
-    code = train_module.main(argv)
-    Path(report_dir).mkdir(parents=True, exist_ok=True)
-    Path(report_dir, f"rank{rank()}.json").write_text(json.dumps(report))
-    return code
+    rank_now = rank()
+
+    def write_report() -> None:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        Path(report_dir, f"rank{rank_now}.json").write_text(json.dumps(report))
+
+    # At exit: a launched rank ends inside `main` (utils.distributed.exit_after_teardown runs atexit handlers).
+    atexit.register(write_report)
+    return train_module.main(argv)
 
 
 if __name__ == "__main__":
