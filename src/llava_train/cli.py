@@ -149,6 +149,13 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.tools.trace import run_trace
+
+    run_trace(_load(args, extra), args.index, args.model, args.json, sys.stdout)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     """Exit 0 when every trial finished with its metric, 1 when one did not, 2 for a bad sweep file."""
     import shlex
@@ -280,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="llava_next / llava_onevision: anyres on images of mixed sizes",
     )
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("trace", help="walk one sample through LLaVA: row, labels, pixels, tower, merge, loss")
+    _add_config_args(p)
+    p.add_argument("--index", type=int, default=0, help="sample index over all sources (as data inspect)")
+    p.add_argument("--model", help="a trained HF-native model folder (default: the model the config builds)")
+    p.add_argument("--json", metavar="OUT", help="also write every step as JSON")
+    p.set_defaults(fn=cmd_trace)
 
     p = sub.add_parser("sweep", help="run a wandb-format sweep YAML locally (grid/random)")
     p.add_argument("sweep", help="wandb sweep YAML (method grid or random)")

@@ -132,30 +132,32 @@ class LlavaDataset(torch.utils.data.Dataset):
                 f"{src.name} row {row} (id {sample_id!r}): {len(sample.input_ids)} tokens but the cached length "
                 f"is {int(self._length_array[i])}; the cache is stale (delete the cache folder)"
             )
-        item: dict[str, Any] = {
-            "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),  # [L]
-            "labels": torch.tensor(sample.labels, dtype=torch.long),  # [L]
-            "num_images": sample.num_images,
-            "num_videos": sample.num_videos,
-            "id": sample_id,
-            "source": src.name,
-            "row": row,
-        }
-        if done.images:
-            if self.geometry.arch == "llava":
-                item["pixel_values"] = preprocess_images(
-                    done.images, self.image_processor, self.geometry.aspect_ratio
-                )  # [n, 3, S, S]
-            else:
-                # [sum of crops, 3, S, S] and [n, 2]: transformers' anyres input
-                item["pixel_values"], item["image_sizes"] = preprocess_anyres(
-                    done.images, self.image_processor, self.geometry
-                )
-        if done.video:
-            item["pixel_values_videos"] = preprocess_video(
-                done.video, self.image_processor, self.geometry.crop
-            )  # [1, F, 3, S, S]
-        return item
+        return build_item(done, src.name, row, sample_id, self.image_processor, self.geometry)
+
+
+def build_item(done: Any, source: str | None, row: int, sample_id: Any, image_processor: Any, geometry: Any) -> dict:
+    """One dataset item from a processed row (`data.scan.Processed` loaded with io="load"): token tensors,
+    bookkeeping, and the images preprocessed as the arch's model takes them (also `llava-train trace`'s)."""
+    sample = done.sample
+    item: dict[str, Any] = {
+        "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),  # [L]
+        "labels": torch.tensor(sample.labels, dtype=torch.long),  # [L]
+        "num_images": sample.num_images,
+        "num_videos": sample.num_videos,
+        "id": sample_id,
+        "source": source,
+        "row": row,
+    }
+    if done.images:
+        if geometry.arch == "llava":
+            # [n, 3, S, S]
+            item["pixel_values"] = preprocess_images(done.images, image_processor, geometry.aspect_ratio)
+        else:
+            # [sum of crops, 3, S, S] and [n, 2]: transformers' anyres input
+            item["pixel_values"], item["image_sizes"] = preprocess_anyres(done.images, image_processor, geometry)
+    if done.video:
+        item["pixel_values_videos"] = preprocess_video(done.video, image_processor, geometry.crop)  # [1, F, 3, S, S]
+    return item
 
 
 def build_dataset(

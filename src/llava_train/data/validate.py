@@ -28,6 +28,33 @@ def _sources(cfg: RunConfig) -> list[tuple[str, SourceConfig]]:
     return [("train", s) for s in cfg.data.train] + [("eval", s) for s in cfg.data.eval]
 
 
+def numbered_sources(cfg: RunConfig) -> tuple[list[tuple[SourceConfig, Any, int]], int]:
+    """Samples are numbered 0.. over the rows of all train sources in order, then eval sources (`data inspect`,
+    `trace`): [(source, its opened rows, number of its first row)] and the total."""
+    opened, base = [], 0
+    for _, src in _sources(cfg):
+        store = open_source(src, data_cache_dir(cfg))
+        opened.append((src, store, base))
+        base += len(store)
+    return opened, base
+
+
+def check_index(index: int, total: int) -> None:
+    """A sample index the user gave must name a row (ConfigError: a one-line CLI error, exit 2)."""
+    from llava_train.config_io import ConfigError
+
+    if not 0 <= index < total:
+        raise ConfigError(f"sample index {index} out of range: the sources hold {total} rows (0..{total - 1})")
+
+
+def locate_sample(cfg: RunConfig, index: int) -> tuple[SourceConfig, Any, int]:
+    """(source, its opened rows, row) of sample `index`; ConfigError when out of range."""
+    opened, total = numbered_sources(cfg)
+    check_index(index, total)
+    src, store, base = next(entry for entry in opened if index < entry[2] + len(entry[1]))
+    return src, store, index - base
+
+
 def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict[str, Any]:
     """Scan every row of every train and eval source (in parallel processes) and return the report.
 
@@ -180,19 +207,16 @@ def inspect_samples(
     """
     stream = out if out is not None else sys.stdout
     use_color = color if color is not None else bool(getattr(stream, "isatty", lambda: False)())
-    opened = [(src, open_source(src, data_cache_dir(cfg))) for _, src in _sources(cfg)]
-    total = sum(len(store) for _, store in opened)
+    opened, total = numbered_sources(cfg)
     wanted = sorted(set(indices)) if indices is not None else None
     for i in wanted or []:
-        if not 0 <= i < total:
-            raise IndexError(f"sample index {i} out of range: the sources hold {total} rows (0..{total - 1})")
+        check_index(i, total)
     show = set(wanted) if wanted is not None else {0}
     written = 0
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(Path(jsonl_path).open("w")) if jsonl_path else None
         write_all = wanted is None and sink is not None
-        base = 0
-        for src, store in opened:
+        for src, store, base in opened:
             ctx = make_context(cfg.data, src, parts)
             rows = range(len(store)) if write_all else [i - base for i in show if base <= i < base + len(store)]
             for row in rows:
@@ -230,5 +254,4 @@ def inspect_samples(
                     }
                     sink.write(json.dumps(line) + "\n")
                     written += 1
-            base += len(store)
     return written
