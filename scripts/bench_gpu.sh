@@ -4,7 +4,7 @@
 # The device image has torch, transformers 5.17, accelerate and peft but no internet, no datasets,
 # no deepspeed, no wandb: the bench needs none of them. Our package goes on PYTHONPATH (an editable
 # install would need setuptools from the network under build isolation).
-# Env: PRESETS (default "gpu-1b-finetune gpu-7b-pretrain gpu-7b-next-finetune"), MODES (default
+# Env: PRESETS (default "gpu-1b-finetune gpu-7b-pretrain gpu-7b-lora-finetune gpu-7b-next-finetune"), MODES (default
 # hf-padded,packed,ours,ours-flex), STEPS (default:
 # the preset's), PYTHON (default python), PROFILE (default 1: two extra profiled steps per mode after
 # the timed ones add the top-5 GPU kernels as `top_ops` to each JSON line; PROFILE=0 skips them),
@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-PRESETS="${PRESETS:-gpu-1b-finetune gpu-7b-pretrain gpu-7b-next-finetune}"
+PRESETS="${PRESETS:-gpu-1b-finetune gpu-7b-pretrain gpu-7b-lora-finetune gpu-7b-next-finetune}"
 MODES="${MODES:-hf-padded,packed,ours,ours-flex}"
 PY="${PYTHON:-python}"
 
@@ -42,4 +42,6 @@ for preset in $PRESETS; do
     || { status=1; echo "bench $preset failed; tail of its log:"; tail -n 30 "$OUT/bench_${preset}.log"; }
   cat "$OUT/bench_${preset}.jsonl"
 done
+echo "== summary"
+"$PY" -m llava_train.tools.bench.table "$OUT"/bench_*.jsonl | tee "$OUT/summary.md"
 exit $status

@@ -20,11 +20,12 @@ from llava_train.tools.bench import (
 )
 
 
-def _small() -> object:
+def _small(**changes: object) -> object:
     """cpu-tiny shrunk so one step takes well under a second: small vocab and LM, 64 image tokens."""
     base = get_preset("cpu-tiny")
     return replace(
         base,
+        **changes,
         text={**base.text, "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
         vision={**base.vision, "image_size": 32},
         batch_size=4,
@@ -38,7 +39,8 @@ def _small() -> object:
 
 def test_registries_list_valid_keys() -> None:
     valid = (
-        "valid presets: cpu-tiny, cpu-tiny-576, gpu-1b-finetune, gpu-7b-pretrain, gpu-7b-next-finetune, cpu-tiny-next"
+        "valid presets: cpu-tiny, cpu-tiny-576, gpu-1b-finetune, gpu-7b-pretrain, gpu-7b-next-finetune, "
+        "gpu-7b-lora-finetune, cpu-tiny-lora, cpu-tiny-next"
     )
     with pytest.raises(ConfigError, match=valid):
         get_preset("gpu-70b")
@@ -110,6 +112,19 @@ def test_mode_runs_real_trainer_steps(mode: str) -> None:
     assert (record["padding_efficiency"], record["tokens_per_step"]) == EXACT[mode]
 
 
+def test_lora_preset_trains_adapters_and_projector_only() -> None:
+    from llava_train.tools.bench.run import build_bench_model
+
+    lora = PRESETS["gpu-7b-lora-finetune"]
+    assert (lora.lora_r, lora.stage, lora.mix, lora.text["hidden_size"]) == (128, "finetune", "665k", 4096)
+    model = build_bench_model(_small(lora_r=4))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "multi_modal_projector" in n for n in trained)
+    assert any("lora_A" in n for n in trained) and not any("vision_tower" in n for n in trained)
+    record = run_mode("cpu-tiny-lora", "ours", preset=_small(lora_r=4))
+    assert record["steps"] == 2 and record["tokens_per_s"] > 0 and record["checkpointing"] is False
+
+
 @pytest.mark.parametrize("mode", ["hf-padded", "ours"])
 def test_anyres_preset_runs_real_trainer_steps(mode: str) -> None:
     """LLaVA-NeXT: every 480 x 640 synthetic image is 5 crops and its exact anyres token count."""
@@ -171,3 +186,38 @@ def test_cli_cpu_tiny_prints_json_lines(capsys: pytest.CaptureFixture[str]) -> N
         "cpu_time_ratio",
         "cpu_time_packed_ratio",
     }
+
+
+def test_summary_table_rows_and_ratios(tmp_path) -> None:
+    from llava_train.tools.bench.table import format_table, read_records
+
+    lines = [
+        {
+            "preset": "p",
+            "mode": "hf-padded",
+            "tokens_per_s": 1000.0,
+            "mfu": 0.05,
+            "hfu": 0.06,
+            "peak_mem_gb": 40.0,
+            "data_wait_fraction": 0.01,
+            "padding_efficiency": 0.5,
+        },
+        {
+            "preset": "p",
+            "mode": "ours",
+            "tokens_per_s": 5500.0,
+            "mfu": 0.41,
+            "hfu": 0.41,
+            "peak_mem_gb": 60.25,
+            "data_wait_fraction": 0.0,
+            "padding_efficiency": 0.97,
+        },
+        {"preset": "p", "ratio": 5.5},
+    ]
+    path = tmp_path / "bench_p.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\nTraceback (most recent call last):\n")
+    table = format_table(read_records([str(path)])).splitlines()
+    assert table[0] == "| preset | mode | tokens/s | MFU | HFU | peak GB | x hf-padded | data wait | padding eff. |"
+    assert table[2] == "| p | hf-padded | 1,000 | 5.0% | 6.0% | 40.0 | 1.00 | 1.0% | 50.0% |"
+    assert table[3] == "| p | ours | 5,500 | 41.0% | 41.0% | 60.2 | 5.50 | 0.0% | 97.0% |"
+    assert len(table) == 4

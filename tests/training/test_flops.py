@@ -63,6 +63,16 @@ def test_hand_count_finetune_trains_lm_with_6n() -> None:
     assert fm.flops_per_step(STATS) == expected
 
 
+def test_recompute_flops_are_one_more_forward_of_the_lm_layers_the_gradient_crosses() -> None:
+    # Gradient checkpointing reruns each decoder layer's forward: 2N per token + attention forward 4 d L^2,
+    # for the two LM layers only (not the norm, lm_head, projector or the frozen tower).
+    per_step = 2 * 2 * LM_LAYER * 17 + 2 * 4 * D_LM * (10**2 + 7**2)
+    for trainable in ({"multi_modal_projector"}, {"multi_modal_projector", "language_model", "lm_head"}):
+        assert FlopModel.from_config(tiny_config(), trainable).recompute_flops_per_step(STATS) == per_step
+    # Nothing trains before or in the LM (only lm_head): no gradient crosses its layers, nothing recomputed.
+    assert FlopModel.from_config(tiny_config(), {"lm_head"}).recompute_flops_per_step(STATS) == 0
+
+
 def test_hand_count_partially_trained_vision_tower() -> None:
     config = tiny_config()
     config.vision_feature_layer = -1  # both encoder layers feed the projector, so layer 1 can train

@@ -37,6 +37,7 @@ from llava_train.model.vision import has_cls, patches_per_side, tower_tokens
 from llava_train.utils.modules import unwrap
 
 STREAMS = ("vision", "projector", "text")
+_LAYER = re.compile(r"\.layers\.\d+$")  # a decoder layer's block (what gradient checkpointing wraps)
 # bf16 / fp16 dense tensor-core peak (no structured sparsity), FLOP/s. Sources: NVIDIA data sheets
 # (H100/H200 data sheet, A100 data sheet, A10 / L4 / L40S product briefs, Ada architecture white
 # paper for the RTX 4090 with fp32 accumulate, V100 data sheet); see docs/metrics.md.
@@ -125,6 +126,19 @@ class FlopModel:
             + coef["text"][0] * float(stats["real_tokens"])
             + coef["text"][1] * float(stats["sum_sq_lengths"])
         )
+
+    def recompute_flops_per_step(self, stats: Mapping[str, Any]) -> float:
+        """The extra forward FLOPs of activation checkpointing (HF's `gradient_checkpointing`: each decoder
+        layer of the language model that the gradient flows through runs its forward twice). Not model FLOPs:
+        added only for the hardware-FLOP utilisation (HFU)."""
+        per_token, per_sq = 0.0, 0.0
+        grad_flows = False
+        for b in self.blocks:
+            grad_flows = grad_flows or b.has_trainable
+            if grad_flows and b.stream == "text" and _LAYER.search(b.name):
+                per_token += 2 * (b.trained_params + b.frozen_params)
+                per_sq += 4 * b.attn_dim
+        return per_token * float(stats["real_tokens"]) + per_sq * float(stats["sum_sq_lengths"])
 
     @classmethod
     def from_model(cls, model: nn.Module) -> FlopModel:

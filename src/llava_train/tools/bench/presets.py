@@ -36,6 +36,8 @@ class BenchPreset:
         pinpoints for the tower's crop.
     image_hw: (height, width) of every synthetic image (anyres archs: sets its crops and tokens; the
         665K mix's COCO images are mostly 480 x 640).
+    lora_r: > 0 trains the LM through LoRA adapters of this rank on every LM linear (alpha = 2r, the
+        LLaVA-1.5 LoRA recipe's ratio; the projector trains fully), as `lora.enabled` does in a run.
     """
 
     text: dict[str, Any]
@@ -56,6 +58,7 @@ class BenchPreset:
     num_workers: int = 0
     arch: str = "llava"
     image_hw: tuple[int, int] = (480, 640)
+    lora_r: int = 0
 
 
 _CLIP_L_336 = {
@@ -205,6 +208,20 @@ PRESETS["gpu-7b-next-finetune"] = replace(
     num_samples=2048,
     arch="llava_next",
 )
+# LLaVA-1.5-7B LoRA stage 2 (configs/llava-1.5-7b/finetune_lora.yaml): r=128 on every LM linear, bf16 base
+# weights frozen (their backward computes input gradients only), the 665K-like mix in packed rows.
+PRESETS["gpu-7b-lora-finetune"] = replace(
+    PRESETS["gpu-7b-pretrain"],
+    stage="finetune",
+    mix="665k",
+    batch_size=8,
+    packing_length=4096,
+    rows=2,
+    steps=8,
+    warmup=3,
+    lora_r=128,
+)
+PRESETS["cpu-tiny-lora"] = replace(PRESETS["cpu-tiny"], lora_r=8)
 PRESETS["cpu-tiny-next"] = replace(
     PRESETS["cpu-tiny"],
     max_length=1024,

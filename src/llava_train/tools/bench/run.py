@@ -55,7 +55,19 @@ def build_bench_model(preset: BenchPreset, attn: str = "sdpa", seed: int = 0) ->
         model = model_class(preset.arch)._from_config(
             cfg, attn_implementation=attn, dtype=getattr(torch, preset.dtype)
         )
-    set_trainable(model, get_stage(preset.stage).trainable)
+    if preset.lora_r:
+        # The run's own LoRA wrapping and stage (adapters + projector train), as `lora.enabled` builds it.
+        from llava_train.config import from_dict
+        from llava_train.model.lora import apply_lora
+        from llava_train.stages import apply_stage
+
+        cfg = from_dict(
+            {"stage": preset.stage, "lora": {"enabled": True, "r": preset.lora_r, "alpha": 2 * preset.lora_r}}
+        )
+        model = apply_lora(model, cfg)
+        apply_stage(model, cfg)
+    else:
+        set_trainable(model, get_stage(preset.stage).trainable)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # optimizer state and updates in fp32 (bf16 autocast does the math)
@@ -253,6 +265,7 @@ def run_mode(
             log,
             FlopModel.from_model(model),
             peak_flops_for_current_device("bfloat16" if preset.bf16 else "float32"),
+            checkpointing,
         )
         if profile:
             record["top_ops"] = _top_ops(prof, active_steps=2)
@@ -264,7 +277,14 @@ def run_mode(
 
 
 def _record(
-    preset_name: str, mode: str, preset: BenchPreset, trainer: Any, log: _BatchLog, flops: Any, peak: float | None
+    preset_name: str,
+    mode: str,
+    preset: BenchPreset,
+    trainer: Any,
+    log: _BatchLog,
+    flops: Any,
+    peak: float | None,
+    checkpointing: bool = False,
 ) -> dict[str, Any]:
     marks = trainer.step_marks[: preset.warmup + preset.steps]  # profiled steps come after these
     (t0, b0, w0, c0), (t1, b1, w1, c1) = marks[preset.warmup - 1], marks[-1]
@@ -272,7 +292,11 @@ def _record(
     rows = log.rows[b0:b1]
     stats = {k: sum(float(r[k]) for r in rows) for k in rows[0] if k != "trained_tokens"}
     stats["trained_tokens"] = float(sum(r["trained_tokens"] for r in rows))  # one device sync, after timing
-    mfu = flops.flops_per_step(stats) / (seconds * peak) if peak else None
+    model_flops = flops.flops_per_step(stats)
+    mfu = model_flops / (seconds * peak) if peak else None
+    # HFU also counts the forward that activation checkpointing recomputes (hardware work, not model work)
+    hardware = model_flops + (flops.recompute_flops_per_step(stats) if checkpointing else 0.0)
+    hfu = hardware / (seconds * peak) if peak else None
     cuda = torch.cuda.is_available()
     return {
         "preset": preset_name,
@@ -287,6 +311,8 @@ def _record(
         "trained_tokens_per_s": round(stats["trained_tokens"] / seconds, 1),
         "samples_per_s": round(stats["samples"] / seconds, 2),
         "mfu": None if mfu is None else round(mfu, 4),
+        "hfu": None if hfu is None else round(hfu, 4),
+        "checkpointing": bool(checkpointing),
         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "cpu_rss_high_water_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         "padding_efficiency": round(stats["real_tokens"] / stats["padded_tokens"], 4),
