@@ -5,7 +5,7 @@
 # no deepspeed, no wandb: the bench needs none of them. Our package goes on PYTHONPATH (an editable
 # install would need setuptools from the network under build isolation).
 # Env: PRESETS (default "gpu-1b-finetune gpu-7b-pretrain gpu-7b-lora-finetune gpu-7b-next-finetune"), MODES (default
-# hf-padded,packed,ours,ours-flex), STEPS (default:
+# hf-padded,packed,ours,ours-compile,ours-flex), STEPS (default:
 # the preset's), PYTHON (default python), PROFILE (default 1: two extra profiled steps per mode after
 # the timed ones add the top-5 GPU kernels as `top_ops` to each JSON line; PROFILE=0 skips them),
 # EXTRA (more bench arguments, e.g. "--rows 1" when a preset runs out of memory).
@@ -17,7 +17,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 PRESETS="${PRESETS:-gpu-1b-finetune gpu-7b-pretrain gpu-7b-lora-finetune gpu-7b-next-finetune}"
-MODES="${MODES:-hf-padded,packed,ours,ours-flex}"
+MODES="${MODES:-hf-padded,packed,ours,ours-compile,ours-flex}"
 PY="${PYTHON:-python}"
 
 {

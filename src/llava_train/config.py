@@ -291,11 +291,16 @@ class PerfConfig:
     sdpa_backends: restrict PyTorch SDPA on CUDA to these backends (`flash`, `efficient`, `cudnn`,
         `math`); empty = PyTorch's choice. cuDNN re-plans for every new sequence length, so
         `[flash, efficient]` helps batches whose length varies.
+    compile: regional `torch.compile` of every vision-tower and language-model layer (`training.compile`);
+        compiles once with packed rows (`data.packing`), not with ZeRO-3.
+    compile_options: `torch.compile` keyword arguments for it (e.g. `{mode: max-autotune-no-cudagraphs}`).
     """
 
     loss_on_trained_only: bool = True
     loss_chunk_size: int = 4096
     sdpa_backends: list[str] = field(default_factory=list)
+    compile: bool = False
+    compile_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size <= 0:

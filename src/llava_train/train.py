@@ -43,6 +43,10 @@ def run(cfg: RunConfig) -> TrainResult:
     parts = build_components(cfg)
     model = apply_adapters(parts.model, cfg)
     apply_stage_to_model(model, cfg)
+    if cfg.perf.compile:
+        from llava_train.training.compile import compile_regions
+
+        compile_regions(model, cfg.perf.compile_options)
     train_ds, eval_ds = build_data(cfg, parts, args)
     trainer = build_trainer(cfg, args, model, parts, train_ds, eval_ds)
     resume = resolve_resume(cfg, out)

@@ -246,6 +246,7 @@ class ModeSpec:
     checkpointing: activation checkpointing (None = the preset's baseline setting).
     sdpa_backends: SDPA backends allowed on CUDA (empty = PyTorch's choice).
     attn: attention implementation.
+    compile: `perf.compile` (regional torch.compile of the tower's and the LM's layers).
     """
 
     batching: str
@@ -254,6 +255,7 @@ class ModeSpec:
     checkpointing: bool | None = None
     sdpa_backends: tuple[str, ...] = field(default_factory=tuple)
     attn: str = "sdpa"
+    compile: bool = False
 
 
 MODES: dict[str, ModeSpec] = {
@@ -266,6 +268,15 @@ MODES: dict[str, ModeSpec] = {
         trained_only_loss=True,
         checkpointing=False,
         sdpa_backends=("flash", "efficient"),
+    ),
+    # Opt-in: ours with perf.compile (compiles once: every packed row has one shape).
+    "ours-compile": ModeSpec(
+        batching="packed",
+        fixed_rows=True,
+        trained_only_loss=True,
+        checkpointing=False,
+        sdpa_backends=("flash", "efficient"),
+        compile=True,
     ),
     # Opt-in (GPU): block-sparse flex attention for packed rows; not in the default mode list.
     "ours-flex": ModeSpec(

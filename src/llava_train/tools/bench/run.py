@@ -195,6 +195,10 @@ def run_mode(
     if preset.warmup < 1 or preset.steps < 1:
         raise ValueError(f"bench needs warmup >= 1 and steps >= 1, got {preset.warmup} and {preset.steps}")
     model = build_bench_model(preset, attn=spec.attn, seed=seed)
+    if spec.compile:
+        from llava_train.training.compile import compile_regions
+
+        compile_regions(model)
     dataset = SyntheticMix(preset, image_token_id=model.config.image_token_id, seed=seed)
     packed = spec.batching == "packed"
     checkpointing = preset.baseline_checkpointing if spec.checkpointing is None else spec.checkpointing
