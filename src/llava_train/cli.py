@@ -145,7 +145,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
         kwargs["pretrain_steps"] = args.pretrain_steps
     if args.finetune_steps is not None:
         kwargs["finetune_steps"] = args.finetune_steps
-    run_demo(args.workdir, arch=args.arch, **kwargs)
+    run_demo(args.workdir, arch=args.arch, without_stage1=args.without_stage1, **kwargs)
     return 0
 
 
@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--pretrain-steps", type=int)
     p.add_argument("--finetune-steps", type=int)
+    p.add_argument(
+        "--without-stage1",
+        action="store_true",
+        help="also train stage 2 straight from the pretrained parts (same steps) and report it beside",
+    )
     p.add_argument(
         "--arch",
         default="llava",

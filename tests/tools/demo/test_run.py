@@ -91,8 +91,10 @@ PLAIN_HF = textwrap.dedent(
 
 @pytest.mark.slow
 def test_short_demo_end_to_end(tmp_path: Path) -> None:
-    size = DemoSize(n_pretrain=24, n_finetune=24, n_eval=8)
-    result = run_demo(tmp_path / "demo", pretrain_steps=2, finetune_steps=2, size=size, eval_limit=8)
+    size = DemoSize(n_pretrain=24, n_finetune=24, n_eval=8, vision_pretrain_steps=3, lm_pretrain_steps=3)
+    result = run_demo(
+        tmp_path / "demo", pretrain_steps=2, finetune_steps=2, size=size, eval_limit=8, without_stage1=True
+    )
     w = result.workdir
     for name in (
         "data/pretrain.json",
@@ -115,14 +117,25 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
         assert (w / name).is_file(), name
     assert result.model_dir == w / "model"
     table = json.loads((w / "eval_table.json").read_text())
-    assert table["phases"] == ["untrained", "after stage 1", "after stage 2"]
+    assert table["phases"] == ["untrained", "after stage 1", "after stage 2", "stage 2 without stage 1"]
     assert list(table["rows"]) == ["colour", "shape", "position", "count"]
     assert table == result.table
     assert (
-        (w / "eval_table.md").read_text().startswith("| question type | untrained | after stage 1 | after stage 2 |")
+        (w / "eval_table.md")
+        .read_text()
+        .startswith("| question type | untrained | after stage 1 | after stage 2 | stage 2 without stage 1 |")
     )
     summary = json.loads((w / "demo_summary.json").read_text())
-    assert set(summary["timings_s"]) >= {"generate data", "stage 1", "stage 2", "total"}
+    assert set(summary["timings_s"]) >= {
+        "generate data",
+        "vision tower pretraining",
+        "LM pretraining",
+        "stage 1",
+        "stage 2",
+        "stage 2 without stage 1",
+        "total",
+    }
+    assert (w / "model_without_stage1" / "config.json").is_file()
     assert summary["chat"]["truth"] in ("red", "green", "blue", "yellow", "purple", "orange")
     with Image.open(w / "loss_curve.png") as img:
         assert img.format == "PNG"
@@ -143,7 +156,7 @@ def test_short_anyres_demo_on_mixed_sizes(tmp_path: Path) -> None:
     """`llava-train demo --arch llava_next`: mixed-size images, anyres token counts, the NeXT class saved."""
     from PIL import Image
 
-    size = DemoSize(n_pretrain=16, n_finetune=16, n_eval=8)
+    size = DemoSize(n_pretrain=16, n_finetune=16, n_eval=8, vision_pretrain_steps=2, lm_pretrain_steps=2)
     result = run_demo(
         tmp_path / "demo", pretrain_steps=2, finetune_steps=2, size=size, eval_limit=8, arch="llava_next"
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from typing import Any, TypeVar
 from llava_train import infer
 from llava_train.config import RunConfig, from_dict
 from llava_train.config_io import apply_overrides, load_yaml
-from llava_train.tools.demo import shapes
+from llava_train.data.templates import run_template
+from llava_train.tools.demo import parts, shapes
 from llava_train.training.callbacks import optional_artifact, write_loss_plot
 from llava_train.utils.logging import get_logger
 
@@ -48,6 +48,8 @@ class DemoSize:
         1000 steps; with patch 8 it reached 100% on held-out pairs in ~200 steps.
     lm_hidden, lm_layers, lm_heads: tiny Llama-style language model.
     vision_hidden, vision_layers: tiny CLIP vision tower.
+    vision_pretrain_steps, lm_pretrain_steps: pretraining of the parts on the synthetic world before the
+        LLaVA stages (`demo.parts`; 0 leaves that part random-init, as the demo was before).
     """
 
     n_pretrain: int = 2000
@@ -60,6 +62,8 @@ class DemoSize:
     lm_heads: int = 4
     vision_hidden: int = 64
     vision_layers: int = 2
+    vision_pretrain_steps: int = 1200
+    lm_pretrain_steps: int = 200
 
 
 @dataclass
@@ -101,44 +105,6 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
     timings[name] = round(time.perf_counter() - t0, 1)
     log.info("demo: %s done in %.1f s", name, timings[name])
     return out
-
-
-def _tokenizer_corpus(data: shapes.DemoData) -> list[str]:
-    from llava_train.data.templates import TEMPLATES
-
-    # The template's fixed strings must weigh as much as the data: with them seen 20 times, the
-    # vicuna system prompt stayed 83 tokens (mostly characters); seen 1000 times, 37 tokens. Shorter
-    # prompts are faster and leave the image a larger share of the attention.
-    fixed = [TEMPLATES["vicuna_v1"].system, "USER: ASSISTANT:"]
-    return fixed * 1000 + shapes.corpus([data.pretrain, data.finetune])
-
-
-def build_models(workdir: Path, data: shapes.DemoData, size: DemoSize, seed: int = 0) -> tuple[str, str]:
-    """Write the tiny LM (tokenizer trained on the demo text) and the tiny CLIP tower; returns their folders."""
-    from llava_train.model.tiny import write_tiny_language_model, write_tiny_vision_tower
-
-    lm, vision = workdir / "models" / "lm", workdir / "models" / "vision"
-    for folder in (lm, vision):
-        # Rewritten every run: the tokenizer depends on the generated text.
-        shutil.rmtree(folder, ignore_errors=True)
-    write_tiny_language_model(
-        lm,
-        corpus=_tokenizer_corpus(data),
-        hidden_size=size.lm_hidden,
-        layers=size.lm_layers,
-        heads=size.lm_heads,
-        seed=seed,
-    )
-    write_tiny_vision_tower(
-        vision,
-        kind="clip",
-        image_size=size.image_size,
-        patch_size=size.patch_size,
-        hidden_size=size.vision_hidden,
-        layers=size.vision_layers,
-        seed=seed,
-    )
-    return str(lm), str(vision)
 
 
 def validate_data(cfg: RunConfig, report_path: Path) -> dict[str, Any]:
@@ -289,9 +255,28 @@ def _run_demo(
             w / "data", size.n_pretrain, size.n_finetune, size.n_eval, size.image_size, seed, mixed_sizes
         ),
     )
-    _timed(timings, "tiny tokenizer + models", lambda: build_models(w, data, size, seed))
     cfg1 = stage_config("pretrain", w, pretrain_steps, overrides=overrides)
     cfg2 = stage_config("finetune", w, finetune_steps, overrides=overrides)
+    lm, vision = _timed(timings, "tiny tokenizer + models", lambda: parts.write_parts(w, data, size, seed))
+    pretraining: dict[str, Any] = {}
+    if size.vision_pretrain_steps:
+        # The probe on the held-out images is a measurement only (what the tower's features hold).
+        h = _timed(
+            timings,
+            "vision tower pretraining",
+            lambda: parts.pretrain_vision_tower(
+                vision, data, size.vision_pretrain_steps, cfg2.model.vision_feature_layer, seed=seed, probe=data.eval
+            ),
+        )
+        pretraining["vision"] = {"loss": [round(h["loss"][0], 4), round(h["loss"][-1], 4)], "probe": h["probe"]}
+    if size.lm_pretrain_steps:
+        sources = [(data.pretrain, run_template(cfg1)), (data.finetune, run_template(cfg2))]
+        h = _timed(
+            timings,
+            "LM pretraining",
+            lambda: parts.pretrain_language_model(lm, sources, size.lm_pretrain_steps, seed=seed),
+        )
+        pretraining["lm"] = {"loss": [round(h["loss"][0], 4), round(h["loss"][-1], 4)]}
     # Stage 2 is validated against the base models: its init_from folder is written by stage 1.
     to_check = (cfg1, stage_config("finetune", w, init_from=None, overrides=overrides))
     _timed(timings, "data validate", lambda: [validate_data(c, w / f"data_report_{c.stage}.json") for c in to_check])
@@ -338,9 +323,21 @@ def _run_demo(
         write_loss_plot(histories, loss_png)
     chat = sample_chat(w / "model", size.image_size, seed, w)
     timings["total"] = round(time.perf_counter() - start, 1)
-    summary = {"timings_s": timings, "table": table, "chat": chat, "model_dir": str(w / "model")}
+    summary = {
+        "timings_s": timings,
+        "pretraining": pretraining,
+        "table": table,
+        "chat": chat,
+        "model_dir": str(w / "model"),
+    }
     (w / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
 
+    if "vision" in pretraining:
+        probe = pretraining["vision"]["probe"]
+        print(
+            "vision tower after pretraining, linear probe on the held-out images: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in probe.items())
+        )
     print(text)
     print(f"\nchat: {chat['question']!r} about {chat['image']} -> {chat['answer']!r} (truth: {chat['truth']})")
     print(f"loss curves: {loss_png}\nfinal model: {w / 'model'}\ntotal: {timings['total']:.0f} s")

@@ -1,0 +1,293 @@
+"""Pretrain the demo's tiny parts on the synthetic world, as real LLaVA starts from a pretrained CLIP and LM.
+
+Stage 1 aligns a *pretrained* tower to a *pretrained* LM; with random parts it has nothing to align
+(docs/demo.md). So before the two LLaVA stages the demo pretrains:
+
+- the vision tower, supervised, on the training images (stage-1 and stage-2 splits, never the eval
+  split): every patch token at the feature layer LLaVA reads (`vision_feature_layer`, CLS dropped)
+  is trained to say what occupies the 3 x 3 grid cell under it (nothing, or a colour, shape, size and
+  the cell), as a detection-pretrained backbone's features say what is where. Linear heads on the
+  tokens are dropped afterwards: only the tower is saved.
+- the language model, as a causal LM on the demo's text (captions, questions and answers of the
+  training splits rendered as plain text, no image): it learns the words and the answer formats,
+  not what any image shows.
+
+Both are saved back into their HF folders (`save_pretrained`), so the LLaVA stages load them exactly
+as they would load `openai/clip-vit-large-patch14-336` and `lmsys/vicuna-7b-v1.5`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava_train.tools.demo import shapes
+from llava_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+NONE = 0  # class 0 of every head: the cell is empty
+MIN_COVERAGE = 0.2  # a patch is labelled with its cell's shape when >= this share of its pixels is the shape
+
+
+def _schedule(optimizer: Any, steps: int) -> Any:
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)  # as the LLaVA stages
+
+
+def _tokenizer_corpus(data: shapes.DemoData) -> list[str]:
+    from llava_train.data.templates import TEMPLATES
+
+    # The template's fixed strings must weigh as much as the data: with them seen 20 times, the
+    # vicuna system prompt stayed 83 tokens (mostly characters); seen 1000 times, 37 tokens. Shorter
+    # prompts are faster and leave the image a larger share of the attention.
+    fixed = [TEMPLATES["vicuna_v1"].system, "USER: ASSISTANT:"]
+    return fixed * 1000 + shapes.corpus([data.pretrain, data.finetune])
+
+
+def write_parts(workdir: Path, data: shapes.DemoData, size: Any, seed: int = 0) -> tuple[str, str]:
+    """Write the tiny LM (tokenizer trained on the demo text) and the tiny CLIP tower, random-init, as HF
+    folders under `workdir/models`; returns their folders. `size` is the demo's `DemoSize`."""
+    import shutil
+
+    from llava_train.model.tiny import write_tiny_language_model, write_tiny_vision_tower
+
+    lm, vision = workdir / "models" / "lm", workdir / "models" / "vision"
+    for folder in (lm, vision):
+        # Rewritten every run: the tokenizer depends on the generated text.
+        shutil.rmtree(folder, ignore_errors=True)
+    write_tiny_language_model(
+        lm,
+        corpus=_tokenizer_corpus(data),
+        hidden_size=size.lm_hidden,
+        layers=size.lm_layers,
+        heads=size.lm_heads,
+        seed=seed,
+    )
+    write_tiny_vision_tower(
+        vision,
+        kind="clip",
+        image_size=size.image_size,
+        patch_size=size.patch_size,
+        hidden_size=size.vision_hidden,
+        layers=size.vision_layers,
+        seed=seed,
+    )
+    return str(lm), str(vision)
+
+
+def _cell_targets(objects: list[dict[str, str]]) -> dict[int, tuple[int, int, int]]:
+    """Cell index (row-major 0..8) -> (colour, shape, size) class ids (1-based; 0 = empty) of what is in it."""
+    out = {}
+    for o in objects:
+        out[shapes.POSITIONS.index(o["position"])] = (
+            list(shapes.COLORS).index(o["color"]) + 1,
+            shapes.SHAPES.index(o["shape"]) + 1,
+            shapes.SIZES.index(o["size"]) + 1,
+        )
+    return out
+
+
+def patch_targets(
+    objects: list[dict[str, str]], width: int, height: int, grid: int, coverage: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LongTensor [grid*grid, 4]: per patch of the padded-to-square image, (colour, shape, size, cell) of the
+    object whose grid cell the patch centre lies in (cell 1..9; all 0 for empty cells and the padding).
+    `coverage` [grid*grid]: the share of each patch's pixels that are shape (not background); patches under
+    MIN_COVERAGE are labelled empty too, so every label is about pixels the patch sees."""
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2  # expand2square centres the image
+    cells = _cell_targets(objects)
+    out = torch.zeros(grid * grid, 4, dtype=torch.long)
+    for p in range(grid * grid):
+        r, c = divmod(p, grid)
+        x = (c + 0.5) * side / grid - left
+        y = (r + 0.5) * side / grid - top
+        if not (0 <= x < width and 0 <= y < height):
+            continue
+        cell = int(y // (height / 3)) * 3 + int(x // (width / 3))
+        if cell in cells and (coverage is None or coverage[p] >= MIN_COVERAGE):
+            out[p] = torch.tensor([*cells[cell], cell + 1])
+    return out
+
+
+def _vision_batches(rows: list[dict[str, Any]], image_folder: Path, processor: Any, grid: int) -> tuple:
+    """(pixel_values [N, 3, S, S], targets [N, P, 4]) of every image row, preprocessed as LLaVA's `pad`."""
+    from PIL import Image
+
+    from llava_train.data.images import preprocess_images
+
+    pixels, targets = [], []
+    for start in range(0, len(rows), 256):
+        chunk = rows[start : start + 256]
+        images = [Image.open(image_folder / r["image"]).convert("RGB") for r in chunk]
+        pixels.append(preprocess_images(images, processor, "pad"))
+        for r, img in zip(chunk, images):
+            targets.append(patch_targets(r["objects"], *img.size, grid))
+    return torch.cat(pixels), torch.stack(targets)
+
+
+def shape_coverage(img: Any, processor: Any, grid: int) -> torch.Tensor:
+    """[grid*grid]: per patch of the image as the tower sees it (padded to square, resized), the share of
+    saturated pixels: the shapes are saturated colours, the background and the padding grey."""
+    import numpy as np
+
+    from llava_train.data.images import expand2square, mean_color, processor_output_size
+
+    side, _ = processor_output_size(processor)
+    seen = np.asarray(expand2square(img, mean_color(processor)).resize((side, side)), dtype=np.int16)
+    saturated = (seen.max(-1) - seen.min(-1)) > 60  # [S, S]
+    patch = side // grid
+    cells = saturated[: grid * patch, : grid * patch].reshape(grid, patch, grid, patch)
+    return torch.from_numpy(cells.mean(axis=(1, 3)).reshape(-1).astype(np.float32))
+
+
+def pretrain_vision_tower(
+    folder: str | Path,
+    data: shapes.DemoData,
+    steps: int,
+    feature_layer: int = -2,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    probe: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train the tower in `folder` in place (see the module docstring); returns {"loss": per step, "accuracy":
+    per head on the last batch's patches of occupied cells}, and with `probe` (a LLaVA JSON of images with
+    `objects`, e.g. the held-out eval split, only measured) "probe": per head, the share of its objects
+    whose cell's patches vote (majority of argmax) the right class."""
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel.from_pretrained(str(folder))
+    processor = AutoImageProcessor.from_pretrained(str(folder))
+    config = model.config
+    grid = config.image_size // config.patch_size
+    rows = [r for p in (data.pretrain, data.finetune) for r in json.loads(Path(p).read_text()) if r.get("image")]
+    pixels, targets = _vision_batches(rows, data.image_folder, processor, grid)
+    classes = (len(shapes.COLORS) + 1, len(shapes.SHAPES) + 1, len(shapes.SIZES) + 1, len(shapes.POSITIONS) + 1)
+    heads = torch.nn.ModuleList(torch.nn.Linear(config.hidden_size, n) for n in classes)
+    params = [*model.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = _schedule(optimizer, steps)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    acc: dict[str, float] = {}
+    losses: list[float] = []
+    for step in range(steps):
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
+        out = model(pixel_values=pixels[idx], output_hidden_states=True)
+        tokens = out.hidden_states[feature_layer][:, 1:]  # [B, P, D]: what LLaVA's projector reads
+        y = targets[idx]  # [B, P, 4]
+        logits = [head(tokens) for head in heads]
+        ce = torch.nn.functional.cross_entropy
+        # Per patch: what is in its cell. Per object: colour, shape and size from the mean of its cell's
+        # patches' logits (shape and size are facts of several patches together, none sees them alone).
+        loss = sum(ce(lg.flatten(0, 1), y[..., k].flatten()) for k, lg in enumerate(logits))
+        pooled, labels = _per_object(logits[:3], y)
+        loss = loss + sum(ce(pl, labels[:, k]) for k, pl in enumerate(pooled))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step == steps - 1 or step % 100 == 0:
+            acc = {
+                name: round(float((pl.argmax(-1) == labels[:, k]).float().mean()), 3)
+                for k, (name, pl) in enumerate(zip(("colour", "shape", "size"), pooled))
+            }
+            occupied = y[..., 0] != NONE
+            acc["cell"] = round(float((logits[3].argmax(-1) == y[..., 3])[occupied].float().mean()), 3)
+            log.info("demo: vision pretrain step %d loss %.3f occupied-patch accuracy %s", step, loss.item(), acc)
+    model.save_pretrained(str(folder))
+    out: dict[str, Any] = {"loss": losses, "accuracy": acc}
+    if probe is not None:
+        rows = [r for r in json.loads(Path(probe).read_text()) if r.get("image")]
+        out["probe"] = _probe(model, heads, feature_layer, *_vision_batches(rows, data.image_folder, processor, grid))
+    return out
+
+
+def _per_object(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Mean over each object's patches of each head's logits ([objects, classes] each) and the objects'
+    (colour, shape, size) labels [objects, 3]; objects = occupied cells of the batch's images."""
+    cells = y[..., 3]  # [B, P]
+    onehot = torch.nn.functional.one_hot(cells, len(shapes.POSITIONS) + 1).to(logits[0].dtype)  # [B, P, 10]
+    count = onehot.sum(1)  # [B, 10]
+    present = count > 0
+    present[:, NONE] = False
+    labels = torch.zeros(*count.shape, 3, dtype=torch.long).scatter_(1, cells[..., None].expand(-1, -1, 3), y[..., :3])
+    means = [(torch.einsum("bpc,bpk->bck", onehot, lg) / count.clamp(min=1)[..., None])[present] for lg in logits]
+    return means, labels[present]
+
+
+@torch.no_grad()
+def _probe(model: Any, heads: Any, feature_layer: int, pixels: torch.Tensor, targets: torch.Tensor) -> dict:
+    model.eval()
+    names = ("colour", "shape", "size")
+    right, total = dict.fromkeys(names, 0), 0
+    for start in range(0, len(pixels), 128):
+        out = model(pixel_values=pixels[start : start + 128], output_hidden_states=True)
+        tokens = out.hidden_states[feature_layer][:, 1:]
+        means, labels = _per_object([head(tokens) for head in heads[:3]], targets[start : start + 128])
+        total += len(labels)
+        for k, name in enumerate(names):
+            right[name] += int((means[k].argmax(-1) == labels[:, k]).sum())
+    return {name: round(right[name] / max(total, 1), 3) for name in names}
+
+
+def lm_corpus(sources: list[tuple[Path, Any]], tokenizer: Any, seed: int = 0) -> list[str]:
+    """The LM's pretraining documents: every row of each (LLaVA JSON file, template) rendered by that template
+    (the demo's stage-1 plain captions, stage-2 vicuna_v1 dialogues) with the image placeholders dropped."""
+    from llava_train.llava_format import normalize_conversation
+
+    docs = []
+    for path, template in sources:
+        for row in json.loads(Path(path).read_text()):
+            text = template.prompt(normalize_conversation(row["conversations"]), tokenizer)
+            docs.append(text.replace("<image>\n", "").replace("<image>", ""))
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def pretrain_language_model(
+    folder: str | Path,
+    sources: list[tuple[Path, Any]],
+    steps: int,
+    seq_len: int = 128,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train the causal LM in `folder` in place on `lm_corpus(sources)` (packed into rows of `seq_len`, BOS
+    between documents); returns {"loss": per step}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    ids: list[int] = []
+    for doc in lm_corpus(sources, tokenizer, seed):
+        ids.extend(tokenizer(doc, add_special_tokens=True)["input_ids"])
+    stream = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = _schedule(optimizer, steps)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    for step in range(steps):
+        batch = stream[torch.randint(0, len(stream), (batch_size,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            log.info("demo: LM pretrain step %d loss %.3f", step, losses[-1])
+    model.save_pretrained(str(folder))
+    return {"loss": losses}
