@@ -13,6 +13,7 @@ from PIL import Image
 
 from llava_train.config import load_config
 from llava_train.tools.demo import run as demo
+from llava_train.tools.demo import shapes
 from llava_train.tools.demo.run import DemoSize, build_table, format_table, run_demo, stage_config
 
 REPO = Path(__file__).resolve().parents[3]
@@ -39,7 +40,7 @@ def test_stage_config_moves_paths(tmp_path: Path) -> None:
     assert cfg.train["max_steps"] == 7 and cfg.train["learning_rate"] == 1e-4
     assert stage_config("finetune", tmp_path, init_from=None).model.init_from is None
     pre = stage_config("pretrain", tmp_path)
-    assert pre.output_dir == str(tmp_path / "stage1") and pre.train["max_steps"] == 100
+    assert pre.output_dir == str(tmp_path / "stage1") and pre.train["max_steps"] == 500
 
 
 def test_table() -> None:
@@ -105,7 +106,7 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
         "eval_table.json",
         "loss_curve.png",
         "demo_summary.json",
-        "eval/untrained/eval_report.json",
+        "eval/before_stage1/eval_report.json",
         "eval/stage1/eval_report.json",
         "eval/stage2/eval_report.json",
         "eval/stage2/eval_predictions.jsonl",
@@ -117,13 +118,13 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
         assert (w / name).is_file(), name
     assert result.model_dir == w / "model"
     table = json.loads((w / "eval_table.json").read_text())
-    assert table["phases"] == ["untrained", "after stage 1", "after stage 2", "stage 2 without stage 1"]
+    assert table["phases"] == ["before stage 1", "after stage 1", "after stage 2", "stage 2 without stage 1"]
     assert list(table["rows"]) == ["colour", "shape", "position", "count"]
     assert table == result.table
     assert (
         (w / "eval_table.md")
         .read_text()
-        .startswith("| question type | untrained | after stage 1 | after stage 2 | stage 2 without stage 1 |")
+        .startswith("| question type | before stage 1 | after stage 1 | after stage 2 | stage 2 without stage 1 |")
     )
     summary = json.loads((w / "demo_summary.json").read_text())
     assert set(summary["timings_s"]) >= {
@@ -136,7 +137,9 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
         "total",
     }
     assert (w / "model_without_stage1" / "config.json").is_file()
-    assert summary["chat"]["truth"] in ("red", "green", "blue", "yellow", "purple", "orange")
+    assert [t["type"] for t in summary["chat"]["turns"]] == ["colour", "shape", "position"]
+    colour, shape, position = (t["truth"] for t in summary["chat"]["turns"])
+    assert (colour, shape, position) in shapes.HELD_OUT
     with Image.open(w / "loss_curve.png") as img:
         assert img.format == "PNG"
     preds = (w / "eval/stage2/eval_predictions.jsonl").read_text().splitlines()

@@ -120,8 +120,9 @@ def validate_data(cfg: RunConfig, report_path: Path) -> dict[str, Any]:
     return report
 
 
-def save_untrained(cfg: RunConfig, out: Path) -> Path:
-    """The stage-2 model as built before any training, saved HF-native (the "before" row of the table)."""
+def save_before_stage1(cfg: RunConfig, out: Path) -> Path:
+    """The stage-2 model as built before any LLaVA training (pretrained parts, new projector), saved HF-native
+    (the first column of the table)."""
     from llava_train.components import load_components
 
     parts = load_components(cfg)
@@ -166,16 +167,20 @@ def format_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def sample_chat(model_dir: Path, image_size: int, seed: int, out_dir: Path) -> dict[str, str]:
-    """Draw a new held-out image, ask its colour through the exported folder; returns question/answer/truth."""
+def sample_chat(model_dir: Path, image_size: int, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Draw a new held-out image and ask its colour, shape and position through the exported folder;
+    returns the image and, per question, the answer and the truth."""
     rng = random.Random(f"{seed}-chat")
     color, shape, position = rng.choice(shapes.HELD_OUT)
     item = shapes.Item(color, shape, position, "large")
     path = out_dir / "chat_image.png"
     shapes.draw([item], image_size, rng).save(path)
-    question = f"What color is the shape?\n{shapes.SHORT_ANSWER}"
-    answer = infer.predict(model_dir, [path], question, max_new_tokens=8)
-    return {"image": str(path), "question": question, "answer": answer, "truth": color}
+    turns = []
+    for kind, truth in (("colour", color), ("shape", shape), ("position", position)):
+        question = f"{shapes.QUESTIONS[kind][0]}\n{shapes.SHORT_ANSWER}"
+        answer = infer.predict(model_dir, [path], question, max_new_tokens=8)
+        turns.append({"type": kind, "question": question, "answer": answer, "truth": truth})
+    return {"image": str(path), "turns": turns}
 
 
 def run_demo(
@@ -192,8 +197,9 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole demo in `workdir` and return the final model folder, eval table and artifact paths.
 
-    Steps: generate data -> tiny tokenizer + models -> data validate -> eval (untrained) -> stage 1
-    -> eval -> stage 2 -> eval -> table, loss curves, a sample chat. `pretrain_steps` /
+    Steps: generate data -> tiny tokenizer + models -> pretrain the tower and the LM (`demo.parts`) -> data
+    validate -> eval (pretrained parts, new projector) -> stage 1 -> eval -> stage 2 -> eval -> table, loss
+    curves, a sample chat. `pretrain_steps` /
     `finetune_steps` override the YAML's `max_steps`; `without_stage1` also trains stage 2 straight
     from the base models (same steps) to measure what stage 1 buys; `overrides` (`key=value`) apply
     to both stages' configs (e.g. `train.learning_rate=1e-3`). `torch_threads` sets torch's
@@ -282,13 +288,17 @@ def _run_demo(
     _timed(timings, "data validate", lambda: [validate_data(c, w / f"data_report_{c.stage}.json") for c in to_check])
 
     reports: dict[str, dict[str, Any]] = {}
-    untrained = _timed(
+    before = _timed(
         timings,
-        "build untrained",
-        lambda: save_untrained(stage_config("finetune", w, init_from=None, overrides=overrides), w / "untrained"),
+        "build before stage 1",
+        lambda: save_before_stage1(
+            stage_config("finetune", w, init_from=None, overrides=overrides), w / "before_stage1"
+        ),
     )
-    reports["untrained"] = _timed(
-        timings, "eval untrained", lambda: evaluate_model(untrained, data, w / "eval" / "untrained", eval_limit, False)
+    reports["before stage 1"] = _timed(
+        timings,
+        "eval before stage 1",
+        lambda: evaluate_model(before, data, w / "eval" / "before_stage1", eval_limit, False),
     )
     stage1 = _timed(timings, "stage 1", lambda: train_run(cfg1))
     reports["after stage 1"] = _timed(
@@ -339,6 +349,8 @@ def _run_demo(
             + ", ".join(f"{k} {v:.0%}" for k, v in probe.items())
         )
     print(text)
-    print(f"\nchat: {chat['question']!r} about {chat['image']} -> {chat['answer']!r} (truth: {chat['truth']})")
+    print(f"\nchat about a newly drawn held-out image, {chat['image']}:")
+    for t in chat["turns"]:
+        print(f"  {t['question'].splitlines()[0]!r} -> {t['answer']!r} (truth: {t['truth']})")
     print(f"loss curves: {loss_png}\nfinal model: {w / 'model'}\ntotal: {timings['total']:.0f} s")
     return DemoResult(w, w / "model", table, loss_png, timings)
