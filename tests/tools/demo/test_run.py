@@ -40,7 +40,7 @@ def test_stage_config_moves_paths(tmp_path: Path) -> None:
     assert cfg.train["max_steps"] == 7 and cfg.train["learning_rate"] == 1e-4
     assert stage_config("finetune", tmp_path, init_from=None).model.init_from is None
     pre = stage_config("pretrain", tmp_path)
-    assert pre.output_dir == str(tmp_path / "stage1") and pre.train["max_steps"] == 500
+    assert pre.output_dir == str(tmp_path / "stage1") and pre.train["max_steps"] == 800
 
 
 def test_table() -> None:
