@@ -6,8 +6,10 @@ Stage 1 aligns a *pretrained* tower to a *pretrained* LM; with random parts it h
 - the vision tower, supervised, on the training images (stage-1 and stage-2 splits, never the eval
   split): every patch token at the feature layer LLaVA reads (`vision_feature_layer`, CLS dropped)
   is trained to say what occupies the 3 x 3 grid cell under it (nothing, or a colour, shape, size and
-  the cell), as a detection-pretrained backbone's features say what is where. Linear heads on the
-  tokens are dropped afterwards: only the tower is saved.
+  the cell), and the mean of an object's patch logits to name its colour, shape and size (no single
+  patch sees a shape's outline: per-patch labels alone left shape at ~40%, docs/demo.md), as a
+  detection-pretrained backbone's features say what is where. The linear heads are dropped afterwards:
+  only the tower is saved.
 - the language model, as a causal LM on the demo's text (captions, questions and answers of the
   training splits rendered as plain text, no image): it learns the words and the answer formats,
   not what any image shows.
@@ -31,7 +33,6 @@ from llava_train.utils.logging import get_logger
 log = get_logger(__name__)
 
 NONE = 0  # class 0 of every head: the cell is empty
-MIN_COVERAGE = 0.2  # a patch is labelled with its cell's shape when >= this share of its pixels is the shape
 
 
 def _schedule(optimizer: Any, steps: int) -> Any:
@@ -93,13 +94,9 @@ def _cell_targets(objects: list[dict[str, str]]) -> dict[int, tuple[int, int, in
     return out
 
 
-def patch_targets(
-    objects: list[dict[str, str]], width: int, height: int, grid: int, coverage: torch.Tensor | None = None
-) -> torch.Tensor:
+def patch_targets(objects: list[dict[str, str]], width: int, height: int, grid: int) -> torch.Tensor:
     """LongTensor [grid*grid, 4]: per patch of the padded-to-square image, (colour, shape, size, cell) of the
-    object whose grid cell the patch centre lies in (cell 1..9; all 0 for empty cells and the padding).
-    `coverage` [grid*grid]: the share of each patch's pixels that are shape (not background); patches under
-    MIN_COVERAGE are labelled empty too, so every label is about pixels the patch sees."""
+    object whose grid cell the patch centre lies in (cell 1..9; all 0 for empty cells and the padding)."""
     side = max(width, height)
     left, top = (side - width) // 2, (side - height) // 2  # expand2square centres the image
     cells = _cell_targets(objects)
@@ -111,7 +108,7 @@ def patch_targets(
         if not (0 <= x < width and 0 <= y < height):
             continue
         cell = int(y // (height / 3)) * 3 + int(x // (width / 3))
-        if cell in cells and (coverage is None or coverage[p] >= MIN_COVERAGE):
+        if cell in cells:
             out[p] = torch.tensor([*cells[cell], cell + 1])
     return out
 
@@ -130,21 +127,6 @@ def _vision_batches(rows: list[dict[str, Any]], image_folder: Path, processor: A
         for r, img in zip(chunk, images):
             targets.append(patch_targets(r["objects"], *img.size, grid))
     return torch.cat(pixels), torch.stack(targets)
-
-
-def shape_coverage(img: Any, processor: Any, grid: int) -> torch.Tensor:
-    """[grid*grid]: per patch of the image as the tower sees it (padded to square, resized), the share of
-    saturated pixels: the shapes are saturated colours, the background and the padding grey."""
-    import numpy as np
-
-    from llava_train.data.images import expand2square, mean_color, processor_output_size
-
-    side, _ = processor_output_size(processor)
-    seen = np.asarray(expand2square(img, mean_color(processor)).resize((side, side)), dtype=np.int16)
-    saturated = (seen.max(-1) - seen.min(-1)) > 60  # [S, S]
-    patch = side // grid
-    cells = saturated[: grid * patch, : grid * patch].reshape(grid, patch, grid, patch)
-    return torch.from_numpy(cells.mean(axis=(1, 3)).reshape(-1).astype(np.float32))
 
 
 def pretrain_vision_tower(
