@@ -8,7 +8,8 @@
 # hf-padded,packed,ours,ours-compile,ours-flex), STEPS (default:
 # the preset's), PYTHON (default python), PROFILE (default 1: two extra profiled steps per mode after
 # the timed ones add the top-5 GPU kernels as `top_ops` to each JSON line; PROFILE=0 skips them),
-# EXTRA (more bench arguments, e.g. "--rows 1" when a preset runs out of memory).
+# EXTRA (more bench arguments, e.g. "--rows 1" when a preset runs out of memory), SMOKE (default 1: first
+# scripts/cuda_smoke.sh, the product's own train + predict commands on the GPU; 0 skips it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -30,6 +31,11 @@ transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__v
 cat "$OUT/env.txt"
 
 status=0
+if [ "${SMOKE:-1}" = "1" ]; then
+  # The product first: both stages + predict on the GPU (bf16, packing); ~1 minute.
+  echo "== CUDA smoke run (llava-train train x2 + predict)"
+  OUT="$OUT" PYTHON="$PY" bash scripts/cuda_smoke.sh || { status=1; echo "smoke run failed"; }
+fi
 for preset in $PRESETS; do
   args=(--preset "$preset" --modes "$MODES")
   [ -n "${STEPS:-}" ] && args+=(--steps "$STEPS")
