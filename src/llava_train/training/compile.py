@@ -49,10 +49,11 @@ def compile_regions(model: nn.Module, options: dict[str, Any] | None = None) -> 
 
     if is_deepspeed_zero3_enabled():
         raise ConfigError("perf.compile is not supported under DeepSpeed ZeRO-3 (use ZeRO-2, or perf.compile=false)")
+    regions = compile_regions_of(model)
     count = 0
-    for name in compile_regions_of(model):
+    for name in regions:
         for layer in model.get_submodule(name):
             layer.compile(**(options or {}))
             count += 1
-    log.info("perf.compile: %d layers compiled (%s)", count, ", ".join(compile_regions_of(model)))
+    log.info("perf.compile: %d layers compiled (%s)", count, ", ".join(regions))
     return count

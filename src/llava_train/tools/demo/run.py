@@ -175,10 +175,12 @@ def sample_chat(model_dir: Path, image_size: int, seed: int, out_dir: Path) -> d
     item = shapes.Item(color, shape, position, "large")
     path = out_dir / "chat_image.png"
     shapes.draw([item], image_size, rng).save(path)
+    # One load of the exported folder for the three questions.
+    predictor = infer.make_predictor(*infer.load(model_dir), infer.GenerationOptions(max_new_tokens=8))
     turns = []
     for kind, truth in (("colour", color), ("shape", shape), ("position", position)):
         question = f"{shapes.QUESTIONS[kind][0]}\n{shapes.SHORT_ANSWER}"
-        answer = infer.predict(model_dir, [path], question, max_new_tokens=8)
+        answer = infer.predict(None, [path], question, predictor=predictor)
         turns.append({"type": kind, "question": question, "answer": answer, "truth": truth})
     return {"image": str(path), "turns": turns}
 
