@@ -15,6 +15,7 @@ from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_con
 from llava_train.config_io import ConfigError, sweep_run_output_dir
 from llava_train.errors import EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, user_errors
 from llava_train.preflight import check_paths
+from llava_train.training.precision import PrecisionPolicy, apply_precision, resolve_precision
 from llava_train.utils.logging import get_logger, is_main_process
 
 log = get_logger(__name__)
@@ -39,10 +40,12 @@ def run(cfg: RunConfig) -> TrainResult:
     check_paths(cfg)  # a missing data path or model folder is a one-line error before anything loads
     out = prepare_run_dir(cfg)
     args = build_training_arguments(cfg)  # before the model: under ZeRO-3 it enables zero.Init
+    policy = precision_policy(cfg, args)  # a precision set-up that cannot train right stops here, before any load
     seed_everything(args)
     parts = build_components(cfg)
     model = apply_adapters(parts.model, cfg)
     apply_stage_to_model(model, cfg)
+    apply_precision(model, policy)  # after the stage: trainable weights become fp32 masters, the policy is logged
     if cfg.perf.compile:
         from llava_train.training.compile import compile_regions
 
@@ -57,7 +60,7 @@ def run(cfg: RunConfig) -> TrainResult:
         trainer.add_callback(LoraNewlineResumeCallback(model, resume))
     preempted = train_steps(cfg, trainer, resume)
     if not preempted:
-        save_final(cfg, trainer, parts.processor)
+        save_final(cfg, trainer, parts.processor, policy)
     return TrainResult(str(out), int(trainer.state.global_step), list(trainer.state.log_history), preempted)
 
 
@@ -135,11 +138,11 @@ def seed_everything(args: Any) -> None:
     log.info("seed %d", args.seed)
 
 
-def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
-    """The final HF-native folder (`training.checkpoint.save_final`)."""
+def save_final(cfg: RunConfig, trainer: Any, processor: Any, policy: PrecisionPolicy) -> None:
+    """The final HF-native folder (`training.checkpoint.save_final`), in `model.dtype`."""
     from llava_train.training.checkpoint import save_final as write_final
 
-    write_final(cfg, trainer, processor)
+    write_final(cfg, trainer, processor, policy)
 
 
 def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
@@ -203,6 +206,14 @@ def apply_stage_to_model(model: Any, cfg: RunConfig) -> None:
     from llava_train.stages import apply_stage
 
     apply_stage(model, cfg)
+
+
+def precision_policy(cfg: RunConfig, args: Any) -> PrecisionPolicy:
+    """Frozen parameters in `model.dtype`, trainable ones in fp32 masters (ours, or DeepSpeed's under DeepSpeed)."""
+    from llava_train.utils.distributed import has_accelerator, uses_deepspeed
+
+    ds = args.deepspeed
+    return resolve_precision(cfg, ds, uses_deepspeed({"deepspeed": ds}), on_cpu=not has_accelerator())
 
 
 def build_data(cfg: RunConfig, parts: Any, args: Any) -> tuple[Any, Any]:

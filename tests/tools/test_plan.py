@@ -109,12 +109,20 @@ def test_lora_offload_and_qlora_bytes() -> None:
     assert q.deepspeed_estimate == ""
 
 
-def test_no_deepspeed_uses_model_dtype_for_every_state() -> None:
+def test_no_deepspeed_counts_fp32_masters_of_trainable_weights() -> None:
+    """Outside DeepSpeed trainable weights are fp32 masters with fp32 grads and AdamW state (training.precision);
+    frozen ones stay in model.dtype. `model.master_weights=false` (pure bf16) counts every state in bf16."""
     cfg = load_config(SEVEN / "pretrain.yaml", ["train.deepspeed=null", "perf.loss_on_trained_only=false"])
     p = estimate(cfg, num_gpus=1)
-    assert p.rows[3] == ("logits + fp32 loss copy + grad (every position)", 10 * 32 * 2048 * 32001)
-    assert p.rows[:2] == [
-        ("weights (bfloat16, all params)", 2 * (PROJECTOR + VISION + LM + LM_HEAD)),
+    assert p.rows[4] == ("logits + fp32 loss copy + grad (every position)", 10 * 32 * 2048 * 32001)
+    assert p.rows[:3] == [
+        ("frozen weights (bfloat16)", 2 * (VISION + LM + LM_HEAD)),
+        ("trainable weights (fp32 masters)", 4 * PROJECTOR),
+        ("grads + AdamW m, v (fp32, trainable)", 12 * PROJECTOR),
+    ]
+    pure = estimate(load_config(SEVEN / "pretrain.yaml", ["train.deepspeed=null", "model.master_weights=false"]), 1)
+    assert pure.rows[:2] == [
+        ("weights (bfloat16, all params; pure, no fp32 masters)", 2 * (PROJECTOR + VISION + LM + LM_HEAD)),
         ("grads + AdamW m, v (bfloat16, trainable)", 6 * PROJECTOR),
     ]
 

@@ -13,8 +13,10 @@ Bytes per parameter (bf16 mixed precision, Adam), the accounting DeepSpeed's own
   partitions the weights (frozen ones included: `zero.Init` partitions everything) and needs the
   largest layer gathered (4 bytes per parameter of it: 16-bit weight + gradient). Optimizer offload
   moves the 16 fp32 bytes to CPU RAM; parameter offload moves the 16-bit weights too.
-- Without DeepSpeed (DDP / one GPU, HF Trainer) weights stay in `model.dtype` and torch AdamW keeps
-  gradient, m and v in that dtype: trainable 4x the dtype's bytes, frozen 1x.
+- Without DeepSpeed (DDP / one GPU, HF Trainer) the precision policy (`training.precision`) holds frozen
+  weights in `model.dtype` and trainable ones in fp32 with fp32 gradient, m and v: trainable 16 bytes,
+  frozen the dtype's bytes. With `model.master_weights: false` (pure bf16) trainable weights, gradient, m and
+  v all take the dtype's bytes (4x).
 - QLoRA: the language model's linear weights take 4.127 bits (NF4 + double-quantised scales,
   Dettmers et al. 2023) or 8 bits; peft's k-bit preparation upcasts every other parameter to fp32.
 
@@ -188,9 +190,15 @@ def _model_state_rows(cfg: RunConfig, counts: ParamCounts, zero: ZeroSettings, w
         label = f"weights ({bits}-bit LM linears, fp32 rest)"
     elif zero.stage == 0:
         d = DTYPE_BYTES[cfg.model.dtype]
+        if not cfg.model.master_weights:
+            return [
+                (f"weights ({cfg.model.dtype}, all params; pure, no fp32 masters)", d * (n_t + n_f)),
+                (f"grads + AdamW m, v ({cfg.model.dtype}, trainable)", 3 * d * n_t),
+            ]
         return [
-            (f"weights ({cfg.model.dtype}, all params)", d * (n_t + n_f)),
-            (f"grads + AdamW m, v ({cfg.model.dtype}, trainable)", 3 * d * n_t),
+            (f"frozen weights ({cfg.model.dtype})", d * n_f),
+            ("trainable weights (fp32 masters)", 4 * n_t),
+            ("grads + AdamW m, v (fp32, trainable)", 12 * n_t),
         ]
     else:
         weights = 2 * (n_t + n_f)

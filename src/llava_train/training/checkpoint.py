@@ -173,13 +173,19 @@ class CheckpointArtifactsCallback(TrainerCallback):
         barrier()  # nobody goes on (or exits) before the checkpoint is complete
 
 
-def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
+def save_final(cfg: RunConfig, trainer: Any, processor: Any, policy: Any = None) -> None:
     """The final HF-native folder: weights (merged for LoRA), processor, generation config, projector, config.
 
-    Every rank must call it (saving gathers ZeRO-3 shards); rank 0 writes.
+    Every rank must call it (saving gathers ZeRO-3 shards); rank 0 writes. The weights are written in
+    `model.dtype`: the fp32 masters of trainable parameters (`policy`, `training.precision`) are cast down first
+    (the run is over); a LoRA adapter keeps them in fp32 (peft's convention) and is merged into `model.dtype`.
     """
     out = Path(cfg.output_dir)
     model = trainer.model
+    if policy is not None and not cfg.lora.enabled:
+        from llava_train.training.precision import cast_to_storage
+
+        cast_to_storage(model, policy)
     save_projector(model, out / PROJECTOR_FILE)
     if cfg.lora.enabled:
         from llava_train.model.lora import ADAPTER_DIR, merge_lora

@@ -300,7 +300,7 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
 
     def blank_pass(device: torch.device) -> torch.Tensor:
         """One blank crop through the tower and the projector, selected as the arch selects features."""
-        dtype = next(llava.multi_modal_projector.parameters()).dtype
+        dtype = next(llava.vision_tower.parameters()).dtype  # the tower's own (frozen: model.dtype)
         blank = torch.zeros(1, vision_cfg.num_channels, size, size, device=device, dtype=dtype)
         hidden = llava.vision_tower(blank, output_hidden_states=True, return_dict=True).hidden_states
         feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[k] for k in layer], dim=-1)

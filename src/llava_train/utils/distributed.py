@@ -34,7 +34,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _uses_deepspeed(train_kwargs: Mapping[str, Any]) -> bool:
+def uses_deepspeed(train_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the run trains under DeepSpeed: a `train.deepspeed` JSON, or an `accelerate launch --use_deepspeed`."""
     # `accelerate launch --use_deepspeed` exports this even when the run config names no JSON.
     return bool(train_kwargs.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
@@ -62,7 +63,7 @@ def prepare_distributed(train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return kwargs
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     kwargs["use_cpu"] = True
-    if not _uses_deepspeed(kwargs):
+    if not uses_deepspeed(kwargs):
         return kwargs
     if "LOCAL_RANK" not in os.environ:
         single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}

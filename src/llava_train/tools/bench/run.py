@@ -68,9 +68,12 @@ def build_bench_model(preset: BenchPreset, attn: str = "sdpa", seed: int = 0) ->
         apply_stage(model, cfg)
     else:
         set_trainable(model, get_stage(preset.stage).trainable)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()  # optimizer state and updates in fp32 (bf16 autocast does the math)
+    # The run's own precision policy (fp32 masters of trainable weights, frozen ones in the preset's dtype).
+    from llava_train.config import from_dict
+    from llava_train.training.precision import apply_precision, resolve_precision
+
+    run_cfg = from_dict({"stage": preset.stage, "model": {"dtype": preset.dtype}, "train": {"bf16": preset.bf16}})
+    apply_precision(model, resolve_precision(run_cfg, uses_deepspeed=False))
     return model
 
 
