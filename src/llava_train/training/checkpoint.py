@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config
 from llava_train.model.projector import PROJECTOR_FILE, save_projector
+from llava_train.model.serving import save_serving_files
 from llava_train.utils.distributed import gathered
 from llava_train.utils.logging import get_logger, is_main_process
 
@@ -196,10 +197,7 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
     else:
         trainer.save_model(str(out))
     if trainer.args.should_save:
-        processor.save_pretrained(str(out))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(str(out))
+        save_serving_files(out, processor, getattr(model, "generation_config", None))
         dump_config(cfg, out / CONFIG_FILENAME)
         for folder in (out, out / "adapter"):
             replace_pickled_args(folder, trainer.args)
