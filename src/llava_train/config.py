@@ -319,7 +319,9 @@ class RunConfig:
         `resume_from_checkpoint` (a path, or `auto` for the newest complete checkpoint), `nan_policy`
         (`error`: a non-finite loss or gradient stops the run naming its samples; `skip`: that step is
         skipped on every rank) and `max_skipped_steps` (with `skip`: stop after this many skipped steps in
-        a row; default 10). `save_total_limit` keeps the newest N complete checkpoints.
+        a row; default 10). `save_total_limit` keeps the newest N complete checkpoints. `export_hf: true` also
+        writes `checkpoint-N/hf/`, an HF-native folder like the final one (off by default: a full model per
+        checkpoint, where a stage-1 checkpoint is otherwise just the projector; LoRA merges rebuild the base).
     metrics_every: log the compact throughput line every N optimizer steps (0 = with each log).
     """
 
@@ -351,6 +353,8 @@ class RunConfig:
             self.data.image_aspect_ratio = DEFAULT_ASPECT_RATIO[self.model.arch]
         check_aspect_ratio(self.model.arch, self.data.image_aspect_ratio)
         _choice("train.nan_policy", self.train.get("nan_policy", "error"), NAN_POLICIES)
+        if not isinstance(self.train.get("export_hf", False), bool):
+            raise ConfigError(f"train.export_hf must be true or false, got {self.train['export_hf']!r}")
         skips = self.train.get("max_skipped_steps", 10)
         if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:
             raise ConfigError(f"train.max_skipped_steps must be an integer >= 0, got {skips!r}")
