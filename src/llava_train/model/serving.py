@@ -17,6 +17,10 @@ import copy
 import os
 from typing import Any
 
+from llava_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
 # A reply no chat template rewrites; what the template writes after it closes the turn.
 _PROBE_REPLY = "ok"
 
@@ -37,8 +41,12 @@ def end_of_turn_id(processor: Any) -> int | None:
     if not getattr(processor, "chat_template", None):
         return None
     user = [{"role": "user", "content": "Hi."}]
-    prompt = processor.apply_chat_template(user, add_generation_prompt=True)
-    full = processor.apply_chat_template([*user, {"role": "assistant", "content": _PROBE_REPLY}])
+    try:
+        prompt = processor.apply_chat_template(user, add_generation_prompt=True)
+        full = processor.apply_chat_template([*user, {"role": "assistant", "content": _PROBE_REPLY}])
+    except Exception as e:  # noqa: BLE001 - a template that refuses the probe must not stop a save
+        log.warning("no end-of-turn token found (the chat template refused a one-turn probe: %s)", e)
+        return None
     if not full.startswith(prompt) or _PROBE_REPLY not in full[len(prompt) :]:
         return None
     rest = full[len(prompt) :]

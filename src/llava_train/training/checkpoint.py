@@ -27,6 +27,7 @@ from llava_train.model.projector import PROJECTOR_FILE, save_projector
 from llava_train.model.serving import save_serving_files
 from llava_train.utils.distributed import gathered
 from llava_train.utils.logging import get_logger, is_main_process
+from llava_train.utils.modules import unwrap
 
 log = get_logger(__name__)
 
@@ -145,13 +146,15 @@ def export_checkpoint(model: torch.nn.Module, ckpt: Path, export: HFExport, worl
         from llava_train.model.lora import merge_lora
 
         shutil.rmtree(tmp, ignore_errors=True)
-        merge_lora(ckpt, tmp, dtype=export.dtype)
+        # Rebuilding the base initialises a projector: keep the training RNG where the checkpoint saved it.
+        with torch.random.fork_rng(devices=[]):
+            merge_lora(ckpt, tmp, dtype=export.dtype)
     else:
         state = runtime_state_dict(model, trainable_only=False, materialize=is_main_process())
         if not is_main_process():
             return None
         shutil.rmtree(tmp, ignore_errors=True)
-        write_hf_folder(model, state, export.dtype, tmp)
+        write_hf_folder(unwrap(model), state, export.dtype, tmp)
         save_serving_files(tmp, export.processor, getattr(model, "generation_config", None))
     final = ckpt / HF_EXPORT_DIR
     shutil.rmtree(final, ignore_errors=True)
@@ -251,7 +254,8 @@ class CheckpointArtifactsCallback(TrainerCallback):
 
 
 def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
-    """The final HF-native folder: weights (merged for LoRA), processor, generation config, projector, config.
+    """The final HF-native folder: weights (merged for LoRA; in `model.dtype`), processor, generation config,
+    projector, config.
 
     Every rank must call it (saving gathers ZeRO-3 shards); rank 0 writes.
     """
@@ -270,8 +274,14 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
         elif trainer.args.should_save:
             dump_config(cfg, out / CONFIG_FILENAME)
             merge_lora(out, out)
+    elif trainer.is_deepspeed_enabled:
+        trainer.save_model(str(out))  # DeepSpeed consolidates its shards; its modules hold model.dtype weights
     else:
-        trainer.save_model(str(out))
+        # The writer of checkpoint-N/hf: every floating tensor in model.dtype (trainable ones may be fp32 masters).
+        state = runtime_state_dict(model, trainable_only=False, materialize=trainer.args.should_save)
+        if trainer.args.should_save:
+            write_hf_folder(unwrap(model), state, cfg.model.dtype, out)
+            (out / "training_args.json").write_text(trainer.args.to_json_string())
     if trainer.args.should_save:
         save_serving_files(out, processor, getattr(model, "generation_config", None))
         dump_config(cfg, out / CONFIG_FILENAME)
