@@ -198,3 +198,21 @@ def test_chatml_on_a_base_tokenizer_stops_at_end_of_turn_with_lmms_eval_conventi
     # The base tokenizer's own eos (what every folder saved before) lets the answer run on into new turns.
     old = _generate(model, inputs, eos_token_id=endoftext, pad_token_id=tok.pad_token_id, sequence_bias=bias)
     assert old.sequences[0, start:].tolist() == [word, im_end] * 3
+
+
+def test_a_template_that_writes_eos_keeps_the_tokenizer_eos(parts_dir: dict[str, str]) -> None:
+    """Changing eos would change what such a template renders: only the generation config lists the end of turn."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from llava_train.model.serving import serving_generation_config, serving_processor
+
+    tok = AutoTokenizer.from_pretrained(parts_dir["base"])
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == im_end
+    served = serving_processor(tok)
+    assert (served.eos_token, served.padding_side, tok.padding_side) == ("<|endoftext|>", "left", "right")
+    assert serving_generation_config(GenerationConfig(eos_token_id=0), tok).eos_token_id == [im_end, 0]

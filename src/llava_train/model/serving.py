@@ -42,8 +42,8 @@ def end_of_turn_id(processor: Any) -> int | None:
         return None
     user = [{"role": "user", "content": "Hi."}]
     try:
-        prompt = processor.apply_chat_template(user, add_generation_prompt=True)
-        full = processor.apply_chat_template([*user, {"role": "assistant", "content": _PROBE_REPLY}])
+        prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = processor.apply_chat_template([*user, {"role": "assistant", "content": _PROBE_REPLY}], tokenize=False)
     except Exception as e:  # noqa: BLE001 - a template that refuses the probe must not stop a save
         log.warning("no end-of-turn token found (the chat template refused a one-turn probe: %s)", e)
         return None
@@ -59,15 +59,27 @@ def end_of_turn_id(processor: Any) -> int | None:
     return ids[0] if special else None
 
 
+def _probe_text(processor: Any) -> str:
+    conversation = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _PROBE_REPLY}]
+    return processor.apply_chat_template(conversation, tokenize=False)
+
+
 def serving_processor(processor: Any) -> Any:
-    """A copy of `processor` as saved for clients: left padding, eos = the template's end-of-turn token."""
+    """A copy of `processor` as saved for clients: left padding, eos = the template's end-of-turn token.
+
+    The eos stays the tokenizer's own when the chat template writes `eos_token` itself (changing it would
+    change the served prompts); the generation config still lists the end-of-turn token then.
+    """
     eot = end_of_turn_id(processor)
     served = copy.deepcopy(processor)
     tok = _tokenizer(served)
     tok.padding_side = "left"
     if eot is not None and eot != tok.eos_token_id:
-        # The chat template's text was fixed when it was exported, so only the stop token changes.
+        before, eos = _probe_text(served), tok.eos_token
         tok.eos_token = tok.convert_ids_to_tokens(eot)
+        if _probe_text(served) != before:
+            tok.eos_token = eos
+            log.warning("the chat template writes eos_token: the saved tokenizer keeps eos %s; stop at %s", eos, eot)
     return served
 
 
