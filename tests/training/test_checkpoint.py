@@ -151,6 +151,23 @@ def test_lora_checkpoint_export_is_the_merged_model(workspace: dict[str, str]) -
     assert answers["export"] == answers["final"]
 
 
+def test_a_failed_export_leaves_a_complete_checkpoint_and_the_run_goes_on(
+    workspace: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llava_train.training.checkpoint as checkpoint
+
+    def broken(model: object, ckpt: Path, *args: object) -> None:
+        (ckpt / f".{HF_EXPORT_DIR}.tmp").mkdir()  # half written
+        raise RuntimeError("export broke")
+
+    monkeypatch.setattr(checkpoint, "export_checkpoint", broken)
+    out = Path(workspace["root"]) / "broken"
+    run(from_dict(tiny_config(workspace, "pretrain", str(out), max_steps=2, save_steps=2, export_hf=True)))
+    ckpt = out / "checkpoint-2"
+    assert check_checkpoint(ckpt) is None and (out / "model.safetensors").is_file()
+    assert not (ckpt / HF_EXPORT_DIR).exists() and not (ckpt / f".{HF_EXPORT_DIR}.tmp").exists()
+
+
 def test_export_hf_must_be_a_bool() -> None:
     from llava_train.config_io import ConfigError
 

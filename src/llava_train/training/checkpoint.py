@@ -245,7 +245,13 @@ class CheckpointArtifactsCallback(TrainerCallback):
             (ckpt / CONFIG_FILENAME).write_text(self.config_yaml)
         if self.export is not None:
             barrier()  # a LoRA merge reads the adapter and config rank 0 wrote
-            export_checkpoint(self.model, ckpt, self.export, args.world_size)
+            try:
+                export_checkpoint(self.model, ckpt, self.export, args.world_size)
+            except OSError:
+                raise  # a full disk stops the run naming the last complete checkpoint (`train.train_steps`)
+            except Exception as e:  # noqa: BLE001 - the export is optional: the checkpoint stays complete
+                shutil.rmtree(ckpt / f".{HF_EXPORT_DIR}.tmp", ignore_errors=True)
+                log.warning("train.export_hf: no hf/ in %s, the run goes on: %s: %s", ckpt, type(e).__name__, e)
         barrier()  # every rank's files (DeepSpeed shards, RNG states) are written
         if is_main_process():
             write_complete_marker(ckpt, state.global_step)
