@@ -119,13 +119,11 @@ class ModelConfig:
         The original config's tower, select layer / feature, projector type and recorded `version`
         must match this config.
     attn_implementation: `sdpa` (default), `eager`, `flex_attention` (GPU), `flash_attention_2`.
-    dtype: dtype the weights are loaded in and frozen parameters stay in, and the final folder's dtype. Trainable
-        parameters are held in fp32 (master weights, fp32 optimizer state) and the forward runs under
-        `train.bf16` / `train.fp16` autocast (required when this is bfloat16/float16, outside DeepSpeed, which
-        keeps fp32 masters itself); checkpoints hold the fp32 masters (`llava_train.training.precision`).
-    master_weights: false = pure bf16/fp16 training outside DeepSpeed: trainable weights and AdamW state in
-        `dtype` (6 bytes/param less), at the cost of every update below half an ulp (~70% of AdamW's
-        first-step updates at lr 2e-5); warned at start-up. For experts who need the memory.
+    dtype: dtype of frozen parameters and of the final folder. Trainable ones are fp32 masters (fp32 AdamW
+        state; DeepSpeed's own under DeepSpeed) computed under `train.bf16`/`fp16` autocast, which bfloat16/float16
+        needs (`llava_train.training.precision`); checkpoints hold the masters.
+    master_weights: false = pure bf16/fp16 outside DeepSpeed (trainable weights and AdamW state in `dtype`: less
+        memory, and every update below half an ulp lost: ~70% at lr 2e-5); warned at start-up.
     train_vision_tower: also train the vision tower in `finetune` (frozen otherwise).
     vision_tower_train_from_layer: with train_vision_tower, train encoder layers >= this index.
     image_token: the image placeholder token of the tokenizer (added when missing) and the saved processor.
@@ -326,7 +324,9 @@ class RunConfig:
         `resume_from_checkpoint` (a path, or `auto` for the newest complete checkpoint), `nan_policy`
         (`error`: a non-finite loss or gradient stops the run naming its samples; `skip`: that step is
         skipped on every rank) and `max_skipped_steps` (with `skip`: stop after this many skipped steps in
-        a row; default 10). `save_total_limit` keeps the newest N complete checkpoints.
+        a row; default 10). `save_total_limit` keeps the newest N complete checkpoints. `export_hf: true` also
+        writes `checkpoint-N/hf/`, an HF-native folder like the final one (off by default: a full model per
+        checkpoint, where a stage-1 checkpoint is otherwise just the projector; LoRA merges rebuild the base).
     metrics_every: log the compact throughput line every N optimizer steps (0 = with each log).
     """
 
@@ -358,6 +358,8 @@ class RunConfig:
             self.data.image_aspect_ratio = DEFAULT_ASPECT_RATIO[self.model.arch]
         check_aspect_ratio(self.model.arch, self.data.image_aspect_ratio)
         _choice("train.nan_policy", self.train.get("nan_policy", "error"), NAN_POLICIES)
+        if not isinstance(self.train.get("export_hf", False), bool):
+            raise ConfigError(f"train.export_hf must be true or false, got {self.train['export_hf']!r}")
         skips = self.train.get("max_skipped_steps", 10)
         if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:
             raise ConfigError(f"train.max_skipped_steps must be an integer >= 0, got {skips!r}")

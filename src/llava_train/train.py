@@ -22,7 +22,7 @@ log = get_logger(__name__)
 
 
 # `train.` keys that llava-train reads itself (documented in RunConfig), never passed to TrainingArguments.
-LLAVA_TRAIN_KEYS = ("resume_from_checkpoint", "nan_policy", "max_skipped_steps")
+LLAVA_TRAIN_KEYS = ("resume_from_checkpoint", "nan_policy", "max_skipped_steps", "export_hf")
 
 
 @dataclass
@@ -60,7 +60,7 @@ def run(cfg: RunConfig) -> TrainResult:
         trainer.add_callback(LoraNewlineResumeCallback(model, resume))
     preempted = train_steps(cfg, trainer, resume)
     if not preempted:
-        save_final(cfg, trainer, parts.processor, policy)
+        save_final(cfg, trainer, parts.processor)
     return TrainResult(str(out), int(trainer.state.global_step), list(trainer.state.log_history), preempted)
 
 
@@ -138,11 +138,11 @@ def seed_everything(args: Any) -> None:
     log.info("seed %d", args.seed)
 
 
-def save_final(cfg: RunConfig, trainer: Any, processor: Any, policy: PrecisionPolicy) -> None:
+def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
     """The final HF-native folder (`training.checkpoint.save_final`), in `model.dtype`."""
     from llava_train.training.checkpoint import save_final as write_final
 
-    write_final(cfg, trainer, processor, policy)
+    write_final(cfg, trainer, processor)
 
 
 def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
@@ -247,7 +247,7 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
     from llava_train.data.packing import PackedRows, PackingCollator
     from llava_train.stages import get_stage
     from llava_train.training.callbacks import attach_callbacks, build_callbacks
-    from llava_train.training.checkpoint import CheckpointArtifactsCallback
+    from llava_train.training.checkpoint import CheckpointArtifactsCallback, HFExport
     from llava_train.training.metrics import ThroughputTracker
     from llava_train.training.predictions import eval_predictions_fn
     from llava_train.training.safety import SafetyCallback, StepGuard
@@ -288,7 +288,9 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
     )
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trainer.add_callback(LrCheckCallback(trainer))
-    trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml, cfg.train.get("save_total_limit")))
+    export = HFExport(parts.processor, cfg.model.dtype, cfg.lora.enabled) if cfg.train.get("export_hf") else None
+    limit = cfg.train.get("save_total_limit")
+    trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml, limit, export))
     # First of all callbacks (like the throughput one): `skipped_steps` must be in the logs HF's reporters see.
     trainer.callback_handler.callbacks.insert(0, SafetyCallback(guard))
     # Throughput keys must reach the logs before HF's reporters (wandb) see them.

@@ -4,6 +4,7 @@ For every template, conversations with and without images go through training (`
 and, turn by turn, through the processor as saved with a model and reloaded with `AutoProcessor`
 (`apply_chat_template(..., add_generation_prompt=True)` then `processor(text=..., images=...)`, and the
 one-call `apply_chat_template(..., tokenize=True)`); the ids must equal the training ids before each reply.
+Processors are saved as every save does (`model.serving.save_serving_files`: left padding, end-of-turn eos).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from llava_train.data.templates import TEMPLATES, run_template
 from llava_train.data.tokenize import load_tokenizer, tokenize_conversation
 from llava_train.llava_format import count_images, normalize_conversation, to_messages
 from llava_train.model.processor import build_processor
+from llava_train.model.serving import save_serving_files
 from llava_train.utils.modules import IGNORE_INDEX
 
 N_IMG = 16  # tiny CLIP tower: (32 // 8) ** 2 patches, CLS dropped
@@ -78,7 +80,7 @@ def _case(
         tokenizer.chat_template = chat_template
     template_obj = run_template(cfg)
     out = tmp_path_factory.mktemp("served")
-    build_processor(cfg, tokenizer, template_obj).save_pretrained(out)
+    save_serving_files(out, build_processor(cfg, tokenizer, template_obj))
     try:
         return template_obj, tokenizer, AutoProcessor.from_pretrained(out)
     except ImportError:

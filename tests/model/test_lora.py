@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -128,6 +129,7 @@ def test_merge_matches_adapter_model(make_cfg, tmp_path) -> None:
     required |= {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert required <= {p.name for p in out.iterdir()}
     assert not (out / "adapter_config.json").exists()
+    assert json.loads((out / "tokenizer_config.json").read_text())["padding_side"] == "left"  # served
     merged = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32)
     assert not any("lora_" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
     batch = _batch(processor)

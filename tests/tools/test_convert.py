@@ -68,6 +68,7 @@ def test_convert_round_trips_exactly_and_matches_the_hf_native_model(parts: dict
     reference.load_state_dict(reference_state, strict=True)
     converted = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(str(out))
+    assert (processor.tokenizer.padding_side, processor.tokenizer.eos_token) == ("left", "</s>")  # served
     prompt, batch = _prompt_batch(processor)
     assert prompt == (
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "

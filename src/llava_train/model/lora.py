@@ -14,6 +14,7 @@ from typing import Any
 
 from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config
 from llava_train.model.freeze import MODULE_GROUPS, strip_wrappers
+from llava_train.model.serving import save_serving_files
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -133,8 +134,7 @@ def merge_lora(run_dir_or_checkpoint: str | os.PathLike, out_dir: str | os.PathL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
-    parts.processor.save_pretrained(str(out))
-    merged.generation_config.save_pretrained(str(out))
+    save_serving_files(out, parts.processor, merged.generation_config)
     dump_config(cfg, out / CONFIG_FILENAME)
     log.info("merged LoRA adapter %s into %s", adapter, out)
     return str(out)

@@ -16,6 +16,7 @@ from typing import Any
 from llava_train.config import CONFIG_FILENAME, DTYPES, RunConfig, dump_config, from_dict, load_config
 from llava_train.config_io import apply_overrides
 from llava_train.errors import InitFromError
+from llava_train.model.serving import save_serving_files
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -77,8 +78,7 @@ def convert(cfg: RunConfig, out: str | os.PathLike) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts.model.save_pretrained(str(out))
-    parts.processor.save_pretrained(str(out))
-    parts.model.generation_config.save_pretrained(str(out))
+    save_serving_files(out, parts.processor, parts.model.generation_config)
     save_projector(parts.model, out / PROJECTOR_FILE)
     dump_config(cfg, out / CONFIG_FILENAME)
     log.info("converted %s -> %s (template %s)", cfg.model.init_from, out, parts.template.name)

@@ -1,5 +1,6 @@
 """Every write of a run: checkpoints (runtime-named weights, trainable-only for partial stages), the projector
-artifact and config in each checkpoint, and the final HF-native folder (LoRA: adapter + merged model).
+artifact and config in each checkpoint, their optional HF-native export (`checkpoint-N/hf/`), and the final
+HF-native folder (LoRA: adapter + merged model).
 
 Checkpoints are written by HF Trainer's own checkpointing, which calls `LLaVATrainer.save_model` for a
 `checkpoint-<step>` folder (that is where `save_checkpoint_weights` comes in) and fires `on_save`
@@ -8,8 +9,11 @@ Checkpoints are written by HF Trainer's own checkpointing, which calls `LLaVATra
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config
 from llava_train.model.projector import PROJECTOR_FILE, save_projector
+from llava_train.model.serving import save_serving_files
 from llava_train.utils.distributed import gathered
 from llava_train.utils.logging import get_logger, is_main_process
+from llava_train.utils.modules import unwrap
 
 log = get_logger(__name__)
 
@@ -29,6 +35,8 @@ CHECKPOINT_INFO = "llava_train_checkpoint.json"
 # Written last into a checkpoint folder, after every file in it is on disk (fsync'd): its manifest of file
 # sizes is what makes the folder a complete checkpoint (`training.resume.check_checkpoint`).
 COMPLETE_MARKER = "llava_train_complete.json"
+# A checkpoint's HF-native export (`train.export_hf`): loads like the final folder, rotates with its checkpoint.
+HF_EXPORT_DIR = "hf"
 
 
 class CheckpointWriteError(RuntimeError):
@@ -94,6 +102,67 @@ def save_checkpoint_weights(
     return len(state)
 
 
+@dataclass(frozen=True)
+class HFExport:
+    """What a checkpoint's `hf/` export needs besides the model (`train.export_hf: true`).
+
+    processor: the run's processor (saved through `model.serving`: left padding, end-of-turn eos).
+    dtype: `model.dtype`; every floating tensor is cast to it (trainable parameters may be fp32 masters).
+    lora: the run trains LoRA adapters; the export is the merged model.
+    """
+
+    processor: Any
+    dtype: str
+    lora: bool = False
+
+
+def write_hf_folder(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: str, out: Path) -> None:
+    """Write `state` (runtime names, e.g. `runtime_state_dict`) as an HF-native model folder in `dtype`."""
+    target = getattr(torch, dtype)
+    cast = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    model.save_pretrained(str(out), state_dict=cast)
+    # save_pretrained records the parameters' dtype, which may be the fp32 of the trainable masters.
+    config = copy.deepcopy(model.config)
+    config.dtype = target
+    config.save_pretrained(str(out))
+
+
+def export_checkpoint(model: torch.nn.Module, ckpt: Path, export: HFExport, world_size: int) -> Path | None:
+    """Write `ckpt/hf/`: a complete HF-native folder (weights in `model.dtype`, processor, chat template,
+    generation config; LoRA merged), built in a temporary folder and renamed into place.
+
+    Every rank must call it (the ZeRO-3 gather is collective); rank 0 writes and returns the folder. The weights
+    come from the model in memory, so a partial (stage-1) checkpoint's export holds the frozen parts as loaded.
+    LoRA is merged by `merge_lora` from the checkpoint's adapter in one process only (rebuilding the base model
+    inside one rank of a ZeRO-3 job would wait on the others forever).
+    """
+    tmp = ckpt / f".{HF_EXPORT_DIR}.tmp"
+    if export.lora:
+        if world_size > 1:
+            log.warning("train.export_hf: LoRA checkpoints are merged in one process; run llava-train merge-lora")
+            return None
+        if not is_main_process():
+            return None
+        from llava_train.model.lora import merge_lora
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Rebuilding the base initialises a projector: keep the training RNG where the checkpoint saved it.
+        with torch.random.fork_rng(devices=[]):
+            merge_lora(ckpt, tmp, dtype=export.dtype)
+    else:
+        state = runtime_state_dict(model, trainable_only=False, materialize=is_main_process())
+        if not is_main_process():
+            return None
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_hf_folder(unwrap(model), state, export.dtype, tmp)
+        save_serving_files(tmp, export.processor, getattr(model, "generation_config", None))
+    final = ckpt / HF_EXPORT_DIR
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    log.info("exported %s (HF-native, %s)", final, export.dtype)
+    return final
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -151,12 +220,20 @@ class CheckpointArtifactsCallback(TrainerCallback):
     Runs on every rank (the projector gather under ZeRO-3 is collective); rank 0 writes.
     save_total_limit: the run's `train.save_total_limit` (HF's own rotation is turned off: it deleted the
         oldest checkpoint before the new one was known to be complete).
+    export: write the checkpoint's `hf/` export before the marker (`train.export_hf`); None = no export.
     """
 
-    def __init__(self, model: torch.nn.Module, config_yaml: str, save_total_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config_yaml: str,
+        save_total_limit: int | None = None,
+        export: HFExport | None = None,
+    ) -> None:
         self.model = model
         self.config_yaml = config_yaml
         self.save_total_limit = save_total_limit
+        self.export = export
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from llava_train.utils.distributed import barrier
@@ -166,6 +243,15 @@ class CheckpointArtifactsCallback(TrainerCallback):
         if is_main_process():
             ckpt.mkdir(parents=True, exist_ok=True)
             (ckpt / CONFIG_FILENAME).write_text(self.config_yaml)
+        if self.export is not None:
+            barrier()  # a LoRA merge reads the adapter and config rank 0 wrote
+            try:
+                export_checkpoint(self.model, ckpt, self.export, args.world_size)
+            except OSError:
+                raise  # a full disk stops the run naming the last complete checkpoint (`train.train_steps`)
+            except Exception as e:  # noqa: BLE001 - the export is optional: the checkpoint stays complete
+                shutil.rmtree(ckpt / f".{HF_EXPORT_DIR}.tmp", ignore_errors=True)
+                log.warning("train.export_hf: no hf/ in %s, the run goes on: %s: %s", ckpt, type(e).__name__, e)
         barrier()  # every rank's files (DeepSpeed shards, RNG states) are written
         if is_main_process():
             write_complete_marker(ckpt, state.global_step)
@@ -173,19 +259,17 @@ class CheckpointArtifactsCallback(TrainerCallback):
         barrier()  # nobody goes on (or exits) before the checkpoint is complete
 
 
-def save_final(cfg: RunConfig, trainer: Any, processor: Any, policy: Any = None) -> None:
-    """The final HF-native folder: weights (merged for LoRA), processor, generation config, projector, config.
+def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
+    """The final HF-native folder: weights (merged for LoRA; in `model.dtype`), processor, generation config,
+    projector, config.
 
-    Every rank must call it (saving gathers ZeRO-3 shards); rank 0 writes. The weights are written in
-    `model.dtype`: the fp32 masters of trainable parameters (`policy`, `training.precision`) are cast down first
-    (the run is over); a LoRA adapter keeps them in fp32 (peft's convention) and is merged into `model.dtype`.
+    Every rank must call it (saving gathers ZeRO-3 shards); rank 0 writes. The model's weights are written in
+    `model.dtype` (the fp32 masters of trainable parameters, `training.precision`, are cast on the copy written);
+    `projector.safetensors` and a LoRA adapter keep the fp32 masters (what a next stage starts from), and the
+    adapter is merged into `model.dtype`.
     """
     out = Path(cfg.output_dir)
     model = trainer.model
-    if policy is not None and not cfg.lora.enabled:
-        from llava_train.training.precision import cast_to_storage
-
-        cast_to_storage(model, policy)
     save_projector(model, out / PROJECTOR_FILE)
     if cfg.lora.enabled:
         from llava_train.model.lora import ADAPTER_DIR, merge_lora
@@ -199,13 +283,16 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any, policy: Any = None)
         elif trainer.args.should_save:
             dump_config(cfg, out / CONFIG_FILENAME)
             merge_lora(out, out)
+    elif trainer.is_deepspeed_enabled:
+        trainer.save_model(str(out))  # DeepSpeed consolidates its shards; its modules hold model.dtype weights
     else:
-        trainer.save_model(str(out))
+        # The writer of checkpoint-N/hf: every floating tensor in model.dtype (trainable ones may be fp32 masters).
+        state = runtime_state_dict(model, trainable_only=False, materialize=trainer.args.should_save)
+        if trainer.args.should_save:
+            write_hf_folder(unwrap(model), state, cfg.model.dtype, out)
+            (out / "training_args.json").write_text(trainer.args.to_json_string())
     if trainer.args.should_save:
-        processor.save_pretrained(str(out))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(str(out))
+        save_serving_files(out, processor, getattr(model, "generation_config", None))
         dump_config(cfg, out / CONFIG_FILENAME)
         for folder in (out, out / "adapter"):
             replace_pickled_args(folder, trainer.args)

@@ -210,19 +210,3 @@ def _counts(*counts: int) -> list[str]:
         if top >= size:
             return [f"{n / size:.2f}{unit}" for n in counts]
     return [str(n) for n in counts]
-
-
-def cast_to_storage(model: Any, policy: PrecisionPolicy) -> int:
-    """Cast the upcast trainable parameters back to `model.dtype` in place (the final HF-native folder is written
-    in `model.dtype`); the end of a run only. Returns the number of tensors cast."""
-    import torch
-
-    if not policy.upcasts:
-        return 0
-    target = getattr(torch, policy.storage)
-    cast = 0
-    for param in model.parameters():
-        if param.requires_grad and param.is_floating_point() and param.dtype == torch.float32:
-            param.data = param.data.to(target)
-            cast += 1
-    return cast

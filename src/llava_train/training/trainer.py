@@ -14,6 +14,7 @@ from llava_train.data.collator import BATCH_ONLY_KEYS
 from llava_train.data.packing import PackedRowSampler
 from llava_train.data.sampler import ModalityLengthGroupedSampler
 from llava_train.model.freeze import LR_GROUPS, MODULE_GROUPS, group_of, is_peft_model
+from llava_train.model.serving import save_serving_files
 from llava_train.utils.logging import get_logger
 from llava_train.utils.modules import unwrap
 
@@ -205,10 +206,11 @@ class LLaVATrainer(Trainer):
             and not is_peft_model(self.model)
         ):
             save_checkpoint_weights(self.model, out, self.partial_checkpoints, self.frozen_from)
-            if self.args.should_save and self.processing_class is not None:
-                self.processing_class.save_pretrained(out)
-            return
-        super().save_model(output_dir, _internal_call)
+        else:
+            super().save_model(output_dir, _internal_call)
+        if self.args.should_save and self.processing_class is not None:
+            # Over HF's own processor save: every saved processor pads on the left (`model.serving`).
+            save_serving_files(out, self.processing_class)
 
     # -- step -------------------------------------------------------------------------------
 

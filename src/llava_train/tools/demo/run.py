@@ -18,6 +18,7 @@ from llava_train import infer
 from llava_train.config import RunConfig, from_dict
 from llava_train.config_io import apply_overrides, load_yaml
 from llava_train.data.templates import run_template
+from llava_train.model.serving import save_serving_files
 from llava_train.tools.demo import parts, shapes
 from llava_train.training.callbacks import optional_artifact, write_loss_plot
 from llava_train.utils.logging import get_logger
@@ -127,7 +128,7 @@ def save_before_stage1(cfg: RunConfig, out: Path) -> Path:
 
     parts = load_components(cfg)
     parts.model.save_pretrained(str(out))
-    parts.processor.save_pretrained(str(out))
+    save_serving_files(out, parts.processor, parts.model.generation_config)
     return out
 
 
