@@ -299,6 +299,8 @@ class PerfConfig:
     compile: regional `torch.compile` of every vision-tower and language-model layer (`training.compile`);
         compiles once with packed rows (`data.packing`), not with ZeRO-3.
     compile_options: `torch.compile` keyword arguments for it (e.g. `{mode: max-autotune-no-cudagraphs}`).
+    static_shapes: with `data.packing`, pad every packed row to `packing_length` (one shape for the run: no
+        recompiles, no allocator churn; the bench's `ours` mode).
     """
 
     loss_on_trained_only: bool = True
@@ -306,6 +308,7 @@ class PerfConfig:
     sdpa_backends: list[str] = field(default_factory=list)
     compile: bool = False
     compile_options: dict[str, Any] = field(default_factory=dict)
+    static_shapes: bool = False
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size <= 0:

@@ -1,5 +1,6 @@
 """Config I/O without any schema: nested dicts -> documented dataclasses (typed coercion, errors listing the valid
-keys), `key=value` overrides, YAML files, and the generated key reference. Imports nothing of llava_train.
+keys), `key=value` overrides, YAML files, and the generated key reference. Imports only `llava_train.errors`
+(ConfigError lives there with every user-facing error; importing it from here keeps working).
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message says what and where."""
+from llava_train.errors import ConfigError
 
 
 def _field_types(cls: type) -> dict[str, Any]:

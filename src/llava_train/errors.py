@@ -13,24 +13,33 @@ from __future__ import annotations
 EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_NONFINITE = 0, 1, 2, 3, 4
 
 
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and where."""
+
+
 class InitFromError(ValueError):
     """`model.init_from` does not fit the run (its kind, arch, tower, layers, projector, template or tensors)."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or final save could not be written (disk full); the message names the last complete one."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
-    from llava_train.config_io import ConfigError
-    from llava_train.data.errors import BadSampleError
+    from llava_train.data.errors import BadSampleError  # import-free leaf; data errors live beside their reasons
 
-    errors: tuple[type[BaseException], ...] = (ConfigError, BadSampleError, FileNotFoundError, InitFromError)
+    errors: tuple[type[BaseException], ...] = (
+        ConfigError,
+        BadSampleError,
+        FileNotFoundError,
+        InitFromError,
+        CheckpointWriteError,  # a disk-full save: the message says what is intact and how to resume
+    )
     try:  # a model reference that is neither a local folder nor a valid / existing hub id
         from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
         errors = (*errors, HFValidationError, RepositoryNotFoundError)
     except ImportError:
         pass
-    try:  # a disk-full save: the message says what is intact and how to resume
-        from llava_train.training.checkpoint import CheckpointWriteError
-    except ImportError:  # the training stack is not importable (a data-only install)
-        return errors
-    return (*errors, CheckpointWriteError)
+    return errors

@@ -1,21 +1,54 @@
-"""Training entry point: `python -m llava_train.train CONFIG.yaml [key=value ...]` (what deepspeed/torchrun launch)."""
+"""Training entry point: `python -m llava_train.train CONFIG.yaml [key=value ...]` (what deepspeed/torchrun launch).
+
+The training stack is imported at the top: this module is what a launched rank runs. `llava-train --help` stays
+fast because `cli.py` imports this module only inside the `train` command.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from transformers import TrainingArguments, set_seed
 
+from llava_train.components import Components, load_components
 from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config
 from llava_train.config_io import ConfigError, sweep_run_output_dir
-from llava_train.errors import EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, user_errors
+from llava_train.data.dataset import build_dataset
+from llava_train.data.scan_cache import data_cache_dir
+from llava_train.errors import (
+    EXIT_ERROR,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    CheckpointWriteError,
+    user_errors,
+)
 from llava_train.preflight import check_paths
-from llava_train.training.precision import PrecisionPolicy, apply_precision, resolve_precision
+from llava_train.training.assembly import assemble_trainer, prepare_model
+from llava_train.training.checkpoint import LoraNewlineResumeCallback
+from llava_train.training.checkpoint import save_final as write_final
+from llava_train.training.precision import PrecisionPolicy, resolve_precision
+from llava_train.training.resume import newest_complete_checkpoint
+from llava_train.training.resume import resolve_resume as newest_resume
+from llava_train.training.safety import PREEMPTED_FILE, NonFiniteStepError, SafetyCallback
+from llava_train.training.wandb_logging import wandb_env
+from llava_train.utils.attention import sdpa_backends
+from llava_train.utils.distributed import (
+    exit_after_teardown,
+    full_numel,
+    has_accelerator,
+    prepare_distributed,
+    shutdown_distributed,
+    uses_deepspeed,
+)
 from llava_train.utils.logging import get_logger, is_main_process
 
 log = get_logger(__name__)
@@ -43,32 +76,27 @@ def run(cfg: RunConfig) -> TrainResult:
     policy = precision_policy(cfg, args)  # a precision set-up that cannot train right stops here, before any load
     seed_everything(args)
     parts = build_components(cfg)
-    model = apply_adapters(parts.model, cfg)
-    apply_stage_to_model(model, cfg)
-    apply_precision(model, policy)  # after the stage: trainable weights become fp32 masters, the policy is logged
-    if cfg.perf.compile:
-        from llava_train.training.compile import compile_regions
-
-        compile_regions(model, cfg.perf.compile_options)
+    model = prepare_model(parts.model, cfg, policy)  # LoRA, the stage's trainable set, fp32 masters, compile
     train_ds, eval_ds = build_data(cfg, parts, args)
     trainer = build_trainer(cfg, args, model, parts, train_ds, eval_ds)
     resume = resolve_resume(cfg, out)
     log.info("training: %d samples, resume from %s", len(train_ds), resume or "scratch")
     if resume and cfg.lora.enabled and cfg.model.arch != "llava":
-        from llava_train.training.checkpoint import LoraNewlineResumeCallback
-
         trainer.add_callback(LoraNewlineResumeCallback(model, resume))
     preempted = train_steps(cfg, trainer, resume)
     if not preempted:
-        save_final(cfg, trainer, parts.processor)
+        write_final(cfg, trainer, parts.processor)
     return TrainResult(str(out), int(trainer.state.global_step), list(trainer.state.log_history), preempted)
 
 
-# Set when `execute` tore down this process's process groups: `main` then ends the process itself.
-_GROUPS_DESTROYED = False
+@dataclass
+class Teardown:
+    """Set by `execute` when it destroyed this process's process groups: `main` then ends the process itself."""
+
+    groups_destroyed: bool = False
 
 
-def execute(cfg: RunConfig) -> TrainResult:
+def execute(cfg: RunConfig, teardown: Teardown | None = None) -> TrainResult:
     """`run(cfg)` as the last thing a launched process does: then its process groups are torn down.
 
     Every rank of a distributed run ends through `utils.distributed.shutdown_distributed` (a barrier
@@ -76,9 +104,6 @@ def execute(cfg: RunConfig) -> TrainResult:
     gloo/NCCL teardown at interpreter exit. In-process callers that train several stages in one
     process (tests, the demo) call `run` instead.
     """
-    from llava_train.utils.distributed import shutdown_distributed
-
-    global _GROUPS_DESTROYED
     ok = False
     try:
         result = run(cfg)
@@ -86,7 +111,8 @@ def execute(cfg: RunConfig) -> TrainResult:
         return result
     finally:
         if shutdown_distributed(ok):
-            _GROUPS_DESTROYED = True
+            if teardown is not None:
+                teardown.groups_destroyed = True
             log.info("process group destroyed (%s)", "run finished" if ok else "run failed")
 
 
@@ -95,8 +121,6 @@ def execute(cfg: RunConfig) -> TrainResult:
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run folder and write the resolved config there."""
-    from llava_train.training.safety import PREEMPTED_FILE
-
     out = Path(cfg.output_dir)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -106,13 +130,8 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return out
 
 
-def build_training_arguments(cfg: RunConfig) -> Any:
+def build_training_arguments(cfg: RunConfig) -> TrainingArguments:
     """TrainingArguments from `train:` untouched, plus what our runs need (distributed set-up, wandb env)."""
-    from transformers import TrainingArguments
-
-    from llava_train.training.wandb_logging import wandb_env
-    from llava_train.utils.distributed import prepare_distributed
-
     # llava-train's own `train.` keys are not TrainingArguments fields; save_total_limit is applied by
     # our checkpoint callback, after a new checkpoint is complete (HF deleted the old one first).
     kwargs = {k: v for k, v in cfg.train.items() if k not in LLAVA_TRAIN_KEYS}
@@ -130,101 +149,32 @@ def build_training_arguments(cfg: RunConfig) -> Any:
     return args
 
 
-def seed_everything(args: Any) -> None:
-    """Seed before the model exists: the projector (and any new embedding rows) start from random init."""
-    from transformers import set_seed
+def precision_policy(cfg: RunConfig, args: TrainingArguments) -> PrecisionPolicy:
+    """Frozen parameters in `model.dtype`, trainable ones in fp32 masters (ours, or DeepSpeed's under DeepSpeed)."""
+    ds = args.deepspeed
+    return resolve_precision(cfg, ds, uses_deepspeed({"deepspeed": ds}), on_cpu=not has_accelerator())
 
+
+def seed_everything(args: TrainingArguments) -> None:
+    """Seed before the model exists: the projector (and any new embedding rows) start from random init."""
     set_seed(args.seed)
     log.info("seed %d", args.seed)
 
 
-def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
-    """The final HF-native folder (`training.checkpoint.save_final`), in `model.dtype`."""
-    from llava_train.training.checkpoint import save_final as write_final
-
-    write_final(cfg, trainer, processor)
-
-
-def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
-    """The checkpoint to resume from (`train.resume_from_checkpoint`), complete ones only."""
-    from llava_train.training.resume import resolve_resume as newest
-
-    return newest(cfg, out)
-
-
-def train_steps(cfg: RunConfig, trainer: Any, resume: str | None) -> bool:
-    """HF's training loop; True when a preemption signal stopped it (after its checkpoint was saved).
-
-    A checkpoint write that runs out of disk is reported with the last complete checkpoint (untouched).
-    """
-    import errno
-
-    from llava_train.training.checkpoint import CheckpointWriteError
-    from llava_train.training.resume import newest_complete_checkpoint
-    from llava_train.training.safety import SafetyCallback
-    from llava_train.utils.attention import sdpa_backends
-
-    try:
-        with sdpa_backends(cfg.perf.sdpa_backends):
-            trainer.train(resume_from_checkpoint=resume)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        last, _ = newest_complete_checkpoint(cfg.output_dir)
-        raise CheckpointWriteError(
-            f"out of disk space while writing to {cfg.output_dir} ({e}); the last complete checkpoint, "
-            f"{last or 'none yet'}, is intact: free space and resume with train.resume_from_checkpoint=auto"
-        ) from e
-    safety = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SafetyCallback))
-    return safety.preempted_at is not None
-
-
-def build_components(cfg: RunConfig) -> Any:
+def build_components(cfg: RunConfig) -> Components:
     """Tokenizer, template, processor, image facts and the model (from the base models, or `model.init_from`)."""
-    from llava_train.components import load_components
-    from llava_train.utils.distributed import full_numel
-
     parts = load_components(cfg)
     # ZeRO-3 partitions parameters at construction: count their full sizes, not the local shards.
     log.info("model built: %s params", f"{sum(full_numel(p) for p in parts.model.parameters()):,}")
     return parts
 
 
-def apply_adapters(model: Any, cfg: RunConfig) -> Any:
-    """LoRA/QLoRA on the language model when enabled."""
-    if not cfg.lora.enabled:
-        return model
-    from llava_train.model.lora import apply_lora
-
-    model = apply_lora(model, cfg)
-    log.info("LoRA applied: r=%d alpha=%d dropout=%g", cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-    return model
-
-
-def apply_stage_to_model(model: Any, cfg: RunConfig) -> None:
-    """Freeze/unfreeze module groups for the stage and log the parameter table."""
-    from llava_train.stages import apply_stage
-
-    apply_stage(model, cfg)
-
-
-def precision_policy(cfg: RunConfig, args: Any) -> PrecisionPolicy:
-    """Frozen parameters in `model.dtype`, trainable ones in fp32 masters (ours, or DeepSpeed's under DeepSpeed)."""
-    from llava_train.utils.distributed import has_accelerator, uses_deepspeed
-
-    ds = args.deepspeed
-    return resolve_precision(cfg, ds, uses_deepspeed({"deepspeed": ds}), on_cpu=not has_accelerator())
-
-
-def build_data(cfg: RunConfig, parts: Any, args: Any) -> tuple[Any, Any]:
+def build_data(cfg: RunConfig, parts: Components, args: TrainingArguments) -> tuple[Any, Any]:
     """Training (and optional eval) datasets with exact lengths, scanned once per node and cached.
 
     The local main process of each node scans first and writes the cache; the other ranks wait at
     HF's `main_process_first` barrier and then read it (with `data.cache_dir: null` they rescan).
     """
-    from llava_train.data.dataset import build_dataset
-    from llava_train.data.scan_cache import data_cache_dir
-
     seed = args.data_seed if args.data_seed is not None else args.seed
     cache = data_cache_dir(cfg)
     with args.main_process_first(local=True, desc="data scan"):
@@ -241,66 +191,38 @@ def build_data(cfg: RunConfig, parts: Any, args: Any) -> tuple[Any, Any]:
     return train_ds, eval_ds
 
 
-def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: Any, eval_ds: Any) -> Any:
-    """LLaVATrainer with our collator, sampler, lr groups and callbacks."""
-    from llava_train.data.collator import PaddingCollator
-    from llava_train.data.packing import PackedRows, PackingCollator
-    from llava_train.stages import get_stage
-    from llava_train.training.callbacks import attach_callbacks, build_callbacks
-    from llava_train.training.checkpoint import CheckpointArtifactsCallback, HFExport
-    from llava_train.training.metrics import ThroughputTracker
-    from llava_train.training.predictions import eval_predictions_fn
-    from llava_train.training.safety import SafetyCallback, StepGuard
-    from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
+def build_trainer(
+    cfg: RunConfig, args: TrainingArguments, model: Any, parts: Components, train_ds: Any, eval_ds: Any
+) -> Any:
+    """LLaVATrainer with our collator, sampler, lr groups and callbacks: the one assembly (`training.assembly`)."""
+    return assemble_trainer(
+        cfg, args, model, train_ds, eval_ds, pad_token_id=parts.tokenizer.pad_token_id, processor=parts.processor
+    )
 
-    tracker = ThroughputTracker.for_model(model, args)
-    guard = StepGuard(cfg.train.get("nan_policy", "error"), cfg.train.get("max_skipped_steps", 10), cfg.output_dir)
-    packing_length = (cfg.data.packing_length or cfg.data.model_max_length) if cfg.data.packing else None
-    ov = cfg.model.arch == "llava_onevision"
-    if packing_length:
-        # Each item is a packed row of whole samples; per_device_train_batch_size counts rows.
-        dataset, collator = PackedRows(train_ds), PackingCollator(parts.tokenizer.pad_token_id, batch_num_images=ov)
-        log.info("packing samples into rows of %d tokens", packing_length)
-    else:
-        dataset, collator = train_ds, PaddingCollator(parts.tokenizer.pad_token_id, batch_num_images=ov)
-    trainer = LLaVATrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        processing_class=parts.processor,
-        lr_overrides={"projector": cfg.optim.projector_lr, "vision_tower": cfg.optim.vision_tower_lr},
-        modality_lengths=train_ds.modality_lengths,
-        group_by_modality_length=cfg.data.group_by_modality_length and not packing_length,
-        tracker=tracker,
-        partial_checkpoints=get_stage(cfg.stage).checkpoints_are_partial(cfg),
-        frozen_from={
-            "language_model": cfg.model.language_model,
-            "vision_tower": cfg.model.vision_tower,
-            "init_from": cfg.model.init_from,
-        },
-        packing_length=packing_length,
-        loss_on_trained_only=cfg.perf.loss_on_trained_only,
-        loss_chunk_size=cfg.perf.loss_chunk_size,
-        guard=guard,
-        video_keepalive=train_ds.has_video or bool(eval_ds is not None and eval_ds.has_video),
-    )
-    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    trainer.add_callback(LrCheckCallback(trainer))
-    export = HFExport(parts.processor, cfg.model.dtype, cfg.lora.enabled) if cfg.train.get("export_hf") else None
-    limit = cfg.train.get("save_total_limit")
-    trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml, limit, export))
-    # First of all callbacks (like the throughput one): `skipped_steps` must be in the logs HF's reporters see.
-    trainer.callback_handler.callbacks.insert(0, SafetyCallback(guard))
-    # Throughput keys must reach the logs before HF's reporters (wandb) see them.
-    attach_callbacks(
-        trainer,
-        build_callbacks(
-            cfg, tracker, data_report=train_ds.summary(), predictions_fn=eval_predictions_fn(cfg, parts.processor)
-        ),
-    )
-    return trainer
+
+def resolve_resume(cfg: RunConfig, out: Path) -> str | None:
+    """The checkpoint to resume from (`train.resume_from_checkpoint`), complete ones only."""
+    return newest_resume(cfg, out)
+
+
+def train_steps(cfg: RunConfig, trainer: Any, resume: str | None) -> bool:
+    """HF's training loop; True when a preemption signal stopped it (after its checkpoint was saved).
+
+    A checkpoint write that runs out of disk is reported with the last complete checkpoint (untouched).
+    """
+    try:
+        with sdpa_backends(cfg.perf.sdpa_backends):
+            trainer.train(resume_from_checkpoint=resume)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last, _ = newest_complete_checkpoint(cfg.output_dir)
+        raise CheckpointWriteError(
+            f"out of disk space while writing to {cfg.output_dir} ({e}); the last complete checkpoint, "
+            f"{last or 'none yet'}, is intact: free space and resume with train.resume_from_checkpoint=auto"
+        ) from e
+    safety = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SafetyCallback))
+    return safety.preempted_at is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,30 +241,25 @@ def main(argv: list[str] | None = None) -> int:
         (argv[0], argv[1:]) if not argv[0].startswith("-") and "=" not in argv[0] else (None, argv)
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    code = _main(config_path, overrides)
-    if _GROUPS_DESTROYED:
-        from llava_train.utils.distributed import exit_after_teardown
-
+    teardown = Teardown()
+    code = _main(config_path, overrides, teardown)
+    if teardown.groups_destroyed:
         exit_after_teardown(code)  # a launched rank: the documented code, never a finalization abort
     return code
 
 
-def _main(config_path: str | None, overrides: list[str]) -> int:
+def _main(config_path: str | None, overrides: list[str], teardown: Teardown) -> int:
     try:
         cfg = load_config(config_path, overrides)
         # Under a wandb sweep agent every trial runs this same command: give each its own folder.
         cfg.train["output_dir"] = sweep_run_output_dir(cfg.output_dir)
-        result = execute(cfg)
+        result = execute(cfg, teardown)
     except Exception as e:
-        from llava_train.training.safety import NonFiniteStepError
-
         if isinstance(e, NonFiniteStepError):
             print(f"llava-train: stopped: {e}", file=sys.stderr)
             return EXIT_NONFINITE
         if not isinstance(e, user_errors()):
-            if _GROUPS_DESTROYED:
-                import traceback
-
+            if teardown.groups_destroyed:
                 traceback.print_exc()
                 return EXIT_ERROR
             raise  # traceback, exit code 1

@@ -17,7 +17,6 @@ from llava_train.training.callbacks import (
     LossPlotCallback,
     MetricsJsonlCallback,
     ThroughputCallback,
-    attach_callbacks,
     build_callbacks,
     format_console_line,
     group_learning_rates,
@@ -275,7 +274,10 @@ def test_real_trainer_writes_jsonl_png_and_console_line(tmp_path: Path, captured
     trainer = ToyTrainer(
         model=ToyModel(), args=args, train_dataset=rows, eval_dataset=rows[:8], data_collator=collate, tracker=tracker
     )
-    attach_callbacks(trainer, build_callbacks(cfg, tracker))
+    throughput, *others = build_callbacks(cfg, tracker)
+    trainer.callback_handler.callbacks.insert(0, throughput)  # first, as training.assembly installs it
+    for callback in others:
+        trainer.add_callback(callback)
     assert isinstance(trainer.callback_handler.callbacks[0], ThroughputCallback)
     trainer.train()
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -146,13 +146,12 @@ def start_state(cfg: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     the names checkpoints save them under (peft's for a LoRA model) and its frozen ones by plain runtime name."""
     from transformers import set_seed
 
-    from llava_train.train import apply_adapters, apply_stage_to_model, build_components
-    from llava_train.training.precision import apply_precision, resolve_precision
+    from llava_train.train import build_components
+    from llava_train.training.assembly import prepare_model
+    from llava_train.training.precision import resolve_precision
 
     set_seed(cfg.train["seed"])
-    model = apply_adapters(build_components(cfg).model, cfg)
-    apply_stage_to_model(model, cfg)
-    apply_precision(model, resolve_precision(cfg))
+    model = prepare_model(build_components(cfg).model, cfg, resolve_precision(cfg))
     frozen = {n.removeprefix("base_model.model."): p.detach().clone() for n, p in model.named_parameters()}
     frozen = {n: p for n, p in frozen.items() if ".lora_" not in n and ".modules_to_save." not in n}
     if cfg.lora.enabled:

@@ -21,9 +21,9 @@ import yaml
 
 from llava_train.config import from_dict
 from llava_train.config_io import ConfigError
-from llava_train.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from llava_train.errors import EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointWriteError
 from llava_train.train import run
-from llava_train.training.checkpoint import COMPLETE_MARKER, CheckpointWriteError
+from llava_train.training.checkpoint import COMPLETE_MARKER
 from llava_train.training.resume import check_checkpoint, complete_checkpoints
 from llava_train.training.safety import PREEMPTED_FILE, NonFiniteStepError, StepGuard
 from llava_train.training.trainer import LLaVATrainer

@@ -93,7 +93,7 @@ class ThroughputCallback(TrainerCallback):
     """Merges the tracker's interval rates and `lr/<group>` into every training log; prints the console line.
 
     Must run BEFORE the reporting callbacks (wandb, tensorboard) so they record the merged keys:
-    install it with `attach_callbacks`. Runs on every rank because `tracker.flush()` all-reduces.
+    `training.assembly` puts it first. Runs on every rank because `tracker.flush()` all-reduces.
     Evaluation and checkpoint saving time is left out of the rates.
 
     tracker: the ThroughputTracker the trainer feeds in `training_step`.
@@ -269,7 +269,7 @@ def build_callbacks(
     data_report: dict[str, Any] | None = None,
     predictions_fn: PredictionsFn | None = None,
 ) -> list[TrainerCallback]:
-    """The run-reporting callbacks for a RunConfig, in the order `attach_callbacks` expects.
+    """The run-reporting callbacks for a RunConfig (`training.assembly` installs them in the run's order).
 
     [ThroughputCallback (if a tracker), MetricsJsonlCallback(<run>/metrics.jsonl),
     LossPlotCallback(<run>/loss.png), WandbExtrasCallback (if report_to includes wandb)].
@@ -286,17 +286,3 @@ def build_callbacks(
         predictions = predictions_fn if cfg.wandb.log_predictions > 0 else None
         callbacks.append(WandbExtrasCallback(cfg.to_dict(), data_report, predictions))
     return callbacks
-
-
-def attach_callbacks(trainer: Any, callbacks: list[TrainerCallback]) -> None:
-    """Install callbacks on a Trainer: ThroughputCallback first of all, the others after HF's own.
-
-    HF runs callbacks in list order and puts its reporters (wandb, tensorboard, ...) first; the
-    throughput keys must be merged into the logs dict before those reporters see it.
-    """
-    handler = trainer.callback_handler
-    for cb in callbacks:
-        if isinstance(cb, ThroughputCallback):
-            handler.callbacks.insert(0, cb)
-        else:
-            trainer.add_callback(cb)

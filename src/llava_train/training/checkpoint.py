@@ -39,10 +39,6 @@ COMPLETE_MARKER = "llava_train_complete.json"
 HF_EXPORT_DIR = "hf"
 
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint or final save could not be written (disk full); the message names the last complete one."""
-
-
 def is_checkpoint_folder(path: str | os.PathLike, run_dir: str | os.PathLike) -> bool:
     """Whether `path` is one of the run's HF checkpoint folders (`<run_dir>/checkpoint-<step>`)."""
     p = Path(path)
