@@ -18,6 +18,12 @@ BAD_REASONS: dict[str, str] = {
     "image_path_escapes": "an image path is absolute or leaves image_folder",
     "straddling_token": "a token spans a trained and an untrained part of the prompt",
     "bad_video": "a video is not a folder of frame images or a list of frame files, or the arch has no video input",
+    # New reasons go last: scan caches store a reason as its index here (and SCAN_VERSION is bumped).
+    "image_symlink_escapes": "an image path resolves (through a symbolic link) to a file outside image_folder",
+    "image_too_large": "an image side exceeds data.max_image_side or its aspect ratio data.max_image_aspect_ratio",
+    "image_format": "an image is not JPEG, PNG, WebP, BMP, GIF or TIFF (other PIL formats are never opened)",
+    "row_error": "reading or processing the row raised an unexpected error (the detail names its type)",
+    "tar_member": "a tar sample repeats a member or holds two members whose names differ only by case",
 }
 
 

@@ -19,7 +19,10 @@ from llava_train.archs import IMAGE_ASPECT_RATIOS
 
 
 def resolve_image_path(image_folder: str | None, rel: str) -> str:
-    """`image_folder/rel`; an absolute `rel` or one leaving `image_folder` (`..`) is BadSample(image_path_escapes)."""
+    """The real path of `image_folder/rel`: an absolute `rel` or one leaving `image_folder` (`..`) is
+    BadSample(image_path_escapes); one whose real path (symbolic links followed, in the file or any folder
+    above it) lies outside the folder's real path is BadSample(image_symlink_escapes), so no file outside the
+    image folder is ever opened (data sets arrive as archives, and `tar x` recreates their links)."""
     from llava_train.data.errors import BadSample
 
     if not isinstance(rel, str) or not rel:
@@ -30,7 +33,21 @@ def resolve_image_path(image_folder: str | None, rel: str) -> str:
     full = os.path.normpath(os.path.join(base, rel))
     if os.path.commonpath([base, full]) != base:
         raise BadSample("image_path_escapes", f"image path {rel!r} leaves image_folder {image_folder!r}")
-    return full
+    return check_inside(image_folder, full, rel)
+
+
+def check_inside(image_folder: str | None, path: str, rel: str) -> str:
+    """The real path of `path` when it lies inside the real path of `image_folder` (the folder itself may be a
+    link), else BadSample(image_symlink_escapes)."""
+    from llava_train.data.errors import BadSample
+
+    base_real = os.path.realpath(image_folder or ".")
+    real = os.path.realpath(path)
+    if os.path.commonpath([base_real, real]) != base_real:
+        raise BadSample(
+            "image_symlink_escapes", f"image path {rel!r} is a link to {real}, outside image_folder {image_folder!r}"
+        )
+    return real
 
 
 @dataclass(frozen=True)
@@ -172,7 +189,8 @@ def video_frame_paths(image_folder: str | None, video: Any, frames: int) -> list
                 raise BadSample("bad_video", f"{video!r} is a file; give a folder of frame images or a list of frames")
             raise BadSample("missing_image", f"video folder not found: {folder}")
         names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES))
-        all_frames = [os.path.join(folder, n) for n in names]
+        # A frame file of the folder may itself be a link leading out.
+        all_frames = [check_inside(image_folder, os.path.join(folder, n), f"{video}/{n}") for n in names]
     elif isinstance(video, (list, tuple)) and video:
         all_frames = [resolve_image_path(image_folder, f) for f in video]
     else:

@@ -22,8 +22,9 @@ from llava_train.utils.logging import get_logger
 log = get_logger(__name__)
 
 # Bump when the scan's meaning changes so stale caches are not reused.
-# 4: per-shard caches, embedded images, column mappings; 3: per-image token counts (anyres) and video rows.
-SCAN_VERSION = 4
+# 5: decoded images, symlink / size / format / row_error / tar_member reasons; 4: per-shard caches, embedded
+# images, column mappings; 3: per-image token counts (anyres) and video rows.
+SCAN_VERSION = 5
 REASON_CODES = tuple(BAD_REASONS)
 SCAN_ARRAYS = ("lengths", "num_images", "reasons", "truncated", "media_tokens", "num_videos")
 SCAN_CHUNK = 2000  # rows per scan task
