@@ -17,12 +17,22 @@ class InitFromError(ValueError):
     """`model.init_from` does not fit the run (its kind, arch, tower, layers, projector, template or tensors)."""
 
 
+class RemoteCodeError(ValueError):
+    """A model folder asks to run its own Python code (`auto_map`): never done (no `trust_remote_code`)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
     from llava_train.config_io import ConfigError
     from llava_train.data.errors import BadSampleError
 
-    errors: tuple[type[BaseException], ...] = (ConfigError, BadSampleError, FileNotFoundError, InitFromError)
+    errors: tuple[type[BaseException], ...] = (
+        ConfigError,
+        BadSampleError,
+        FileNotFoundError,
+        InitFromError,
+        RemoteCodeError,
+    )
     try:  # a model reference that is neither a local folder nor a valid / existing hub id
         from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 

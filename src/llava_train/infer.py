@@ -95,10 +95,13 @@ def load(model_dir: str | Path, device: str | None = None, dtype: str | None = N
     from transformers import AutoModelForImageTextToText
 
     from llava_train.model.processor import load_saved_processor
+    from llava_train.model.remote_code import refuse_remote_code
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
+    refuse_remote_code(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=False)
+    model = model.to(device).eval()
     processor = load_saved_processor(model_dir, getattr(model.config, "model_type", ""))
     tok = processor.tokenizer
     tok.padding_side = "left"
