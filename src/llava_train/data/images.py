@@ -114,7 +114,7 @@ def image_ref(value: Any, image_folder: str | None, where: str = "image") -> Ima
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         data, rel = value.get("bytes"), value.get("path")
         if data:
-            return ImageRef(data=bytes(data), name=f"embedded {where}" + (f" ({rel})" if rel else ""))
+            return ImageRef(data=_struct_bytes(data, where), name=f"embedded {where}" + (f" ({rel})" if rel else ""))
         if rel:
             return image_ref(rel, image_folder, where)
         raise BadSample("missing_image", f"embedded {where} has neither bytes nor a path")
@@ -125,6 +125,26 @@ def image_ref(value: Any, image_folder: str | None, where: str = "image") -> Ima
     if hasattr(value, "convert") and hasattr(value, "size"):  # a decoded PIL image
         return ImageRef(pil=value, name=f"decoded {where}")
     raise BadSample("missing_image", f"{where} must be a path, an image struct or bytes, got {type(value).__name__}")
+
+
+def _struct_bytes(data: Any, where: str) -> bytes:
+    """The encoded bytes of an image struct: bytes as they are, base64 text (a JSON dump of an HF `Image` column
+    holds that) decoded; any other type is BadSample (never `bytes(value)`: `bytes(10**11)` allocates 100 GB)."""
+    import base64
+    import binascii
+
+    from llava_train.data.errors import BadSample
+
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, str):
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadSample("corrupt_image", f"embedded {where}: `bytes` is text but not base64 ({e})") from e
+    raise BadSample(
+        "corrupt_image", f"embedded {where}: `bytes` must be bytes or base64 text, got {type(data).__name__}"
+    )
 
 
 def verify_image(image: ImageLike, verify: bool = True) -> tuple[int, int]:

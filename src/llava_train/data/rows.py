@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,15 @@ def _read_json_rows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             raise ValueError(
                 f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
             ) from e
-        for row in rows:
-            chunks.append(json.dumps(row, ensure_ascii=False).encode())
+        except RecursionError:  # one row nested too deep for the parser: split the list, let that row fail alone
+            rows = None
+            chunks = split_json_list(data)
+            lines = [0] * len(chunks)
+        for row in rows or ():
+            try:
+                chunks.append(json.dumps(row, ensure_ascii=False).encode())
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") has no UTF-8 form: keep it escaped
+                chunks.append(json.dumps(row).encode())
             lines.append(0)
         del rows
     else:
@@ -104,6 +112,36 @@ def _read_json_rows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
     buf = np.frombuffer(b"".join(chunks), dtype=np.uint8)
     return buf, offsets, np.asarray(lines, dtype=np.int64)
+
+
+_JSON_SYNTAX = re.compile(rb'[\\"\[\]{},]')
+
+
+def split_json_list(data: bytes) -> list[bytes]:
+    """The raw bytes of each element of a JSON list (already known to be well-formed up to nesting depth), found
+    by tracking strings and brackets, so an element nested deeper than `json` can parse is one bad row."""
+    chunks: list[bytes] = []
+    depth, in_string, escaped, start = 0, False, -1, data.index(b"[") + 1
+    for m in _JSON_SYNTAX.finditer(data, start - 1):
+        c, pos = m.group(), m.start()
+        if in_string:
+            if c == b"\\" and escaped != pos:
+                escaped = pos + 1  # the next character is escaped
+            elif c == b'"' and escaped != pos:
+                in_string = False
+        elif c == b'"':
+            in_string = True
+        elif c in (b"[", b"{"):
+            depth += 1
+        elif c in (b"]", b"}") or c == b",":
+            if depth == 1 and (c == b"," or c == b"]"):
+                element = data[start:pos].strip()
+                if element:
+                    chunks.append(element)
+                start = pos + 1
+            if c != b",":
+                depth -= 1
+    return chunks
 
 
 def _json_rows(path: Path, cache_dir: str | None) -> JsonRows:

@@ -28,6 +28,9 @@ SCAN_VERSION = 5
 REASON_CODES = tuple(BAD_REASONS)
 SCAN_ARRAYS = ("lengths", "num_images", "reasons", "truncated", "media_tokens", "num_videos")
 SCAN_CHUNK = 2000  # rows per scan task
+# Text tokens span a few characters each (long whitespace runs of code tokenizers: tens): a row with 100 per
+# token of model_max_length could only be kept by cutting almost all of it, so it is refused untokenized.
+MAX_CHARS_PER_TOKEN = 100
 
 
 @dataclass
@@ -51,6 +54,18 @@ class SampleContext:
 def image_refs(record: dict[str, Any], image_folder: str | None) -> list[ImageRef]:
     """The record's images as ImageRefs (`image` may be missing, a path, an embedded image or a list of them)."""
     return [image_ref(v, image_folder, f"image {k}") for k, v in enumerate(record_images(record))]
+
+
+def check_characters(turns: list[Any], max_length: int | None) -> None:
+    """BadSample(too_long) for a row of more than MAX_CHARS_PER_TOKEN characters per token of `max_length`,
+    before it is tokenized (a 20 MB row would otherwise take gigabytes and half a minute to be found too long)."""
+    chars = sum(len(t.text) for t in turns)
+    if max_length is not None and chars > max_length * MAX_CHARS_PER_TOKEN:
+        raise BadSample(
+            "too_long",
+            f"{chars} characters: more than {MAX_CHARS_PER_TOKEN} per token of model_max_length {max_length} "
+            "(rejected before tokenizing)",
+        )
 
 
 @dataclass
@@ -87,6 +102,7 @@ def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, 
     turns = normalize_conversation(
         record.get("conversations"), ctx.template.image_token, ctx.template.video_token if frames else None
     )
+    check_characters(turns, ctx.max_length)
     images: list[Any] = []
     loaded_frames: list[Any] = []
     sizes: list[tuple[int, int]] = []
@@ -159,6 +175,14 @@ def scan_row(store: SourceRows, i: int, ctx: SampleContext, check_images: bool =
         )
     except BadSample as e:
         return RowResult(i, sample_id, reason=e.reason, detail=e.detail)
+    except Exception as e:  # one hostile row (nesting depth, lone surrogates, ...) never aborts the scan
+        return RowResult(i, sample_id, reason="row_error", detail=row_error_detail(e))
+
+
+def row_error_detail(e: BaseException) -> str:
+    """`Type: message` of an unexpected per-row error, cut to one short line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
 
 
 # -- a whole source ----------------------------------------------------------------------------------
