@@ -195,6 +195,8 @@ class DataConfig:
         validate`, training and every rank (on a multi-GPU launch one process per node scans, the
         others read its cache); null disables the cache.
     num_workers: processes used to scan data in `data validate` (default: all cores).
+    max_image_side, max_image_aspect_ratio: an image with a longer side or a larger long/short side ratio is a
+        bad row (`image_too_large`), found from its header before decoding (`pad` makes a canvas of its side).
     """
 
     train: list[SourceConfig] = field(default_factory=list)
@@ -210,6 +212,8 @@ class DataConfig:
     packing_length: int | None = None
     cache_dir: str | None = "auto"
     num_workers: int | None = None
+    max_image_side: int = 10000
+    max_image_aspect_ratio: float = 50.0
 
     def __post_init__(self) -> None:
         self.train = [s if isinstance(s, SourceConfig) else build(SourceConfig, s, "data.train[]") for s in self.train]
@@ -223,6 +227,8 @@ class DataConfig:
             raise ConfigError(f"data.model_max_length must be > 0, got {self.model_max_length}")
         if self.packing_length is not None and self.packing_length <= 0:
             raise ConfigError(f"data.packing_length must be > 0, got {self.packing_length}")
+        if self.max_image_side <= 0 or self.max_image_aspect_ratio < 1:
+            raise ConfigError("data.max_image_side must be > 0 and data.max_image_aspect_ratio >= 1")
 
 
 @dataclass

@@ -104,3 +104,55 @@ def test_validate_and_inspect_refuse_linked_images(
     inspect_samples(cfg, parts, indices=[0, 1], out=out, images_dir=str(dump))
     assert "# sample 1 (train.jsonl row 1, id 'file'): BAD image_symlink_escapes" in out.getvalue()
     assert sorted(os.listdir(dump)) == ["sample0_image0.png"]  # nothing of the private folder is copied out
+
+
+def _broken_files(root: Path) -> dict[str, bytes]:
+    """A truncated JPEG, a PNG whose deflate stream is garbage under valid CRCs, a 20000x1 PNG and an EPS."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    png = _png((16, 16))
+    # Rewrite the IDAT chunk with junk data and a correct CRC: the header and every CRC are valid.
+    at = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[at : at + 4])
+    junk = b"\x78\x9c" + bytes(range(7, 7 + length - 2))
+    idat = struct.pack(">I", len(junk)) + b"IDAT" + junk + struct.pack(">I", zlib.crc32(b"IDAT" + junk))
+    garbled = png[:at] + idat + png[at + 12 + length :]
+    wide = io.BytesIO()
+    Image.new("L", (20000, 1)).save(wide, "PNG")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+    files = {"cut.jpg": jpeg[: len(jpeg) // 2], "garbled.png": garbled, "wide.png": wide.getvalue(), "x.eps": eps}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return files
+
+
+def test_validate_decodes_images_and_bounds_their_size_and_format(tmp_path: Path, llama_tokenizer: Any) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(_png())
+    files = _broken_files(images)
+    rows = [{"id": "ok", "image": "ok.png", "conversations": _conv()}]
+    rows += [{"id": name, "image": name, "conversations": _conv()} for name in files]
+    rows.append({"id": "embedded", "image": {"bytes": None, "path": "cut.jpg"}, "conversations": _conv()})
+    cfg = _cfg(tmp_path, rows, images)
+    report = validate(cfg, make_parts(llama_tokenizer, 4, 512, "plain"), num_workers=1)
+    assert [(b["id"], b["reason"]) for b in report["bad_rows"]] == [
+        ("cut.jpg", "corrupt_image"),
+        ("garbled.png", "corrupt_image"),
+        ("wide.png", "image_too_large"),
+        ("x.eps", "image_format"),
+        ("embedded", "corrupt_image"),
+    ]
+    details = {b["id"]: b["detail"] for b in report["bad_rows"]}
+    assert "image file is truncated" in details["cut.jpg"]
+    assert details["wide.png"] == f"{images / 'wide.png'} is 20000x1: a side over 10000"
+    assert details["x.eps"] == f"{images / 'x.eps'} is EPS; allowed: JPEG, MPO, PNG, WEBP, BMP, GIF, TIFF"
+    # The bounds are configurable (and part of the scan's cache key).
+    cfg.data.max_image_side, cfg.data.max_image_aspect_ratio = 30000, 1.0
+    report = validate(cfg, make_parts(llama_tokenizer, 4, 512, "plain"), num_workers=1)
+    wide = next(b for b in report["bad_rows"] if b["id"] == "wide.png")
+    assert wide["detail"] == f"{images / 'wide.png'} is 20000x1: aspect ratio over 1"

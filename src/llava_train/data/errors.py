@@ -42,7 +42,10 @@ class BadSampleError(ValueError):
     """A bad row met with `on_bad_sample: error`: the message names the source, row, id and reason."""
 
     def __init__(self, source: str, row: int | None = None, sample_id: Any = None, reason: str = "", detail: str = ""):
-        # A single argument is a finished message: DataLoader workers re-raise exceptions as exc_type(message).
+        # A single argument is a finished message: DataLoader workers re-raise exceptions as exc_type(message),
+        # the message holding the worker's traceback: its last line is the original message (one line to print).
         message = source if row is None else f"bad sample in {source} row {row} (id {sample_id!r}): {reason}: {detail}"
+        if row is None and message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
         super().__init__(message)
         self.source, self.row, self.sample_id, self.reason, self.detail = source, row, sample_id, reason, detail

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from llava_train.data.errors import BAD_REASONS, BadSample
-from llava_train.data.images import ImageRef, image_ref, load_image, verify_image, video_frame_paths
+from llava_train.data.images import ImageLimits, ImageRef, image_ref, load_image, verify_image, video_frame_paths
 from llava_train.data.rows import SourceRows
 from llava_train.data.templates import Template
 from llava_train.data.tokenize import TokenizedSample, tokenize_conversation
@@ -39,6 +39,7 @@ class SampleContext:
 
     geometry: `model.vision.ImageGeometry` (tokens per image from its size; video tokens).
     video_token_id / video_frames: OneVision's video placeholder and frames per video (None / unused otherwise).
+    image_limits: the bounds on image sides and aspect ratio (`data.max_image_side` / `max_image_aspect_ratio`).
     """
 
     tokenizer: Any
@@ -49,6 +50,7 @@ class SampleContext:
     image_folder: str | None = None
     video_token_id: int | None = None
     video_frames: int = 32
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
 
 def image_refs(record: dict[str, Any], image_folder: str | None) -> list[ImageRef]:
@@ -85,8 +87,8 @@ def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, 
     """Normalise + tokenize a record with its exact image / video token counts; BadSample on any problem.
 
     io: how much image I/O: `auto` reads image headers only when the geometry needs sizes (anyres),
-    `verify` reads every header and PIL-verifies every image and sampled frame (the scan), `load`
-    decodes them (training; the counts then come from the decoded images).
+    `verify` reads every header and decodes every image and sampled frame in full (the scan), `load`
+    decodes them and keeps them (training; the counts then come from the decoded images).
     """
     paths = image_refs(record, ctx.image_folder)
     video = record_video(record)
@@ -107,15 +109,15 @@ def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, 
     loaded_frames: list[Any] = []
     sizes: list[tuple[int, int]] = []
     if io == "load":
-        images = [load_image(p) for p in paths]
-        loaded_frames = [load_image(p) for p in frames]
+        images = [load_image(p, ctx.image_limits) for p in paths]
+        loaded_frames = [load_image(p, ctx.image_limits) for p in frames]
         sizes = [(img.height, img.width) for img in images]
     elif io == "verify":
-        sizes = [verify_image(p) for p in paths]
+        sizes = [verify_image(p, True, ctx.image_limits) for p in paths]
         for p in frames:
-            verify_image(p)
+            verify_image(p, True, ctx.image_limits)
     elif ctx.geometry.size_dependent:
-        sizes = [verify_image(p, verify=False) for p in paths]
+        sizes = [verify_image(p, False, ctx.image_limits) for p in paths]
     geometry = ctx.geometry
     if geometry.size_dependent:
         image_tokens: int | list[int] = [geometry.image_tokens(h, w, len(paths)) for h, w in sizes]

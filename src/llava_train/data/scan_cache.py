@@ -74,6 +74,7 @@ def scan_key(src: SourceConfig, shard_fingerprint: str, ctx: SampleContext, chec
         ctx.video_frames,
         ctx.max_length,
         check_images,
+        repr(ctx.image_limits),
     ]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
