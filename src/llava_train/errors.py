@@ -11,6 +11,9 @@ from __future__ import annotations
 # `train.resume_from_checkpoint=auto`; 4 = a non-finite loss or gradients stopped the run (one line
 # naming the step, its samples and the last complete checkpoint).
 EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_NONFINITE = 0, 1, 2, 3, 4
+# `data validate`: 0 = every row is good; 1 = it ran and found bad rows (the report lists each); 2 = it could not
+# run (no report): a one-line error for a config or file problem, a traceback for anything unexpected.
+EXIT_BAD_ROWS, EXIT_COULD_NOT_RUN = 1, 2
 
 
 class InitFromError(ValueError):
@@ -24,11 +27,12 @@ class RemoteCodeError(ValueError):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
     from llava_train.config_io import ConfigError
-    from llava_train.data.errors import BadSampleError
+    from llava_train.data.errors import BadSampleError, DataFileError
 
     errors: tuple[type[BaseException], ...] = (
         ConfigError,
         BadSampleError,
+        DataFileError,
         FileNotFoundError,
         InitFromError,
         RemoteCodeError,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from llava_train.config import DataConfig, SourceConfig
-from llava_train.data.errors import BadSample, BadSampleError
+from llava_train.data.errors import BadSample, BadSampleError, DataFileError
 from llava_train.data.images import ImageLimits, preprocess_anyres, preprocess_images, preprocess_video
 from llava_train.data.report import format_source_line, source_report
 from llava_train.data.rows import SourceRows, open_source
@@ -236,6 +236,8 @@ def build_dataset(
         reports.append(report)
         item_source.append(np.full(len(rows), k, dtype=np.int32))
         item_row.append(rows.astype(np.int64))
+    if sum(len(rows) for rows in item_row) == 0:
+        raise DataFileError(f"data.{split}: no usable row (every row of its sources is bad; see `data validate`)")
     return LlavaDataset(
         list(sources),
         stores,

@@ -49,3 +49,7 @@ class BadSampleError(ValueError):
             message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
         super().__init__(message)
         self.source, self.row, self.sample_id, self.reason, self.detail = source, row, sample_id, reason, detail
+
+
+class DataFileError(ValueError):
+    """A shard (or a whole source) that cannot be read at all: one line naming the file and what to do (exit 2)."""

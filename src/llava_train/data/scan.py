@@ -13,7 +13,7 @@ import numpy as np
 
 from llava_train.data.errors import BAD_REASONS, BadSample
 from llava_train.data.images import ImageLimits, ImageRef, image_ref, load_image, verify_image, video_frame_paths
-from llava_train.data.rows import SourceRows
+from llava_train.data.rows import JsonRows, SourceRows
 from llava_train.data.templates import Template
 from llava_train.data.tokenize import TokenizedSample, tokenize_conversation
 from llava_train.llava_format import normalize_conversation, record_images, record_video
@@ -225,8 +225,8 @@ def worker_init() -> None:
 
 
 def _in_memory(store: SourceRows) -> bool:
-    buf = getattr(store.shards[0], "buf", None) if len(store.shards) == 1 else None
-    return buf is not None and not isinstance(buf, np.memmap)
+    shard = store.shards[0] if len(store.shards) == 1 else None
+    return isinstance(shard, JsonRows) and shard.folder is None
 
 
 def scan_source(

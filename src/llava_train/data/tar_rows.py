@@ -34,6 +34,16 @@ def _number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _checksum_ok(header: bytes) -> bool:
+    """A tar header's checksum: the sum of its bytes with the checksum field read as spaces (signed or unsigned)."""
+    try:
+        stored = _number(header[148:156])
+    except ValueError:
+        return False
+    blanked = header[:148] + b" " * 8 + header[156:]
+    return stored in (sum(blanked), sum(b - 256 if b > 127 else b for b in blanked))
+
+
 def iter_members(path: str) -> Any:
     """(name, data offset, size) of every regular file of an uncompressed tar, read header by header (ustar
     prefix, PAX `path`/`size` records and GNU long names honoured); ~20x faster than `tarfile` and O(1) memory."""
@@ -42,10 +52,14 @@ def iter_members(path: str) -> Any:
         while True:
             f.seek(pos)
             header = f.read(BLOCK)
-            if len(header) < BLOCK or header == b"\0" * BLOCK:
+            if not header or header == b"\0" * BLOCK:
                 return
             if pos == 0 and header[:2] == b"\x1f\x8b":
                 raise ValueError(f"{path} is gzip-compressed: webdataset shards must be plain .tar files")
+            if len(header) < BLOCK:
+                raise ValueError(f"{path} ends inside the tar header at byte {pos}: the file is cut")
+            if not _checksum_ok(header):
+                raise ValueError(f"the block at byte {pos} of {path} is not a tar header (wrong checksum)")
             size, kind = _number(header[124:136]), header[156:157]
             data = pos + BLOCK
             if kind == b"x":  # PAX header of the next member
@@ -158,6 +172,9 @@ class TarRows:
 
     def __len__(self) -> int:
         return self._length
+
+    def close(self) -> None:
+        """Nothing to let go: every read opens and closes the tar."""
 
     def _read(self, offset: int, size: int) -> bytes:
         with open(self.path, "rb") as f:
