@@ -111,3 +111,18 @@ def test_validate_exit_codes_bad_rows_1_could_not_run_2(
     monkeypatch.setattr(validate_mod, "cached_scan", crash)
     assert main(["data", "validate", str(config), "--workers", "1"]) == 2
     assert "RuntimeError: a bug" in capsys.readouterr().err
+
+
+def test_bom_prefixed_and_single_object_json_read_right(tmp_path: Path) -> None:
+    rows = [ROW, {**ROW, "id": "b"}]
+    cases = {
+        "bom.json": b"\xef\xbb\xbf" + json.dumps(rows, indent=2).encode(),
+        "bom.jsonl": b"\xef\xbb\xbf" + b"\n".join(json.dumps(r).encode() for r in rows),
+        "one.json": json.dumps(ROW, indent=2).encode(),
+        "lines.json": b"\n".join(json.dumps(r).encode() for r in rows),  # JSONL named .json
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        source = open_source(SourceConfig(str(tmp_path / name)))
+        ids = [source.get(i)["id"] for i in range(len(source))]
+        assert ids == (["a"] if name == "one.json" else ["a", "b"]), name

@@ -104,9 +104,15 @@ def fingerprint_path(path: Path) -> str:
 def _read_json_rows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parse a LLaVA JSON list or a JSONL file into (buffer, offsets, line numbers)."""
     data = path.read_bytes()
+    if data.startswith(UTF8_BOM):  # written by Windows tools; json reads it as garbage before the first row
+        data = data[len(UTF8_BOM) :]
     head = data.lstrip()[:1]
     chunks: list[bytes] = []
     lines: list[int] = []
+    if path.suffix == ".json" and head == b"{":
+        single = _single_object(data)
+        if single is not None:  # a .json holding one record, not JSONL
+            return _arrays([single], [0])
     if path.suffix != ".jsonl" and head == b"[":
         try:
             rows = json.loads(data)
@@ -130,10 +136,24 @@ def _read_json_rows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             if line.strip():
                 chunks.append(line.strip())
                 lines.append(lineno)
+    return _arrays(chunks, lines)
+
+
+def _arrays(chunks: list[bytes], lines: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
     buf = np.frombuffer(b"".join(chunks), dtype=np.uint8)
     return buf, offsets, np.asarray(lines, dtype=np.int64)
+
+
+def _single_object(data: bytes) -> bytes | None:
+    """The bytes of a file holding exactly one JSON object, else None (JSONL: "Extra data" after the first line,
+    found without reading further)."""
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return data.strip() if isinstance(record, dict) else None
 
 
 _JSON_SYNTAX = re.compile(rb'[\\"\[\]{},]')
@@ -188,6 +208,8 @@ def _json_rows(path: Path, cache_dir: str | None) -> JsonRows:
     return JsonRows(None, str(path), str(folder))
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+COMPRESSED_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zip", ".7z")
 SHARD_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".tar")
 HF_DISK_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 Shard = JsonRows | ArrowRows | TarRows
@@ -197,6 +219,15 @@ def _is_hf_disk(path: Path) -> bool:
     return path.is_dir() and any((path / n).exists() for n in HF_DISK_FILES)
 
 
+def _refuse_compressed(path: str, compressed: list[str]) -> None:
+    """Compressed files of a source are never skipped silently (their rows would vanish): DataFileError."""
+    if compressed:
+        more = f" and {len(compressed) - 3} more" if len(compressed) > 3 else ""
+        raise DataFileError(
+            f"{path} holds compressed shards ({', '.join(compressed[:3])}{more}): decompress them, or move them out"
+        )
+
+
 def shard_paths(path: str) -> list[Path]:
     """The shard files of a source path: the file itself, a save_to_disk folder (one shard), every
     .json/.jsonl/.parquet/.arrow/.tar file below a folder, or a glob's matches, sorted by path.
@@ -204,6 +235,7 @@ def shard_paths(path: str) -> list[Path]:
     p = Path(path)
     if any(c in path for c in "*?["):
         matches = sorted(Path(m) for m in glob.glob(path, recursive=True))
+        _refuse_compressed(path, [str(m) for m in matches if m.name.lower().endswith(COMPRESSED_SUFFIXES)])
         files = [m for m in matches if (m.is_file() and m.suffix in SHARD_SUFFIXES) or _is_hf_disk(m)]
         if not files:
             raise FileNotFoundError(f"no {'/'.join(SHARD_SUFFIXES)} shards match {path}")
@@ -212,6 +244,7 @@ def shard_paths(path: str) -> list[Path]:
         raise FileNotFoundError(f"data source not found: {path}")
     if p.is_file() or _is_hf_disk(p):
         return [p]
+    _refuse_compressed(path, sorted(str(f) for f in p.rglob("*") if f.name.lower().endswith(COMPRESSED_SUFFIXES)))
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SHARD_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no {'/'.join(SHARD_SUFFIXES)} shards (and no save_to_disk dataset) in {path}")
@@ -219,7 +252,10 @@ def shard_paths(path: str) -> list[Path]:
 
 
 def open_shard(path: Path, split: str, cache_dir: str | None) -> Shard:
-    """One shard file (or save_to_disk folder) as a row store, by its suffix."""
+    """One shard file (or save_to_disk folder) as a row store, by its suffix; a compressed file is DataFileError
+    (it would read as garbage JSON lines)."""
+    if path.name.lower().endswith(COMPRESSED_SUFFIXES):
+        raise DataFileError(f"{path} is compressed: decompress it (tar shards must be plain .tar files)")
     if _is_hf_disk(path):
         return ArrowRows(str(path), "hf_disk", split)
     if path.suffix == ".parquet":

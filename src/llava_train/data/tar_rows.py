@@ -22,7 +22,13 @@ from llava_train.data.images import ImageRef
 
 KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext rule
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
-INDEX_VERSION = 2
+INDEX_VERSION = 3
+# Why a sample of a tar is not one clean sample (index "problem" codes; 0 = none): never dropped silently.
+TAR_PROBLEMS = {
+    1: "holds the same member name twice (one would silently replace the other)",
+    2: "holds two members whose names differ only by case (e.png and e.PNG)",
+    3: "has the key of an earlier, separate sample of the shard (webdataset would merge or drop one)",
+}
 BLOCK = 512
 
 
@@ -102,6 +108,10 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
     image_ptr, image_offset, image_size = [0], [], []
     current: str | None = None
     fields: dict[str, tuple[int, int]] = {}
+    exts: set[str] = set()
+    seen: set[str] = set()
+    problems: list[int] = []
+    problem = 0
 
     def flush() -> None:
         if current is None:
@@ -109,6 +119,8 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
         j, t = fields.get("json", (-1, -1)), fields.get("txt", (-1, -1))
         keys.append(current)
         meta.append((*j, *t))
+        problems.append(3 if current in seen and not problem else problem)
+        seen.add(current)
         images = sorted((f for f in fields if f.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), key=_image_order)
         for f in images:
             image_offset.append(fields[f][0])
@@ -119,11 +131,14 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
         match = KEY_RE.match(name)
         if match is None:  # no extension: not part of a sample (webdataset skips these too)
             continue
-        key, ext = match.group(1), match.group(2).lower()
+        key, ext = match.group(1), match.group(2)
         if key != current:
             flush()
-            current, fields = key, {}
-        fields[ext] = (offset, size)
+            current, fields, exts, problem = key, {}, set(), 0
+        if ext.lower() in fields:
+            problem = problem or (1 if ext in exts else 2)
+        exts.add(ext)
+        fields[ext.lower()] = (offset, size)
     flush()
     table = np.asarray(meta, dtype=np.int64).reshape(-1, 4)
     return {
@@ -133,6 +148,7 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
         "image_ptr": np.asarray(image_ptr, dtype=np.int64),
         "image_offset": np.asarray(image_offset, dtype=np.int64),
         "image_size": np.asarray(image_size, dtype=np.int64),
+        "problem": np.asarray(problems, dtype=np.int8),
     }
 
 
@@ -184,6 +200,8 @@ class TarRows:
         """Sample i as a record (see the class doc); BadSample(malformed_json) without a JSON or text member."""
         index = self._arrays()
         key = bytes(index["keys"][i]).decode("utf-8", "surrogateescape")
+        if int(index["problem"][i]):
+            raise BadSample("tar_member", f"{self.path} sample {key} {TAR_PROBLEMS[int(index['problem'][i])]}")
         (j_off, j_len), (t_off, t_len) = index["json"][i], index["txt"][i]
         s, e = int(index["image_ptr"][i]), int(index["image_ptr"][i + 1])
         images = [
