@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from llava_train.data.errors import BadSample
+from llava_train.data.errors import BadSample, BadSampleError
 from llava_train.data.images import image_ref, load_image
 from llava_train.llava_format import (
     DATA_IMAGE_TAG,
@@ -206,8 +206,8 @@ def record_request(
         if n_tags != len(raw):
             raise BadSample("image_count_mismatch", f"{n_tags} <image> tags but {len(raw)} image paths")
         images = [load_image(image_ref(v, str(image_folder or "."), f"image {k}")) for k, v in enumerate(raw)]
-    except BadSample as e:
-        raise ValueError(f"record {rid!r}: {e}") from e
+    except BadSample as e:  # a user error (one line, exit 2): the data is the user's to fix
+        raise BadSampleError(f"record {rid!r}: {e}") from e
     return Request(to_messages(turns[:-1], image_token), images), turns[-1].text
 
 
