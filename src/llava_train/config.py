@@ -184,8 +184,8 @@ class DataConfig:
         images or a list of frame files); each video is exactly this many frames (shorter ones repeat
         frames), since transformers encodes a batch's videos as one [B, F, 3, S, S] tensor.
     model_max_length: longest sample in tokens, image tokens included.
-    on_bad_sample: `error` stops at the first bad row (with its source and row); `skip` counts and
-        logs each skipped row by reason.
+    on_bad_sample: `error` stops at the first bad row (with its source and row); `skip` counts and logs each
+        skipped row by reason, and replaces a row failing at load time (the run stops past 100 per process).
     group_by_modality_length: LLaVA's sampler: every optimizer step holds one modality, samples of
         similar exact length grouped together.
     packing: pack several samples into each row (block-diagonal attention, exact labels).
