@@ -16,7 +16,7 @@ from llava_train.data import dataset as dataset_mod
 from llava_train.data import scan as scan_mod
 from llava_train.data.collator import PaddingCollator
 from llava_train.data.dataset import build_dataset, mixture_rows
-from llava_train.data.errors import BadSample, BadSampleError
+from llava_train.data.errors import BadSample, BadSampleError, DataFileError
 from llava_train.data.images import expand2square, load_image, mean_color, preprocess_images, resolve_image_path
 from llava_train.data.rows import open_source
 from llava_train.data.templates import get_template
@@ -301,3 +301,11 @@ def test_skip_replaces_a_row_that_fails_at_load_time(
         next(iter(loader))
     assert str(e.value).startswith("bad sample in two.json row 0 (id 'x1'): corrupt_image: ")
     assert "\n" not in str(e.value)
+
+
+def test_no_usable_row_is_one_line_not_an_empty_run(data_dir: Path, llama_tokenizer: Any, clip_image_processor: Any):
+    src = SourceConfig(
+        _write_json(data_dir / "all_bad.json", [BAD_ROWS[0][0], BAD_ROWS[1][0]]), image_folder=str(data_dir)
+    )
+    with pytest.raises(DataFileError, match=r"^data.train: no usable row \(every row of its sources is bad"):
+        _build(_cfg([src], on_bad_sample="skip"), llama_tokenizer, clip_image_processor)

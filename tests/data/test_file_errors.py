@@ -126,3 +126,34 @@ def test_bom_prefixed_and_single_object_json_read_right(tmp_path: Path) -> None:
         source = open_source(SourceConfig(str(tmp_path / name)))
         ids = [source.get(i)["id"] for i in range(len(source))]
         assert ids == (["a"] if name == "one.json" else ["a", "b"]), name
+
+
+def test_a_corrupt_parquet_row_group_reports_its_rows(tmp_path: Path, llama_tokenizer: Any) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llava_train.config import DataConfig, ModelConfig, RunConfig
+    from llava_train.data.validate import validate
+    from tiny_models import make_parts
+
+    ids = [f"r{i}" for i in range(6)]
+    table = pa.table({"id": ids, "conversations": [ROW["conversations"]] * 6})
+    path = tmp_path / "groups.parquet"
+    pq.write_table(table, path, row_group_size=3, compression="none", use_dictionary=False)
+    meta = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start = meta.data_page_offset
+    data[start : start + meta.total_compressed_size] = b"\xff" * meta.total_compressed_size
+    path.write_bytes(bytes(data))
+    cfg = RunConfig(
+        stage="pretrain",
+        model=ModelConfig(),
+        data=DataConfig(train=[SourceConfig(str(path))], template="plain", model_max_length=64, cache_dir=None),
+    )
+    report = validate(cfg, make_parts(llama_tokenizer, 4, 512, "plain"), num_workers=1)
+    assert [(b["row"], b["reason"]) for b in report["bad_rows"]] == [
+        (3, "row_error"),
+        (4, "row_error"),
+        (5, "row_error"),
+    ]
+    assert report["sources"][0]["good"] == 3
