@@ -151,6 +151,10 @@ def test_validate_decodes_images_and_bounds_their_size_and_format(tmp_path: Path
     assert "image file is truncated" in details["cut.jpg"]
     assert details["wide.png"] == f"{images / 'wide.png'} is 20000x1: a side over 10000"
     assert details["x.eps"] == f"{images / 'x.eps'} is EPS; allowed: JPEG, MPO, PNG, WEBP, BMP, GIF, TIFF"
+    out = io.StringIO()
+    inspect_samples(cfg, make_parts(llama_tokenizer, 4, 512, "plain"), [4], out=out, images_dir=str(tmp_path / "d"))
+    assert f"# images of sample 4: BAD image_format: {images / 'x.eps'} is EPS" in out.getvalue()
+    assert not (tmp_path / "d").exists() or os.listdir(tmp_path / "d") == []
     # The bounds are configurable (and part of the scan's cache key).
     cfg.data.max_image_side, cfg.data.max_image_aspect_ratio = 30000, 1.0
     report = validate(cfg, make_parts(llama_tokenizer, 4, 512, "plain"), num_workers=1)

@@ -244,8 +244,11 @@ def inspect_samples(
                     if images_dir is not None and done.paths:
                         Path(images_dir).mkdir(parents=True, exist_ok=True)
                         stem = Path(images_dir) / f"sample{index}_image"
-                        written_images = [save_image(ref, f"{stem}{k}") for k, ref in enumerate(done.paths)]
-                        stream.write(f"# images of sample {index}: {', '.join(written_images)}\n")
+                        try:
+                            written_images = [save_image(ref, f"{stem}{k}") for k, ref in enumerate(done.paths)]
+                            stream.write(f"# images of sample {index}: {', '.join(written_images)}\n")
+                        except BadSample as e:  # not opened by the labels view: a disallowed format, say
+                            stream.write(f"# images of sample {index}: BAD {e}\n")
                 if sink is not None:
                     line = {
                         "id": sample_id,
