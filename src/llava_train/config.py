@@ -175,11 +175,10 @@ class DataConfig:
     template: conversation template (see `llava_train.data.templates`); null = the stage's own
         (`plain` for pretrain, `vicuna_v1` for finetune, as LLaVA-1.5).
     system_prompt: override the template's system prompt (null = the template's own).
-    image_aspect_ratio: model.arch llava: `pad` to a square with the processor mean colour (LLaVA-1.5),
-        `resize` (squash), or `crop` (the processor's own resize + centre crop); llava_next: `anyres`
-        (base crop + the best pinpoint grid, unpadded, one newline per row); llava_onevision:
-        `anyres_max_N` (anyres, then the grid downsampled to about N crops' worth of tokens). null =
-        the arch's own (pad / anyres / anyres_max_9).
+    image_aspect_ratio: model.arch llava: `pad` to a square with the processor mean colour (LLaVA-1.5), `resize`
+        (squash), or `crop` (the processor's own resize + centre crop); llava_next: `anyres` (base crop + the best
+        pinpoint grid, unpadded, one newline per row); llava_onevision: `anyres_max_N` (anyres, then the grid
+        downsampled to about N crops' worth of tokens). null = the arch's own (pad / anyres / anyres_max_9).
     video_frames: frames sampled uniformly from every video (OneVision `video` rows: a folder of frame
         images or a list of frame files); each video is exactly this many frames (shorter ones repeat
         frames), since transformers encodes a batch's videos as one [B, F, 3, S, S] tensor.
@@ -190,10 +189,9 @@ class DataConfig:
         similar exact length grouped together.
     packing: pack several samples into each row (block-diagonal attention, exact labels).
     packing_length: tokens per packed row (default: model_max_length).
-    cache_dir: where the scan (exact per-sample lengths, bad rows) and JSON row buffers are cached;
-        `auto` = `<output_dir>/../.cache` (./.cache without an output folder), shared by `data
-        validate`, training and every rank (on a multi-GPU launch one process per node scans, the
-        others read its cache); null disables the cache.
+    cache_dir: where the scan (exact per-sample lengths, bad rows) and JSON row buffers are cached; `auto` =
+        `<output_dir>/../.cache` (./.cache without an output folder), shared by `data validate`, training and every
+        rank (on a multi-GPU launch one process per node scans, the others read its cache); null disables the cache.
     num_workers: processes used to scan data in `data validate` (default: all cores).
     max_image_side, max_image_aspect_ratio: an image with a longer side or a larger long/short side ratio is a
         bad row (`image_too_large`), found from its header before decoding (`pad` makes a canvas of its side).
