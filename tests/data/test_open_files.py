@@ -1,4 +1,4 @@
-"""Shards are opened on use and closed: more shards than `ulimit -n` allows open files validate and load."""
+"""Shards are opened on use and closed: more shards than `ulimit -n` allows open files validate, load and train."""
 
 from __future__ import annotations
 
@@ -15,26 +15,31 @@ SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-    from llava_train.config import DataConfig, ModelConfig, RunConfig, SourceConfig
+    from llava_train.components import load_components
+    from llava_train.config import from_dict
     from llava_train.data.dataset import build_dataset
-    from llava_train.data.tokenize import load_tokenizer
     from llava_train.data.validate import validate
-    from tiny_models import make_parts
+    from llava_train.train import run
+    from tiny_models import tiny_config
 
-    root, tok = sys.argv[1], sys.argv[2]
-    sources = [SourceConfig(f"{root}/jsonl", name="jsonl"), SourceConfig(f"{root}/parquet", name="parquet")]
-    data = DataConfig(train=sources, template="plain", model_max_length=64, cache_dir=f"{root}/cache")
-    parts = make_parts(load_tokenizer(tok), 4, 512, "plain")
-    cfg = RunConfig(stage="pretrain", model=ModelConfig(), data=data)
+    root = sys.argv[1]
+    ws = {"lm": f"{root}/lm", "vision": f"{root}/vision", "pretrain": "", "images": root}
+    raw = tiny_config(ws, "pretrain", f"{root}/run", max_steps=2, save_strategy="no")
+    raw["data"]["train"] = [{"path": f"{root}/{kind}", "name": kind} for kind in ("jsonl", "parquet")]
+    raw["data"]["cache_dir"] = f"{root}/cache"
+    cfg = from_dict(raw)
+    parts = load_components(cfg, weights=False)
     reports = [validate(cfg, parts, num_workers=1) for _ in range(2)]  # the second reads every cache
-    ds = build_dataset(data, parts, cache_dir=f"{root}/cache")
+    ds = build_dataset(cfg.data, parts, cache_dir=f"{root}/cache")
     ids = [ds[i]["id"] for i in range(0, len(ds), 97)]
-    print(json.dumps({"rows": [r["total_rows"] for r in reports], "bad": reports[0]["total_bad"], "ids": ids}))
+    result = run(cfg)
+    rows = [r["total_rows"] for r in reports]
+    print(json.dumps({"rows": rows, "bad": reports[0]["total_bad"], "ids": ids, "trained": bool(result)}))
     """
 )
 
 
-def test_more_shards_than_open_files_validate_and_load(tmp_path: Path, llama_tokenizer_dir: str) -> None:
+def test_more_shards_than_open_files_validate_load_and_train(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -48,7 +53,7 @@ def test_more_shards_than_open_files_validate_and_load(tmp_path: Path, llama_tok
     tests = Path(__file__).parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), llama_tokenizer_dir],
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
@@ -56,5 +61,6 @@ def test_more_shards_than_open_files_validate_and_load(tmp_path: Path, llama_tok
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["rows"] == [2 * N_SHARDS, 2 * N_SHARDS] and out["bad"] == 0
+    assert out["rows"] == [2 * N_SHARDS, 2 * N_SHARDS] and out["bad"] == 0 and out["trained"]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
     assert out["ids"] == [f"j{i}" if i < N_SHARDS else f"p{i - N_SHARDS}" for i in range(0, 2 * N_SHARDS, 97)]
