@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,21 @@ def test_invalid_values_and_missing_file(tmp_path: Path) -> None:
         from_dict({"lora": {"enabled": True}})
     with pytest.raises(ConfigError, match="train.output_dir is required"):
         _ = from_dict({}).output_dir
+
+
+def test_yaml_alias_bomb_is_refused_in_under_a_second(tmp_path: Path) -> None:
+    # The "billion laughs": 9 levels of 9 aliases, ~1 KB, 9**9 strings once copied out.
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 9)}]" for k in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("train:\n  " + "\n  ".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"YAML alias \\*a0 at line 3 of {bomb}: aliases are not allowed"):
+        load_config(bomb)
+    with pytest.raises(ConfigError, match="YAML alias \\*x at line 1 of <override>"):
+        parse_override("train.x=[&x [1], *x]")
+    assert time.perf_counter() - start < 1.0
+    assert load_config(None, ["train.x=[&x 1]"]).train["x"] == [1]  # an anchor alone is harmless
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:

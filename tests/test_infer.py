@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from llava_train import infer
+from llava_train.data.errors import BadSampleError
 from llava_train.infer import GenerationOptions, Request
 
 VICUNA_SYSTEM = (
@@ -108,6 +109,13 @@ def test_record_request_errors(image_folder: Path) -> None:
             infer.record_request({**_record("e", "Q", "A"), "image": bad}, image_folder)
     with pytest.raises(ValueError, match=r"record 'm': missing_image: image file not found"):
         infer.record_request({**_record("m", "Q", "A"), "image": "nope.png"}, image_folder)
+    # A link leading out of the image folder is refused as a one-line user error (exit 2), never opened.
+    outside = image_folder.parent / f"{image_folder.name}_private.png"
+    outside.write_bytes((image_folder / "b.png").read_bytes())
+    (image_folder / "link.png").symlink_to(outside)
+    with pytest.raises(BadSampleError, match=r"^record 'l': image_symlink_escapes: image path 'link.png' is a link"):
+        infer.record_request({**_record("l", "Q", "A"), "image": "link.png"}, image_folder)
+    (image_folder / "link.png").unlink()
     # A tagless image row gets its image in front of the first turn (as the original LLaVA does).
     req, _ = infer.record_request({"id": "z", "image": "b.png", **_record("z", "Q", "A", image=None)}, image_folder)
     assert req.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Q"}]

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from llava_train.archs import ARCHS
@@ -40,9 +41,17 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_data_validate(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_train.commands import run_validate
+    from llava_train.errors import EXIT_BAD_ROWS, EXIT_COULD_NOT_RUN, EXIT_OK, user_errors
 
-    report = run_validate(_load(args, extra), report_path=args.report, num_workers=args.workers)
-    return 1 if report["total_bad"] else 0
+    try:
+        report = run_validate(_load(args, extra), report_path=args.report, num_workers=args.workers)
+    except Exception as e:
+        if isinstance(e, user_errors()):
+            raise  # one line, exit 2 (main)
+        # Scripts must tell "bad rows found" (1) from "could not run": a bug's traceback still exits 2.
+        traceback.print_exc()
+        return EXIT_COULD_NOT_RUN
+    return EXIT_BAD_ROWS if report["total_bad"] else EXIT_OK
 
 
 def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
@@ -206,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check and look at training data").add_subparsers(
         dest="data_cmd", required=True
     )
-    p = data.add_parser("validate", help="scan every row of every source; exit 1 if any row is bad")
+    p = data.add_parser(
+        "validate", help="scan every row of every source; exit 1 if any row is bad, 2 if it could not run"
+    )
     _add_config_args(p)
     p.add_argument("--report", help="where to write the JSON report (default: <output_dir>/data_report.json)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

@@ -15,86 +15,23 @@ from typing import Any
 import yaml
 
 from llava_train.archs import ARCHS, DEFAULT_ASPECT_RATIO, check_aspect_ratio, check_pinpoints
-from llava_train.config_io import ConfigError, apply_overrides, build, describe, load_yaml
 
-TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "mistral", "chatml", "tokenizer")
+# The data section lives in config_data.py; its names stay importable from here (`X as X`: re-exported).
+from llava_train.config_data import TEMPLATES as TEMPLATES
+from llava_train.config_data import ColumnsConfig as ColumnsConfig
+from llava_train.config_data import DataConfig
+from llava_train.config_data import SourceConfig as SourceConfig
+from llava_train.config_io import ConfigError, apply_overrides, build, check_choice, describe, load_yaml
+
 FEATURE_SELECTS = ("patch", "cls_patch")
 TINY_PRESETS = ("tiny", "tiny_chatml")
 NAN_POLICIES = ("error", "skip")
 PROJECTORS = ("mlp2x_gelu",)
 DTYPES = ("bfloat16", "float16", "float32")
-ON_BAD_SAMPLE = ("error", "skip")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 # Files of a run folder that more than one module reads or writes.
 CONFIG_FILENAME = "llava_train_config.yaml"
 METRICS_FILENAME = "metrics.jsonl"
-
-
-def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
-
-
-@dataclass
-class ColumnsConfig:
-    """Which column (or JSON key) of a source holds each field of a LLaVA record; null = the first of the
-    usual names that the row has.
-
-    image: the image(s): a path or a list of paths (relative to `image_folder`), an HF `Image` column or a
-        list of them (embedded bytes). Usual names: image, images. Tar shards take their image members.
-    conversations: the conversation: `from`/`value` or `role`/`content` turns (string or typed content), or
-        the_cauldron's `[{user, assistant}]` pairs (its images go before the first turn); a JSON string
-        of those is decoded. Usual names: conversations, messages, texts, conversation.
-    id: the row id shown in reports (usual name: id; tar shards: the sample key).
-    video: OneVision's video (usual name: video).
-    """
-
-    image: str | None = None
-    conversations: str | None = None
-    id: str | None = None
-    video: str | None = None
-
-    def as_dict(self) -> dict[str, str | None]:
-        """field -> column name (None = the usual names)."""
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class SourceConfig:
-    """One training/eval data source.
-
-    path: a LLaVA JSON list or JSONL file, a parquet / arrow file, a webdataset `.tar` shard, a local HF
-        dataset folder (save_to_disk), a folder of shards (every .json/.jsonl/.parquet/.arrow/.tar file
-        below it, sorted by path) or a glob of shards (`data/train-*.parquet`). Each shard is scanned
-        and cached on its own: adding a shard scans only the new one.
-    image_folder: folder that `image` paths are relative to (paths may not escape it); embedded images
-        need none.
-    weight: mixture weight relative to the other sources (1.0 = use every row once per epoch;
-        0.5 = half of this source's rows per epoch, 2.0 = every row twice).
-    name: short name used in reports (default: the file name).
-    split: split to read from a save_to_disk DatasetDict.
-    columns: which columns hold the image(s), conversation, id and video (see ColumnsConfig).
-    """
-
-    path: str
-    image_folder: str | None = None
-    weight: float = 1.0
-    name: str | None = None
-    split: str = "train"
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("data source needs a non-empty `path`")
-        if self.weight <= 0:
-            raise ConfigError(f"data source {self.path}: weight must be > 0, got {self.weight}")
-        if isinstance(self.columns, dict):
-            self.columns = build(ColumnsConfig, self.columns, "columns")
-        for key, column in self.columns.as_dict().items():
-            if column is not None and (not isinstance(column, str) or not column):
-                raise ConfigError(f"data source {self.path}: columns.{key} must be a column name, got {column!r}")
-        if self.name is None:
-            self.name = Path(self.path).name
 
 
 @dataclass
@@ -156,78 +93,19 @@ class ModelConfig:
     video_token: str = "<video>"
 
     def __post_init__(self) -> None:
-        _choice("model.arch", self.arch, ARCHS)
+        check_choice("model.arch", self.arch, ARCHS)
         if self.image_grid_pinpoints is not None:
             self.image_grid_pinpoints = check_pinpoints(self.image_grid_pinpoints)
-        _choice("model.projector", self.projector, PROJECTORS)
-        _choice("model.vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
-        _choice("model.dtype", self.dtype, DTYPES)
-        _choice(
+        check_choice("model.projector", self.projector, PROJECTORS)
+        check_choice("model.vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
+        check_choice("model.dtype", self.dtype, DTYPES)
+        check_choice(
             "model.attn_implementation",
             self.attn_implementation,
             ("sdpa", "eager", "flex_attention", "flash_attention_2"),
         )
         if self.preset is not None:
-            _choice("model.preset", self.preset, TINY_PRESETS)
-
-
-@dataclass
-class DataConfig:
-    """Training data and how conversations become tokens.
-
-    train: one or more sources, mixed by weight.
-    eval: optional held-out sources (same format).
-    template: conversation template (see `llava_train.data.templates`); null = the stage's own
-        (`plain` for pretrain, `vicuna_v1` for finetune, as LLaVA-1.5).
-    system_prompt: override the template's system prompt (null = the template's own).
-    image_aspect_ratio: model.arch llava: `pad` to a square with the processor mean colour (LLaVA-1.5),
-        `resize` (squash), or `crop` (the processor's own resize + centre crop); llava_next: `anyres`
-        (base crop + the best pinpoint grid, unpadded, one newline per row); llava_onevision:
-        `anyres_max_N` (anyres, then the grid downsampled to about N crops' worth of tokens). null =
-        the arch's own (pad / anyres / anyres_max_9).
-    video_frames: frames sampled uniformly from every video (OneVision `video` rows: a folder of frame
-        images or a list of frame files); each video is exactly this many frames (shorter ones repeat
-        frames), since transformers encodes a batch's videos as one [B, F, 3, S, S] tensor.
-    model_max_length: longest sample in tokens, image tokens included.
-    on_bad_sample: `error` stops at the first bad row (with its source and row); `skip` counts and
-        logs each skipped row by reason.
-    group_by_modality_length: LLaVA's sampler: every optimizer step holds one modality, samples of
-        similar exact length grouped together.
-    packing: pack several samples into each row (block-diagonal attention, exact labels).
-    packing_length: tokens per packed row (default: model_max_length).
-    cache_dir: where the scan (exact per-sample lengths, bad rows) and JSON row buffers are cached;
-        `auto` = `<output_dir>/../.cache` (./.cache without an output folder), shared by `data
-        validate`, training and every rank (on a multi-GPU launch one process per node scans, the
-        others read its cache); null disables the cache.
-    num_workers: processes used to scan data in `data validate` (default: all cores).
-    """
-
-    train: list[SourceConfig] = field(default_factory=list)
-    eval: list[SourceConfig] = field(default_factory=list)
-    template: str | None = None
-    system_prompt: str | None = None
-    image_aspect_ratio: str | None = None
-    video_frames: int = 32
-    model_max_length: int = 2048
-    on_bad_sample: str = "error"
-    group_by_modality_length: bool = False
-    packing: bool = False
-    packing_length: int | None = None
-    cache_dir: str | None = "auto"
-    num_workers: int | None = None
-
-    def __post_init__(self) -> None:
-        self.train = [s if isinstance(s, SourceConfig) else build(SourceConfig, s, "data.train[]") for s in self.train]
-        self.eval = [s if isinstance(s, SourceConfig) else build(SourceConfig, s, "data.eval[]") for s in self.eval]
-        if self.template is not None:
-            _choice("data.template", self.template, TEMPLATES)
-        if self.video_frames <= 0:
-            raise ConfigError(f"data.video_frames must be > 0, got {self.video_frames}")
-        _choice("data.on_bad_sample", self.on_bad_sample, ON_BAD_SAMPLE)
-        if self.model_max_length <= 0:
-            raise ConfigError(f"data.model_max_length must be > 0, got {self.model_max_length}")
-        if self.packing_length is not None and self.packing_length <= 0:
-            raise ConfigError(f"data.packing_length must be > 0, got {self.packing_length}")
+            check_choice("model.preset", self.preset, TINY_PRESETS)
 
 
 @dataclass
@@ -262,7 +140,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.bits is not None:
-            _choice("lora.bits", self.bits, (4, 8))
+            check_choice("lora.bits", self.bits, (4, 8))
         if self.r <= 0:
             raise ConfigError(f"lora.r must be > 0, got {self.r}")
 
@@ -314,7 +192,7 @@ class PerfConfig:
         if self.loss_chunk_size <= 0:
             raise ConfigError(f"perf.loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         for name in self.sdpa_backends:
-            _choice("perf.sdpa_backends[]", name, SDPA_BACKENDS)
+            check_choice("perf.sdpa_backends[]", name, SDPA_BACKENDS)
 
 
 @dataclass
@@ -346,7 +224,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         from llava_train.stages import STAGES
 
-        _choice("stage", self.stage, tuple(STAGES))
+        check_choice("stage", self.stage, tuple(STAGES))
         spec = STAGES[self.stage]
         if not isinstance(self.train, dict):
             raise ConfigError(
@@ -360,7 +238,7 @@ class RunConfig:
         if self.data.image_aspect_ratio is None:
             self.data.image_aspect_ratio = DEFAULT_ASPECT_RATIO[self.model.arch]
         check_aspect_ratio(self.model.arch, self.data.image_aspect_ratio)
-        _choice("train.nan_policy", self.train.get("nan_policy", "error"), NAN_POLICIES)
+        check_choice("train.nan_policy", self.train.get("nan_policy", "error"), NAN_POLICIES)
         if not isinstance(self.train.get("export_hf", False), bool):
             raise ConfigError(f"train.export_hf must be true or false, got {self.train['export_hf']!r}")
         skips = self.train.get("max_skipped_steps", 10)

@@ -19,6 +19,36 @@ import yaml
 from llava_train.errors import ConfigError
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: a 1 KB "billion laughs" file of nested `*refs` expands to gigabytes once the
+    resolved config copies it out, and no recipe needs an alias."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(
+                f"YAML alias *{event.anchor} at line {event.start_mark.line + 1} of {self.name}: aliases are not "
+                "allowed in configs; write the value out"
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_load_no_alias(text: str, name: str = "<override>") -> Any:
+    """`yaml.safe_load` refusing aliases (ConfigError)."""
+    loader = _NoAliasLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """ConfigError naming the key and the valid values unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -109,7 +139,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = safe_load_no_alias(raw) if raw.strip() else ""
     if value == "None":  # a wandb sweep agent writes a null sweep value as Python's None
         value = None
     # YAML 1.1 reads 1e-3 as a string; sweeps pass exactly such values.
@@ -141,7 +171,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = safe_load_no_alias(p.read_text(), str(p)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

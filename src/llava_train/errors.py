@@ -11,6 +11,9 @@ from __future__ import annotations
 # `train.resume_from_checkpoint=auto`; 4 = a non-finite loss or gradients stopped the run (one line
 # naming the step, its samples and the last complete checkpoint).
 EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_NONFINITE = 0, 1, 2, 3, 4
+# `data validate`: 0 = every row is good; 1 = it ran and found bad rows (the report lists each); 2 = it could not
+# run (no report): a one-line error for a config or file problem, a traceback for anything unexpected.
+EXIT_BAD_ROWS, EXIT_COULD_NOT_RUN = 1, 2
 
 
 class ConfigError(ValueError):
@@ -25,15 +28,21 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint or final save could not be written (disk full); the message names the last complete one."""
 
 
+class RemoteCodeError(ValueError):
+    """A model folder asks to run its own Python code (`auto_map`): never done (no `trust_remote_code`)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
-    from llava_train.data.errors import BadSampleError  # import-free leaf; data errors live beside their reasons
+    from llava_train.data.errors import BadSampleError, DataFileError  # import-free leaf beside the reasons
 
     errors: tuple[type[BaseException], ...] = (
         ConfigError,
         BadSampleError,
+        DataFileError,
         FileNotFoundError,
         InitFromError,
+        RemoteCodeError,
         CheckpointWriteError,  # a disk-full save: the message says what is intact and how to resume
     )
     try:  # a model reference that is neither a local folder nor a valid / existing hub id

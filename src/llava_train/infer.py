@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from llava_train.data.errors import BadSample
+from llava_train.data.errors import BadSample, BadSampleError
 from llava_train.data.images import image_ref, load_image
 from llava_train.llava_format import (
     DATA_IMAGE_TAG,
@@ -95,10 +95,13 @@ def load(model_dir: str | Path, device: str | None = None, dtype: str | None = N
     from transformers import AutoModelForImageTextToText
 
     from llava_train.model.processor import load_saved_processor
+    from llava_train.model.remote_code import refuse_remote_code
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
+    refuse_remote_code(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=False)
+    model = model.to(device).eval()
     processor = load_saved_processor(model_dir, getattr(model.config, "model_type", ""))
     tok = processor.tokenizer
     tok.padding_side = "left"
@@ -203,8 +206,8 @@ def record_request(
         if n_tags != len(raw):
             raise BadSample("image_count_mismatch", f"{n_tags} <image> tags but {len(raw)} image paths")
         images = [load_image(image_ref(v, str(image_folder or "."), f"image {k}")) for k, v in enumerate(raw)]
-    except BadSample as e:
-        raise ValueError(f"record {rid!r}: {e}") from e
+    except BadSample as e:  # a user error (one line, exit 2): the data is the user's to fix
+        raise BadSampleError(f"record {rid!r}: {e}") from e
     return Request(to_messages(turns[:-1], image_token), images), turns[-1].text
 
 

@@ -16,7 +16,7 @@ from llava_train.data import dataset as dataset_mod
 from llava_train.data import scan as scan_mod
 from llava_train.data.collator import PaddingCollator
 from llava_train.data.dataset import build_dataset, mixture_rows
-from llava_train.data.errors import BadSample, BadSampleError
+from llava_train.data.errors import BadSample, BadSampleError, DataFileError
 from llava_train.data.images import expand2square, load_image, mean_color, preprocess_images, resolve_image_path
 from llava_train.data.rows import open_source
 from llava_train.data.templates import get_template
@@ -271,3 +271,41 @@ def test_custom_image_token_reads_llava_tags(data_dir: Path, llama_tokenizer_dir
     ds = build_dataset(_cfg([src]), make_parts(tok, NUM_TOKENS, img, "vicuna_v1", clip_image_processor, "<img>"))
     assert len(ds) == 4 and ds.skipped == {}
     assert [int((ds[i]["input_ids"] == img).sum()) for i in range(4)] == [16, 0, 32, 16]
+
+
+def test_skip_replaces_a_row_that_fails_at_load_time(
+    data_dir: Path,
+    llama_tokenizer: Any,
+    clip_image_processor: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("w1.png", "w2.png"):
+        (data_dir / "img" / name).write_bytes((data_dir / "img" / "wide.png").read_bytes())
+    rows = [{"id": f"x{k}", "image": f"img/w{k}.png", "conversations": _conv("<image>\nx", "y")} for k in (1, 2)]
+    src = SourceConfig(_write_json(data_dir / "two.json", rows), image_folder=str(data_dir))
+    skip = _build(_cfg([src], on_bad_sample="skip"), llama_tokenizer, clip_image_processor)
+    error = _build(_cfg([src]), llama_tokenizer, clip_image_processor)
+    (data_dir / "img" / "w1.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken since the scan")
+    item = skip[0]  # x1 fails: x2 (the same length and modality) stands in
+    assert (item["id"], item["row"]) == ("x2", 1) and skip.load_skipped == {0}
+    (line,) = [r.getMessage() for r in caplog.records if "skipped at load time" in r.getMessage()]
+    assert line.startswith("skipped at load time (1): bad sample in two.json row 0 (id 'x1'): corrupt_image: ")
+    monkeypatch.setattr(dataset_mod, "MAX_LOAD_SKIPS", 0)
+    skip.load_skipped.clear()
+    with pytest.raises(BadSampleError, match="more than 0 rows failed at load time in one data process"):
+        skip[0]
+    # on_bad_sample: error stops, and a DataLoader worker's error reaches the main process as one line.
+    loader = torch.utils.data.DataLoader(error, batch_size=None, num_workers=1)
+    with pytest.raises(BadSampleError) as e:
+        next(iter(loader))
+    assert str(e.value).startswith("bad sample in two.json row 0 (id 'x1'): corrupt_image: ")
+    assert "\n" not in str(e.value)
+
+
+def test_no_usable_row_is_one_line_not_an_empty_run(data_dir: Path, llama_tokenizer: Any, clip_image_processor: Any):
+    src = SourceConfig(
+        _write_json(data_dir / "all_bad.json", [BAD_ROWS[0][0], BAD_ROWS[1][0]]), image_folder=str(data_dir)
+    )
+    with pytest.raises(DataFileError, match=r"^data.train: no usable row \(every row of its sources is bad"):
+        _build(_cfg([src], on_bad_sample="skip"), llama_tokenizer, clip_image_processor)

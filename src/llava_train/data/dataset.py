@@ -12,17 +12,21 @@ import numpy as np
 import torch
 
 from llava_train.config import DataConfig, SourceConfig
-from llava_train.data.errors import BadSample, BadSampleError
-from llava_train.data.images import preprocess_anyres, preprocess_images, preprocess_video
+from llava_train.data.errors import BadSample, BadSampleError, DataFileError
+from llava_train.data.images import ImageLimits, preprocess_anyres, preprocess_images, preprocess_video
 from llava_train.data.report import format_source_line, source_report
 from llava_train.data.rows import SourceRows, open_source
-from llava_train.data.scan import SampleContext, SourceScan, process_record
+from llava_train.data.scan import SampleContext, SourceScan, process_record, row_error_detail
 from llava_train.data.scan_cache import cached_scan
 from llava_train.data.tokenize import check_template_consistency
 from llava_train.llava_format import record_id
 from llava_train.utils.logging import get_logger
 
 logger = get_logger(__name__)
+
+# Rows that may fail at load time per data process under `on_bad_sample: skip` before the run stops: a few are
+# files changed or broken since the scan; many mean the data is not what was validated.
+MAX_LOAD_SKIPS = 100
 
 
 def make_context(data_cfg: DataConfig, src: SourceConfig, parts: Any) -> SampleContext:
@@ -36,6 +40,7 @@ def make_context(data_cfg: DataConfig, src: SourceConfig, parts: Any) -> SampleC
         src.image_folder,
         parts.video_token_id,
         data_cfg.video_frames,
+        ImageLimits(data_cfg.max_image_side, data_cfg.max_image_aspect_ratio),
     )
 
 
@@ -60,6 +65,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     modality_lengths: the same, positive with an image and negative for text-only items (LLaVA's
         group_by_modality_length convention).
     skipped: bad rows excluded at build time, by reason (on_bad_sample: skip).
+    load_skipped: items that failed at load time and were replaced (on_bad_sample: skip; per process).
     truncated: number of items cut at model_max_length (text after the last image only).
     reports: the per-source reports (`data.report.source_report`), in source order.
     has_video: whether any item has a video (OneVision): every micro-batch of such a run then runs the
@@ -77,6 +83,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         image_processor: Any,
         geometry: Any,
         reports: list[dict[str, Any]],
+        on_bad_sample: str = "error",
     ) -> None:
         self.sources, self.stores, self.scans, self.ctxs = sources, stores, scans, ctxs
         self.item_source, self.item_row = item_source, item_row
@@ -101,6 +108,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 self.skipped[reason] = self.skipped.get(reason, 0) + entry["count"]
         self.truncated = int(truncated.sum())
         self.has_video = any(bool(scan.num_videos[scan.good_rows].any()) for scan in scans)
+        self.on_bad_sample = on_bad_sample
+        self.load_skipped: set[int] = set()  # items that failed at load time in this process (skip)
 
     def __len__(self) -> int:
         return len(self.item_row)
@@ -116,6 +125,15 @@ class LlavaDataset(torch.utils.data.Dataset):
         }
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        while True:
+            try:
+                return self._item(i)
+            except BadSampleError as e:
+                if self.on_bad_sample != "skip" or e.row is None:
+                    raise
+                i = self._skip(i, e)
+
+    def _item(self, i: int) -> dict[str, Any]:
         s, row = int(self.item_source[i]), int(self.item_row[i])
         src, ctx = self.sources[s], self.ctxs[s]
         sample_id: Any = row
@@ -124,15 +142,35 @@ class LlavaDataset(torch.utils.data.Dataset):
             sample_id = record_id(record, row)
             done = process_record(record, ctx, row, io="load")
         except BadSample as e:
-            # Validated at build time: a row failing now changed underneath us; never drop it silently.
+            # The scan passed it: the row or its image changed (or broke) underneath us; never dropped silently.
             raise BadSampleError(src.name or src.path, row, sample_id, e.reason, e.detail) from e
+        except Exception as e:  # an unreadable file at load time is that row's failure, not a worker traceback
+            raise BadSampleError(src.name or src.path, row, sample_id, "row_error", row_error_detail(e)) from e
         sample = done.sample
         if len(sample.input_ids) != int(self._length_array[i]):
-            raise RuntimeError(
+            raise BadSampleError(
                 f"{src.name} row {row} (id {sample_id!r}): {len(sample.input_ids)} tokens but the cached length "
                 f"is {int(self._length_array[i])}; the cache is stale (delete the cache folder)"
             )
         return build_item(done, src.name, row, sample_id, self.image_processor, self.geometry)
+
+    def _skip(self, i: int, e: BadSampleError) -> int:
+        """`on_bad_sample: skip` for a row failing at load time: one log line, then the next item of the same
+        exact length and modality stands in (batches, packing and every rank's step stay as planned); past
+        MAX_LOAD_SKIPS failures in this process the run stops (BadSampleError, one line)."""
+        self.load_skipped.add(i)
+        logger.warning("skipped at load time (%d): %s", len(self.load_skipped), e)
+        if len(self.load_skipped) > MAX_LOAD_SKIPS:
+            raise BadSampleError(
+                f"more than {MAX_LOAD_SKIPS} rows failed at load time in one data process (last: {e}); the data "
+                "changed since its scan: run `llava-train data validate` on it"
+            ) from e
+        modality = np.asarray(self.modality_lengths)
+        same = np.flatnonzero(modality == modality[i])
+        for j in np.concatenate([same[same > i], same[same < i]]):
+            if int(j) not in self.load_skipped:
+                return int(j)
+        raise BadSampleError(f"no row of the same length can replace a row failing at load time ({e})") from e
 
 
 def build_item(done: Any, source: str | None, row: int, sample_id: Any, image_processor: Any, geometry: Any) -> dict:
@@ -198,6 +236,8 @@ def build_dataset(
         reports.append(report)
         item_source.append(np.full(len(rows), k, dtype=np.int32))
         item_row.append(rows.astype(np.int64))
+    if sum(len(rows) for rows in item_row) == 0:
+        raise DataFileError(f"data.{split}: no usable row (every row of its sources is bad; see `data validate`)")
     return LlavaDataset(
         list(sources),
         stores,
@@ -208,4 +248,5 @@ def build_dataset(
         parts.image_processor,
         parts.geometry,
         reports,
+        data_cfg.on_bad_sample,
     )

@@ -18,6 +18,12 @@ BAD_REASONS: dict[str, str] = {
     "image_path_escapes": "an image path is absolute or leaves image_folder",
     "straddling_token": "a token spans a trained and an untrained part of the prompt",
     "bad_video": "a video is not a folder of frame images or a list of frame files, or the arch has no video input",
+    # New reasons go last: scan caches store a reason as its index here (and SCAN_VERSION is bumped).
+    "image_symlink_escapes": "an image path resolves (through a symbolic link) to a file outside image_folder",
+    "image_too_large": "an image side exceeds data.max_image_side or its aspect ratio data.max_image_aspect_ratio",
+    "image_format": "an image is not JPEG, PNG, WebP, BMP, GIF or TIFF (other PIL formats are never opened)",
+    "row_error": "reading or processing the row raised an unexpected error (the detail names its type)",
+    "tar_member": "a tar sample repeats a member or holds two members whose names differ only by case",
 }
 
 
@@ -36,7 +42,14 @@ class BadSampleError(ValueError):
     """A bad row met with `on_bad_sample: error`: the message names the source, row, id and reason."""
 
     def __init__(self, source: str, row: int | None = None, sample_id: Any = None, reason: str = "", detail: str = ""):
-        # A single argument is a finished message: DataLoader workers re-raise exceptions as exc_type(message).
+        # A single argument is a finished message: DataLoader workers re-raise exceptions as exc_type(message),
+        # the message holding the worker's traceback: its last line is the original message (one line to print).
         message = source if row is None else f"bad sample in {source} row {row} (id {sample_id!r}): {reason}: {detail}"
+        if row is None and message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
         super().__init__(message)
         self.source, self.row, self.sample_id, self.reason, self.detail = source, row, sample_id, reason, detail
+
+
+class DataFileError(ValueError):
+    """A shard (or a whole source) that cannot be read at all: one line naming the file and what to do (exit 2)."""

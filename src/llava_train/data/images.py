@@ -19,7 +19,10 @@ from llava_train.archs import IMAGE_ASPECT_RATIOS
 
 
 def resolve_image_path(image_folder: str | None, rel: str) -> str:
-    """`image_folder/rel`; an absolute `rel` or one leaving `image_folder` (`..`) is BadSample(image_path_escapes)."""
+    """The real path of `image_folder/rel`: an absolute `rel` or one leaving `image_folder` (`..`) is
+    BadSample(image_path_escapes); one whose real path (symbolic links followed, in the file or any folder
+    above it) lies outside the folder's real path is BadSample(image_symlink_escapes), so no file outside the
+    image folder is ever opened (data sets arrive as archives, and `tar x` recreates their links)."""
     from llava_train.data.errors import BadSample
 
     if not isinstance(rel, str) or not rel:
@@ -30,7 +33,21 @@ def resolve_image_path(image_folder: str | None, rel: str) -> str:
     full = os.path.normpath(os.path.join(base, rel))
     if os.path.commonpath([base, full]) != base:
         raise BadSample("image_path_escapes", f"image path {rel!r} leaves image_folder {image_folder!r}")
-    return full
+    return check_inside(image_folder, full, rel)
+
+
+def check_inside(image_folder: str | None, path: str, rel: str) -> str:
+    """The real path of `path` when it lies inside the real path of `image_folder` (the folder itself may be a
+    link), else BadSample(image_symlink_escapes)."""
+    from llava_train.data.errors import BadSample
+
+    base_real = os.path.realpath(image_folder or ".")
+    real = os.path.realpath(path)
+    if os.path.commonpath([base_real, real]) != base_real:
+        raise BadSample(
+            "image_symlink_escapes", f"image path {rel!r} is a link to {real}, outside image_folder {image_folder!r}"
+        )
+    return real
 
 
 @dataclass(frozen=True)
@@ -97,7 +114,7 @@ def image_ref(value: Any, image_folder: str | None, where: str = "image") -> Ima
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         data, rel = value.get("bytes"), value.get("path")
         if data:
-            return ImageRef(data=bytes(data), name=f"embedded {where}" + (f" ({rel})" if rel else ""))
+            return ImageRef(data=_struct_bytes(data, where), name=f"embedded {where}" + (f" ({rel})" if rel else ""))
         if rel:
             return image_ref(rel, image_folder, where)
         raise BadSample("missing_image", f"embedded {where} has neither bytes nor a path")
@@ -110,31 +127,117 @@ def image_ref(value: Any, image_folder: str | None, where: str = "image") -> Ima
     raise BadSample("missing_image", f"{where} must be a path, an image struct or bytes, got {type(value).__name__}")
 
 
-def verify_image(image: ImageLike, verify: bool = True) -> tuple[int, int]:
-    """(height, width) of an image from its header, after checking that it exists and (with `verify`)
-    decodes (PIL verify); raises BadSample otherwise. The size is the decoded image's (no EXIF rotation:
-    neither LLaVA nor transformers' processors apply it, and embedded images are read the same way), the
-    one anyres token counts use. Embedded bytes are never decoded here: PIL reads the header only."""
+def _struct_bytes(data: Any, where: str) -> bytes:
+    """The encoded bytes of an image struct: bytes as they are, base64 text (a JSON dump of an HF `Image` column
+    holds that) decoded; any other type is BadSample (never `bytes(value)`: `bytes(10**11)` allocates 100 GB)."""
+    import base64
+    import binascii
+
     from llava_train.data.errors import BadSample
 
-    ref = as_image_ref(image)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, str):
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadSample("corrupt_image", f"embedded {where}: `bytes` is text but not base64 ({e})") from e
+    raise BadSample(
+        "corrupt_image", f"embedded {where}: `bytes` must be bytes or base64 text, got {type(data).__name__}"
+    )
+
+
+# What the scan and training open: PIL's other formats are never tried (EPS runs Ghostscript on its data).
+# MPO is the multi-picture JPEG that phone cameras write.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on an image's header size, checked before any pixel is decoded: under `pad` an image becomes a
+    square canvas of its longest side (a 143-byte 20000x1 PNG is a 1.1 GB canvas)."""
+
+    max_side: int = 10000
+    max_aspect_ratio: float = 50.0
+
+    def check(self, ref: Any, width: int, height: int) -> None:
+        """BadSample(image_too_large) when a side or the aspect ratio is over its bound."""
+        from llava_train.data.errors import BadSample
+
+        if width <= 0 or height <= 0:
+            raise BadSample("corrupt_image", f"{ref} has size {width}x{height}")
+        if max(width, height) > self.max_side:
+            raise BadSample("image_too_large", f"{ref} is {width}x{height}: a side over {self.max_side}")
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            raise BadSample(
+                "image_too_large", f"{ref} is {width}x{height}: aspect ratio over {self.max_aspect_ratio:g}"
+            )
+
+
+def _open_allowed(ref: ImageRef) -> Any:
+    """`ref.open()` restricted to IMAGE_FORMATS; an image of another format is BadSample(image_format), bytes of
+    no format BadSample(corrupt_image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from llava_train.data.errors import BadSample
+
+    source = ref.path if ref.path is not None else io.BytesIO(ref.encoded() or b"")
+    Image.init()  # registers every plugin (`formats` names must be registered)
+    try:
+        return Image.open(source, formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
+    except UnidentifiedImageError:
+        pass
+    except Exception as e:  # a known format's header, broken (PIL raises many types)
+        raise BadSample("corrupt_image", f"cannot decode {ref}: {e}") from e
+    # Only to name what it is: opening reads a header, never the data (nothing here is decoded).
+    try:
+        with Image.open(source if ref.path is not None else io.BytesIO(ref.encoded() or b"")) as other:
+            found = other.format
+    except Exception:
+        found = None
+    if found:
+        raise BadSample("image_format", f"{ref} is {found}; allowed: {', '.join(IMAGE_FORMATS)}")
+    raise BadSample("corrupt_image", f"cannot decode {ref}: not a {', '.join(IMAGE_FORMATS)} image")
+
+
+def verify_image(image: ImageLike, verify: bool = True, limits: ImageLimits | None = None) -> tuple[int, int]:
+    """(height, width) of an image from its header, after checking that it exists, is of an allowed format
+    (IMAGE_FORMATS) and within `limits`, and (with `verify`) that its pixels decode in full (a truncated JPEG or
+    a PNG with a broken deflate stream is BadSample(corrupt_image); PIL's own verify passes both). The size is the
+    decoded image's (no EXIF rotation: neither LLaVA nor transformers' processors apply it, and embedded images
+    are read the same way), the one anyres token counts use."""
+    return _read(image, verify, limits or ImageLimits())[0]
+
+
+def load_image(image: ImageLike, limits: ImageLimits | None = None) -> Any:
+    """Open an image (file, embedded bytes, tar member) as RGB, decoded once, with the checks of verify_image;
+    BadSample on failure."""
+    return _read(image, True, limits or ImageLimits(), rgb=True)[1]
+
+
+def _read(ref_like: ImageLike, decode: bool, limits: ImageLimits, rgb: bool = False) -> tuple[tuple[int, int], Any]:
+    from llava_train.data.errors import BadSample
+
+    ref = as_image_ref(ref_like)
     if ref.pil is not None:
         width, height = ref.pil.size
-        return height, width
+        limits.check(ref, width, height)
+        return (height, width), ref.pil.convert("RGB") if rgb else None
     if ref.path is not None and not os.path.isfile(ref.path):
         raise BadSample("missing_image", f"image file not found: {ref.path}")
+    img = _open_allowed(ref)
     try:
-        with ref.open() as img:
+        with img:
             width, height = img.size
-            if verify:
-                img.verify()
+            limits.check(ref, width, height)
+            if not decode:
+                return (height, width), None
+            img.load()
+            return (height, width), img.convert("RGB") if rgb else None
     except BadSample:
         raise
     except Exception as e:  # PIL raises many types for broken files
         raise BadSample("corrupt_image", f"cannot decode {ref}: {e}") from e
-    if width <= 0 or height <= 0:
-        raise BadSample("corrupt_image", f"{ref} has size {width}x{height}")
-    return height, width
 
 
 def save_image(image: ImageLike, stem: str | os.PathLike) -> str:
@@ -145,7 +248,7 @@ def save_image(image: ImageLike, stem: str | os.PathLike) -> str:
         path = f"{os.fspath(stem)}.png"
         ref.pil.save(path)
         return path
-    with ref.open() as img:
+    with _open_allowed(ref) as img:
         suffix = {"JPEG": ".jpg"}.get(img.format or "", f".{(img.format or 'bin').lower()}")
     data = ref.encoded() if ref.path is None else Path(ref.path).read_bytes()
     path = f"{os.fspath(stem)}{suffix}"
@@ -172,7 +275,8 @@ def video_frame_paths(image_folder: str | None, video: Any, frames: int) -> list
                 raise BadSample("bad_video", f"{video!r} is a file; give a folder of frame images or a list of frames")
             raise BadSample("missing_image", f"video folder not found: {folder}")
         names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES))
-        all_frames = [os.path.join(folder, n) for n in names]
+        # A frame file of the folder may itself be a link leading out.
+        all_frames = [check_inside(image_folder, os.path.join(folder, n), f"{video}/{n}") for n in names]
     elif isinstance(video, (list, tuple)) and video:
         all_frames = [resolve_image_path(image_folder, f) for f in video]
     else:
@@ -181,23 +285,6 @@ def video_frame_paths(image_folder: str | None, video: Any, frames: int) -> list
         raise BadSample("missing_image", f"video folder {video!r} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
     picks = np.linspace(0, len(all_frames) - 1, frames, dtype=int)
     return [all_frames[int(i)] for i in picks]
-
-
-def load_image(image: ImageLike) -> Any:
-    """Open an image (file, embedded bytes, tar member) as RGB (verify, then a fresh open and full decode);
-    BadSample on failure."""
-    from llava_train.data.errors import BadSample
-
-    ref = as_image_ref(image)
-    verify_image(ref)
-    if ref.pil is not None:
-        return ref.pil.convert("RGB")
-    try:
-        with ref.open() as img:
-            img.load()
-            return img.convert("RGB")
-    except Exception as e:
-        raise BadSample("corrupt_image", f"cannot decode {ref}: {e}") from e
 
 
 # -- preprocessing -----------------------------------------------------------------------------

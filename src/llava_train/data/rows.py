@@ -14,6 +14,8 @@ import glob
 import hashlib
 import json
 import os
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,14 @@ import numpy as np
 
 from llava_train.config import SourceConfig
 from llava_train.config_io import ConfigError
-from llava_train.data.errors import BadSample
+from llava_train.data.arrow_rows import ArrowRows
+from llava_train.data.errors import BadSample, DataFileError
 from llava_train.data.tar_rows import TarRows
 from llava_train.llava_format import canonical_record
+
+JSON_ARRAYS = ("buf.npy", "offsets.npy", "lines.npy")
+# Shards of a source kept open at once (memory maps, parquet files): the rest are closed and reopened on use.
+MAX_OPEN_SHARDS = 64
 
 
 class JsonRows:
@@ -31,29 +38,45 @@ class JsonRows:
 
     `lines` holds each row's 1-based line number in its file (0 for rows of a JSON list), used in
     `malformed_json` details. Malformed JSONL lines are kept as raw bytes so that row numbers stay
-    aligned with the file; `get_raw` raises BadSample for them.
+    aligned with the file; `get_raw` raises BadSample for them. With `folder` (the cache's .npy files) the
+    arrays are memory-mapped on first use and let go by `close` (each map holds a file descriptor: thousands
+    of open shards would exhaust `ulimit -n`).
     """
 
-    def __init__(self, buf: np.ndarray, offsets: np.ndarray, lines: np.ndarray, path: str) -> None:
-        self.buf, self.offsets, self.lines, self.path = buf, offsets, lines, path
+    def __init__(self, arrays: tuple[np.ndarray, ...] | None, path: str, folder: str | None = None) -> None:
+        self.path, self.folder = path, folder
+        self._arrays = arrays
+        self._length = len(self._open()[1]) - 1
+        self.close()
+
+    def _open(self) -> tuple[np.ndarray, ...]:
+        if self._arrays is None:
+            self._arrays = tuple(np.load(Path(self.folder or "") / n, mmap_mode="r") for n in JSON_ARRAYS)
+        return self._arrays
+
+    def close(self) -> None:
+        """Let go of the memory maps (reopened on the next row); in-memory arrays stay."""
+        if self.folder is not None:
+            self._arrays = None
+
+    @property
+    def buf(self) -> np.ndarray:
+        return self._open()[0]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self._open()[1]
+
+    @property
+    def lines(self) -> np.ndarray:
+        return self._open()[2]
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return self._length
 
     def __getstate__(self) -> dict[str, Any]:
-        # Memory-mapped arrays travel to scan processes as file names, not as copies of the data.
-        state = dict(self.__dict__)
-        for key in ("buf", "offsets", "lines"):
-            filename = getattr(state[key], "filename", None)
-            if filename:
-                state[key] = ("mmap", filename)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for key in ("buf", "offsets", "lines"):
-            if isinstance(state[key], tuple):
-                state[key] = np.load(state[key][1], mmap_mode="r")
-        self.__dict__.update(state)
+        # Memory-mapped arrays travel to scan processes as the folder's name, not as copies of the data.
+        return {**self.__dict__, "_arrays": None} if self.folder is not None else dict(self.__dict__)
 
     def get_raw(self, i: int) -> dict[str, Any]:
         """Row i as a dict (BadSample(malformed_json) for a malformed line or a non-object row)."""
@@ -81,9 +104,15 @@ def fingerprint_path(path: Path) -> str:
 def _read_json_rows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parse a LLaVA JSON list or a JSONL file into (buffer, offsets, line numbers)."""
     data = path.read_bytes()
+    if data.startswith(UTF8_BOM):  # written by Windows tools; json reads it as garbage before the first row
+        data = data[len(UTF8_BOM) :]
     head = data.lstrip()[:1]
     chunks: list[bytes] = []
     lines: list[int] = []
+    if path.suffix == ".json" and head == b"{":
+        single = _single_object(data)
+        if single is not None:  # a .json holding one record, not JSONL
+            return _arrays([single], [0])
     if path.suffix != ".jsonl" and head == b"[":
         try:
             rows = json.loads(data)
@@ -91,8 +120,15 @@ def _read_json_rows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             raise ValueError(
                 f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
             ) from e
-        for row in rows:
-            chunks.append(json.dumps(row, ensure_ascii=False).encode())
+        except RecursionError:  # one row nested too deep for the parser: split the list, let that row fail alone
+            rows = None
+            chunks = split_json_list(data)
+            lines = [0] * len(chunks)
+        for row in rows or ():
+            try:
+                chunks.append(json.dumps(row, ensure_ascii=False).encode())
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") has no UTF-8 form: keep it escaped
+                chunks.append(json.dumps(row).encode())
             lines.append(0)
         del rows
     else:
@@ -100,18 +136,62 @@ def _read_json_rows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             if line.strip():
                 chunks.append(line.strip())
                 lines.append(lineno)
+    return _arrays(chunks, lines)
+
+
+def _arrays(chunks: list[bytes], lines: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
     buf = np.frombuffer(b"".join(chunks), dtype=np.uint8)
     return buf, offsets, np.asarray(lines, dtype=np.int64)
 
 
+def _single_object(data: bytes) -> bytes | None:
+    """The bytes of a file holding exactly one JSON object, else None (JSONL: "Extra data" after the first line,
+    found without reading further)."""
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return data.strip() if isinstance(record, dict) else None
+
+
+_JSON_SYNTAX = re.compile(rb'[\\"\[\]{},]')
+
+
+def split_json_list(data: bytes) -> list[bytes]:
+    """The raw bytes of each element of a JSON list (already known to be well-formed up to nesting depth), found
+    by tracking strings and brackets, so an element nested deeper than `json` can parse is one bad row."""
+    chunks: list[bytes] = []
+    depth, in_string, escaped, start = 0, False, -1, data.index(b"[") + 1
+    for m in _JSON_SYNTAX.finditer(data, start - 1):
+        c, pos = m.group(), m.start()
+        if in_string:
+            if c == b"\\" and escaped != pos:
+                escaped = pos + 1  # the next character is escaped
+            elif c == b'"' and escaped != pos:
+                in_string = False
+        elif c == b'"':
+            in_string = True
+        elif c in (b"[", b"{"):
+            depth += 1
+        elif c in (b"]", b"}") or c == b",":
+            if depth == 1 and (c == b"," or c == b"]"):
+                element = data[start:pos].strip()
+                if element:
+                    chunks.append(element)
+                start = pos + 1
+            if c != b",":
+                depth -= 1
+    return chunks
+
+
 def _json_rows(path: Path, cache_dir: str | None) -> JsonRows:
     """A JSON list / JSONL file as JsonRows, converted once into `cache_dir` (memory-mapped after that)."""
     if cache_dir is None:
-        return JsonRows(*_read_json_rows(path), str(path))
+        return JsonRows(_read_json_rows(path), str(path))
     folder = Path(cache_dir) / f"rows-{fingerprint_path(path.resolve())}"
-    names = ("buf.npy", "offsets.npy", "lines.npy")
+    names = JSON_ARRAYS
     if not all((folder / n).exists() for n in names):
         arrays = _read_json_rows(path)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -125,82 +205,11 @@ def _json_rows(path: Path, cache_dir: str | None) -> JsonRows:
             for n in names:
                 (tmp / n).unlink(missing_ok=True)
             tmp.rmdir()
-    buf, offsets, lines = (np.load(folder / n, mmap_mode="r") for n in names)
-    return JsonRows(buf, offsets, lines, str(path))
+    return JsonRows(None, str(path), str(folder))
 
 
-class ArrowRows:
-    """Rows of an Arrow table, read as plain values: HF `Image` columns come back as `{"bytes", "path"}` structs
-    and are never decoded here (`data.images.image_ref` reads them).
-
-    kind: `parquet` (random access by row group, from the footer's row counts; the last row group read is
-    kept, so a sequential scan reads each once), `arrow` (an Arrow IPC file or stream, memory-mapped) or
-    `hf_disk` (a `save_to_disk` folder, memory-mapped by `datasets`). The table opens lazily, so DataLoader
-    workers and scan processes receive only the path.
-    """
-
-    def __init__(self, path: str, kind: str, split: str = "train") -> None:
-        self.path, self.kind, self.split = path, kind, split
-        self._table: Any = None
-        self._group: tuple[int, Any] | None = None
-        self._open()
-        table = self._table
-        schema = table.schema_arrow if kind == "parquet" else table.schema if kind == "arrow" else None
-        self.columns: list[str] = list(table.column_names if schema is None else schema.names)
-        self._length = table.metadata.num_rows if kind == "parquet" else table.num_rows
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_table": None, "_group": None}
-
-    def _open(self) -> Any:
-        if self._table is None:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            if self.kind == "parquet":
-                self._table = pq.ParquetFile(self.path, memory_map=True)
-                self._starts = np.cumsum(
-                    [0]
-                    + [self._table.metadata.row_group(g).num_rows for g in range(self._table.metadata.num_row_groups)]
-                )
-            elif self.kind == "arrow":
-                source = pa.memory_map(self.path)
-                try:
-                    self._table = pa.ipc.open_file(source).read_all()
-                except pa.ArrowInvalid:  # datasets writes the IPC stream format
-                    self._table = pa.ipc.open_stream(pa.memory_map(self.path)).read_all()
-            else:
-                self._table = _load_from_disk(Path(self.path), self.split)
-        return self._table
-
-    def __len__(self) -> int:
-        return self._length
-
-    def get_raw(self, i: int) -> dict[str, Any]:
-        """Row i as a dict of plain Python values."""
-        table = self._open()
-        if self.kind == "parquet":
-            g = int(np.searchsorted(self._starts, i, side="right")) - 1
-            if self._group is None or self._group[0] != g:
-                self._group = (g, table.read_row_group(g))
-            return self._group[1].slice(i - int(self._starts[g]), 1).to_pylist()[0]
-        if self.kind == "hf_disk":
-            return table[int(i)].to_pylist()[0]
-        return table.slice(int(i), 1).to_pylist()[0]
-
-
-def _load_from_disk(path: Path, split: str) -> Any:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise KeyError(f"split {split!r} not in {path}; available: {', '.join(ds)}")
-        ds = ds[split]
-    # The arrow format gives each row's stored values (image bytes, not PIL) and honours select/shuffle indices.
-    return ds.with_format("arrow")
-
-
+UTF8_BOM = b"\xef\xbb\xbf"
+COMPRESSED_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zip", ".7z")
 SHARD_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".tar")
 HF_DISK_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 Shard = JsonRows | ArrowRows | TarRows
@@ -210,6 +219,15 @@ def _is_hf_disk(path: Path) -> bool:
     return path.is_dir() and any((path / n).exists() for n in HF_DISK_FILES)
 
 
+def _refuse_compressed(path: str, compressed: list[str]) -> None:
+    """Compressed files of a source are never skipped silently (their rows would vanish): DataFileError."""
+    if compressed:
+        more = f" and {len(compressed) - 3} more" if len(compressed) > 3 else ""
+        raise DataFileError(
+            f"{path} holds compressed shards ({', '.join(compressed[:3])}{more}): decompress them, or move them out"
+        )
+
+
 def shard_paths(path: str) -> list[Path]:
     """The shard files of a source path: the file itself, a save_to_disk folder (one shard), every
     .json/.jsonl/.parquet/.arrow/.tar file below a folder, or a glob's matches, sorted by path.
@@ -217,6 +235,7 @@ def shard_paths(path: str) -> list[Path]:
     p = Path(path)
     if any(c in path for c in "*?["):
         matches = sorted(Path(m) for m in glob.glob(path, recursive=True))
+        _refuse_compressed(path, [str(m) for m in matches if m.name.lower().endswith(COMPRESSED_SUFFIXES)])
         files = [m for m in matches if (m.is_file() and m.suffix in SHARD_SUFFIXES) or _is_hf_disk(m)]
         if not files:
             raise FileNotFoundError(f"no {'/'.join(SHARD_SUFFIXES)} shards match {path}")
@@ -225,6 +244,7 @@ def shard_paths(path: str) -> list[Path]:
         raise FileNotFoundError(f"data source not found: {path}")
     if p.is_file() or _is_hf_disk(p):
         return [p]
+    _refuse_compressed(path, sorted(str(f) for f in p.rglob("*") if f.name.lower().endswith(COMPRESSED_SUFFIXES)))
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SHARD_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no {'/'.join(SHARD_SUFFIXES)} shards (and no save_to_disk dataset) in {path}")
@@ -232,7 +252,10 @@ def shard_paths(path: str) -> list[Path]:
 
 
 def open_shard(path: Path, split: str, cache_dir: str | None) -> Shard:
-    """One shard file (or save_to_disk folder) as a row store, by its suffix."""
+    """One shard file (or save_to_disk folder) as a row store, by its suffix; a compressed file is DataFileError
+    (it would read as garbage JSON lines)."""
+    if path.name.lower().endswith(COMPRESSED_SUFFIXES):
+        raise DataFileError(f"{path} is compressed: decompress it (tar shards must be plain .tar files)")
     if _is_hf_disk(path):
         return ArrowRows(str(path), "hf_disk", split)
     if path.suffix == ".parquet":
@@ -256,6 +279,7 @@ class SourceRows:
         self.fingerprints = [fingerprint_path(Path(p).resolve()) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in shards]).astype(np.int64)
         self.name_shards = len(shards) > 1  # bad-row details name the shard when the source has several
+        self._recent: OrderedDict[int, None] = OrderedDict()  # shards possibly open, least recently used first
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -270,8 +294,22 @@ class SourceRows:
             self.path,
         )
         view.fingerprints, view.starts = [self.fingerprints[k]], np.asarray([0, len(self.shards[k])], dtype=np.int64)
-        view.name_shards = self.name_shards
+        view.name_shards, view._recent = self.name_shards, OrderedDict()
         return view
+
+    def close(self) -> None:
+        """Close every shard (they reopen on use)."""
+        for shard in self.shards:
+            shard.close()
+        self._recent.clear()
+
+    def _use(self, k: int) -> None:
+        """Mark shard k used; close the least recently used beyond MAX_OPEN_SHARDS (bounded open files)."""
+        self._recent[k] = None
+        self._recent.move_to_end(k)
+        if len(self._recent) > MAX_OPEN_SHARDS:
+            old, _ = self._recent.popitem(last=False)
+            self.shards[old].close()
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard, row in the shard) of row i."""
@@ -283,6 +321,7 @@ class SourceRows:
         source has several."""
         k, j = self.locate(i)
         shard = self.shards[k]
+        self._use(k)
         try:
             raw = shard.get_raw(j)
             record = canonical_record(raw, self.columns)
@@ -300,7 +339,7 @@ def open_source(src: SourceConfig, cache_dir: str | None = None) -> SourceRows:
     memory-mapped .npy files and tar shards indexed once, in `cache_dir`. An explicit column of
     `src.columns` missing from an Arrow shard is a ConfigError listing the shard's columns."""
     paths = shard_paths(src.path)
-    shards = [open_shard(p, src.split, cache_dir) for p in paths]
+    shards = [_open_or_explain(p, src, cache_dir) for p in paths]
     for p, shard in zip(paths, shards):
         if isinstance(shard, ArrowRows):
             for key, column in src.columns.as_dict().items():
@@ -309,4 +348,21 @@ def open_source(src: SourceConfig, cache_dir: str | None = None) -> SourceRows:
                         f"data source {src.name}: columns.{key}={column!r} is not a column of {p}; "
                         f"its columns: {', '.join(shard.columns)}"
                     )
-    return SourceRows(shards, [str(p) for p in paths], src.columns.as_dict(), src.path)
+    rows = SourceRows(shards, [str(p) for p in paths], src.columns.as_dict(), src.path)
+    if len(rows) == 0:
+        raise DataFileError(f"data source {src.name}: {src.path} holds no rows ({len(paths)} shard(s) read)")
+    return rows
+
+
+def _open_or_explain(path: Path, src: SourceConfig, cache_dir: str | None) -> Shard:
+    """open_shard, a file that cannot be read at all being DataFileError (one line naming it), not a traceback."""
+    try:
+        return open_shard(path, src.split, cache_dir)
+    except (ConfigError, DataFileError):
+        raise
+    except Exception as e:
+        kind = "save_to_disk folder" if _is_hf_disk(path) else f"{path.suffix or 'unknown'} shard"
+        detail = " ".join(str(e).split())[:300]
+        raise DataFileError(
+            f"data source {src.name}: cannot read {kind} {path}: {type(e).__name__}: {detail} (fix or remove the file)"
+        ) from e

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from llava_train.data.errors import BAD_REASONS, BadSample
-from llava_train.data.images import ImageRef, image_ref, load_image, verify_image, video_frame_paths
-from llava_train.data.rows import SourceRows
+from llava_train.data.images import ImageLimits, ImageRef, image_ref, load_image, verify_image, video_frame_paths
+from llava_train.data.rows import JsonRows, SourceRows
 from llava_train.data.templates import Template
 from llava_train.data.tokenize import TokenizedSample, tokenize_conversation
 from llava_train.llava_format import normalize_conversation, record_images, record_video
@@ -22,11 +22,15 @@ from llava_train.utils.logging import get_logger
 log = get_logger(__name__)
 
 # Bump when the scan's meaning changes so stale caches are not reused.
-# 4: per-shard caches, embedded images, column mappings; 3: per-image token counts (anyres) and video rows.
-SCAN_VERSION = 4
+# 5: decoded images, symlink / size / format / row_error / tar_member reasons; 4: per-shard caches, embedded
+# images, column mappings; 3: per-image token counts (anyres) and video rows.
+SCAN_VERSION = 5
 REASON_CODES = tuple(BAD_REASONS)
 SCAN_ARRAYS = ("lengths", "num_images", "reasons", "truncated", "media_tokens", "num_videos")
 SCAN_CHUNK = 2000  # rows per scan task
+# Text tokens span a few characters each (long whitespace runs of code tokenizers: tens): a row with 100 per
+# token of model_max_length could only be kept by cutting almost all of it, so it is refused untokenized.
+MAX_CHARS_PER_TOKEN = 100
 
 
 @dataclass
@@ -35,6 +39,7 @@ class SampleContext:
 
     geometry: `model.vision.ImageGeometry` (tokens per image from its size; video tokens).
     video_token_id / video_frames: OneVision's video placeholder and frames per video (None / unused otherwise).
+    image_limits: the bounds on image sides and aspect ratio (`data.max_image_side` / `max_image_aspect_ratio`).
     """
 
     tokenizer: Any
@@ -45,11 +50,24 @@ class SampleContext:
     image_folder: str | None = None
     video_token_id: int | None = None
     video_frames: int = 32
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
 
 def image_refs(record: dict[str, Any], image_folder: str | None) -> list[ImageRef]:
     """The record's images as ImageRefs (`image` may be missing, a path, an embedded image or a list of them)."""
     return [image_ref(v, image_folder, f"image {k}") for k, v in enumerate(record_images(record))]
+
+
+def check_characters(turns: list[Any], max_length: int | None) -> None:
+    """BadSample(too_long) for a row of more than MAX_CHARS_PER_TOKEN characters per token of `max_length`,
+    before it is tokenized (a 20 MB row would otherwise take gigabytes and half a minute to be found too long)."""
+    chars = sum(len(t.text) for t in turns)
+    if max_length is not None and chars > max_length * MAX_CHARS_PER_TOKEN:
+        raise BadSample(
+            "too_long",
+            f"{chars} characters: more than {MAX_CHARS_PER_TOKEN} per token of model_max_length {max_length} "
+            "(rejected before tokenizing)",
+        )
 
 
 @dataclass
@@ -69,8 +87,8 @@ def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, 
     """Normalise + tokenize a record with its exact image / video token counts; BadSample on any problem.
 
     io: how much image I/O: `auto` reads image headers only when the geometry needs sizes (anyres),
-    `verify` reads every header and PIL-verifies every image and sampled frame (the scan), `load`
-    decodes them (training; the counts then come from the decoded images).
+    `verify` reads every header and decodes every image and sampled frame in full (the scan), `load`
+    decodes them and keeps them (training; the counts then come from the decoded images).
     """
     paths = image_refs(record, ctx.image_folder)
     video = record_video(record)
@@ -86,19 +104,20 @@ def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, 
     turns = normalize_conversation(
         record.get("conversations"), ctx.template.image_token, ctx.template.video_token if frames else None
     )
+    check_characters(turns, ctx.max_length)
     images: list[Any] = []
     loaded_frames: list[Any] = []
     sizes: list[tuple[int, int]] = []
     if io == "load":
-        images = [load_image(p) for p in paths]
-        loaded_frames = [load_image(p) for p in frames]
+        images = [load_image(p, ctx.image_limits) for p in paths]
+        loaded_frames = [load_image(p, ctx.image_limits) for p in frames]
         sizes = [(img.height, img.width) for img in images]
     elif io == "verify":
-        sizes = [verify_image(p) for p in paths]
+        sizes = [verify_image(p, True, ctx.image_limits) for p in paths]
         for p in frames:
-            verify_image(p)
+            verify_image(p, True, ctx.image_limits)
     elif ctx.geometry.size_dependent:
-        sizes = [verify_image(p, verify=False) for p in paths]
+        sizes = [verify_image(p, False, ctx.image_limits) for p in paths]
     geometry = ctx.geometry
     if geometry.size_dependent:
         image_tokens: int | list[int] = [geometry.image_tokens(h, w, len(paths)) for h, w in sizes]
@@ -158,6 +177,14 @@ def scan_row(store: SourceRows, i: int, ctx: SampleContext, check_images: bool =
         )
     except BadSample as e:
         return RowResult(i, sample_id, reason=e.reason, detail=e.detail)
+    except Exception as e:  # one hostile row (nesting depth, lone surrogates, ...) never aborts the scan
+        return RowResult(i, sample_id, reason="row_error", detail=row_error_detail(e))
+
+
+def row_error_detail(e: BaseException) -> str:
+    """`Type: message` of an unexpected per-row error, cut to one short line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
 
 
 # -- a whole source ----------------------------------------------------------------------------------
@@ -198,8 +225,8 @@ def worker_init() -> None:
 
 
 def _in_memory(store: SourceRows) -> bool:
-    buf = getattr(store.shards[0], "buf", None) if len(store.shards) == 1 else None
-    return buf is not None and not isinstance(buf, np.memmap)
+    shard = store.shards[0] if len(store.shards) == 1 else None
+    return isinstance(shard, JsonRows) and shard.folder is None
 
 
 def scan_source(

@@ -74,6 +74,7 @@ def scan_key(src: SourceConfig, shard_fingerprint: str, ctx: SampleContext, chec
         ctx.video_frames,
         ctx.max_length,
         check_images,
+        repr(ctx.image_limits),
     ]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
@@ -133,6 +134,7 @@ def cached_scan(
             bar = stack.enter_context(scan_progress(f"scanning {src.name}", rows))
             for k in todo:
                 scans[k] = scan_source(views[k], ctx, 1, check_images, SCAN_CHUNK, pool, bar.update)
+                views[k].close()  # bounded open files whatever the shard count
                 if files[k] is not None:
                     _write_cached(scans[k], *files[k])
     scan = concat_scans([s for s in scans if s is not None])

@@ -22,7 +22,13 @@ from llava_train.data.images import ImageRef
 
 KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext rule
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
-INDEX_VERSION = 2
+INDEX_VERSION = 3
+# Why a sample of a tar is not one clean sample (index "problem" codes; 0 = none): never dropped silently.
+TAR_PROBLEMS = {
+    1: "holds the same member name twice (one would silently replace the other)",
+    2: "holds two members whose names differ only by case (e.png and e.PNG)",
+    3: "has the key of an earlier, separate sample of the shard (webdataset would merge or drop one)",
+}
 BLOCK = 512
 
 
@@ -34,6 +40,16 @@ def _number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _checksum_ok(header: bytes) -> bool:
+    """A tar header's checksum: the sum of its bytes with the checksum field read as spaces (signed or unsigned)."""
+    try:
+        stored = _number(header[148:156])
+    except ValueError:
+        return False
+    blanked = header[:148] + b" " * 8 + header[156:]
+    return stored in (sum(blanked), sum(b - 256 if b > 127 else b for b in blanked))
+
+
 def iter_members(path: str) -> Any:
     """(name, data offset, size) of every regular file of an uncompressed tar, read header by header (ustar
     prefix, PAX `path`/`size` records and GNU long names honoured); ~20x faster than `tarfile` and O(1) memory."""
@@ -42,10 +58,14 @@ def iter_members(path: str) -> Any:
         while True:
             f.seek(pos)
             header = f.read(BLOCK)
-            if len(header) < BLOCK or header == b"\0" * BLOCK:
+            if not header or header == b"\0" * BLOCK:
                 return
             if pos == 0 and header[:2] == b"\x1f\x8b":
                 raise ValueError(f"{path} is gzip-compressed: webdataset shards must be plain .tar files")
+            if len(header) < BLOCK:
+                raise ValueError(f"{path} ends inside the tar header at byte {pos}: the file is cut")
+            if not _checksum_ok(header):
+                raise ValueError(f"the block at byte {pos} of {path} is not a tar header (wrong checksum)")
             size, kind = _number(header[124:136]), header[156:157]
             data = pos + BLOCK
             if kind == b"x":  # PAX header of the next member
@@ -88,6 +108,10 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
     image_ptr, image_offset, image_size = [0], [], []
     current: str | None = None
     fields: dict[str, tuple[int, int]] = {}
+    exts: set[str] = set()
+    seen: set[str] = set()
+    problems: list[int] = []
+    problem = 0
 
     def flush() -> None:
         if current is None:
@@ -95,6 +119,8 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
         j, t = fields.get("json", (-1, -1)), fields.get("txt", (-1, -1))
         keys.append(current)
         meta.append((*j, *t))
+        problems.append(3 if current in seen and not problem else problem)
+        seen.add(current)
         images = sorted((f for f in fields if f.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), key=_image_order)
         for f in images:
             image_offset.append(fields[f][0])
@@ -105,11 +131,14 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
         match = KEY_RE.match(name)
         if match is None:  # no extension: not part of a sample (webdataset skips these too)
             continue
-        key, ext = match.group(1), match.group(2).lower()
+        key, ext = match.group(1), match.group(2)
         if key != current:
             flush()
-            current, fields = key, {}
-        fields[ext] = (offset, size)
+            current, fields, exts, problem = key, {}, set(), 0
+        if ext.lower() in fields:
+            problem = problem or (1 if ext in exts else 2)
+        exts.add(ext)
+        fields[ext.lower()] = (offset, size)
     flush()
     table = np.asarray(meta, dtype=np.int64).reshape(-1, 4)
     return {
@@ -119,6 +148,7 @@ def build_tar_index(path: str) -> dict[str, np.ndarray]:
         "image_ptr": np.asarray(image_ptr, dtype=np.int64),
         "image_offset": np.asarray(image_offset, dtype=np.int64),
         "image_size": np.asarray(image_size, dtype=np.int64),
+        "problem": np.asarray(problems, dtype=np.int8),
     }
 
 
@@ -159,6 +189,9 @@ class TarRows:
     def __len__(self) -> int:
         return self._length
 
+    def close(self) -> None:
+        """Nothing to let go: every read opens and closes the tar."""
+
     def _read(self, offset: int, size: int) -> bytes:
         with open(self.path, "rb") as f:
             return os.pread(f.fileno(), size, offset)
@@ -167,6 +200,8 @@ class TarRows:
         """Sample i as a record (see the class doc); BadSample(malformed_json) without a JSON or text member."""
         index = self._arrays()
         key = bytes(index["keys"][i]).decode("utf-8", "surrogateescape")
+        if int(index["problem"][i]):
+            raise BadSample("tar_member", f"{self.path} sample {key} {TAR_PROBLEMS[int(index['problem'][i])]}")
         (j_off, j_len), (t_off, t_len) = index["json"][i], index["txt"][i]
         s, e = int(index["image_ptr"][i]), int(index["image_ptr"][i + 1])
         images = [

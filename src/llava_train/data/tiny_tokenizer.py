@@ -135,7 +135,7 @@ def _build_llama(out: Path, text: list[str], vocab_size: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     # Load the SentencePiece model through transformers' converter and save again so the folder
     # also holds tokenizer.json; then check that it really encodes (an empty tokenizer would give []).
-    tok = AutoTokenizer.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     ids = tok("hello world", add_special_tokens=False)["input_ids"]
     if not ids or tok.unk_token_id in ids or len(tok) < 259:
         raise RuntimeError(f"tiny llama tokenizer in {out} does not encode text (ids {ids}, vocab {len(tok)})")
@@ -165,7 +165,7 @@ def _build_chatml(out: Path, text: list[str], vocab_size: int) -> None:
         model_max_length=4096,
     )
     tok.save_pretrained(str(out))
-    loaded = AutoTokenizer.from_pretrained(str(out))
+    loaded = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     ids = loaded("hello world", add_special_tokens=False)["input_ids"]
     if not ids or loaded.eos_token_id != backend.token_to_id("<|im_end|>"):
         raise RuntimeError(f"tiny chatml tokenizer in {out} does not encode text (ids {ids})")

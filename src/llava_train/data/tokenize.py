@@ -45,7 +45,10 @@ def load_tokenizer(path: str, image_token: str = "<image>", extra_tokens: tuple[
     from transformers import AutoTokenizer
 
     # use_fast is ignored by transformers 5 (every tokenizer is Rust-backed); kept as the original's call.
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right", use_fast=False)
+    from llava_train.model.remote_code import refuse_remote_code
+
+    refuse_remote_code(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right", use_fast=False, trust_remote_code=False)
     missing = [t for t in (image_token, *extra_tokens) if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)

@@ -16,7 +16,7 @@ from llava_train.data.errors import BadSample
 from llava_train.data.images import save_image
 from llava_train.data.report import source_report
 from llava_train.data.rows import open_source
-from llava_train.data.scan import process_record
+from llava_train.data.scan import process_record, row_error_detail
 from llava_train.data.scan_cache import cached_scan, data_cache_dir
 from llava_train.data.tokenize import check_template_consistency, label_tokens
 from llava_train.llava_format import normalize_conversation, record_id, record_video
@@ -137,7 +137,8 @@ def format_report(report: dict[str, Any]) -> str:
     else:
         how = f"scanned with {report['num_workers']} worker(s) ({cached} of {len(report['sources'])} sources cached)"
     lines.append(f"{how} in {report['seconds']} s (cache: {report.get('cache_dir') or 'off'})")
-    return "\n".join(lines)
+    # Ids come from the data: a lone surrogate ("\ud800") would make printing the report raise.
+    return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # -- inspect ------------------------------------------------------------------------------------
@@ -227,9 +228,10 @@ def inspect_samples(
                     sample_id = record_id(record, row)
                     done = process_record(record, ctx, row)
                     sample = done.sample
-                except BadSample as e:
+                except Exception as e:  # a bad row (or one raising anything else) is shown, never a traceback
                     if index in show:
-                        stream.write(f"# sample {index} ({src.name} row {row}, id {sample_id!r}): BAD {e}\n")
+                        why = e if isinstance(e, BadSample) else f"row_error: {row_error_detail(e)}"
+                        stream.write(f"# sample {index} ({src.name} row {row}, id {sample_id!r}): BAD {why}\n")
                     continue
                 if index in show:
                     trained = sum(1 for label in sample.labels if label != -100)
@@ -242,8 +244,11 @@ def inspect_samples(
                     if images_dir is not None and done.paths:
                         Path(images_dir).mkdir(parents=True, exist_ok=True)
                         stem = Path(images_dir) / f"sample{index}_image"
-                        written_images = [save_image(ref, f"{stem}{k}") for k, ref in enumerate(done.paths)]
-                        stream.write(f"# images of sample {index}: {', '.join(written_images)}\n")
+                        try:
+                            written_images = [save_image(ref, f"{stem}{k}") for k, ref in enumerate(done.paths)]
+                            stream.write(f"# images of sample {index}: {', '.join(written_images)}\n")
+                        except BadSample as e:  # not opened by the labels view: a disallowed format, say
+                            stream.write(f"# images of sample {index}: BAD {e}\n")
                 if sink is not None:
                     line = {
                         "id": sample_id,

@@ -244,9 +244,9 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
         lm_folder, text = source.folder, text_config(source.original, where)
     else:
         lm_folder = resolve_folder(cfg.model.language_model)
-        text = AutoConfig.from_pretrained(str(lm_folder))
+        text = AutoConfig.from_pretrained(str(lm_folder), trust_remote_code=False)
     vt_folder = resolve_folder(cfg.model.vision_tower)
-    vision_full = AutoConfig.from_pretrained(str(vt_folder))
+    vision_full = AutoConfig.from_pretrained(str(vt_folder), trust_remote_code=False)
     config = llava_config(
         cfg, text, vision_full, image_token_id(tokenizer, cfg.model.image_token), video_token_id(tokenizer, cfg)
     )

@@ -189,11 +189,14 @@ def resolve_config(name_or_path: str | os.PathLike) -> Any:
     """
     from transformers import AutoConfig
 
+    from llava_train.model.remote_code import refuse_remote_code
+
     name = str(name_or_path)
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ValueError(f"model folder {name} has no config.json")
-        return AutoConfig.from_pretrained(name)
+        refuse_remote_code(name)
+        return AutoConfig.from_pretrained(name, trust_remote_code=False)
     if name in _HUB_CONFIGS:
         values = dict(_HUB_CONFIGS[name])
         model_type = values.pop("model_type")
@@ -201,7 +204,7 @@ def resolve_config(name_or_path: str | os.PathLike) -> Any:
         config._name_or_path = name
         return config
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
+        return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ValueError(
             f"no config for {name!r}: it is not a local folder, not one of the built-in hub ids "

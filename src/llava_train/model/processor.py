@@ -37,9 +37,9 @@ def vision_source(cfg: RunConfig) -> tuple[Path, Any]:
 
     init = init_source(cfg.model.init_from)
     if init is not None and init.kind == "full":
-        return init.folder, AutoConfig.from_pretrained(str(init.folder)).vision_config
+        return init.folder, AutoConfig.from_pretrained(str(init.folder), trust_remote_code=False).vision_config
     source = resolve_folder(cfg.model.vision_tower, weights=False)
-    return source, vision_config_of(AutoConfig.from_pretrained(str(source)))
+    return source, vision_config_of(AutoConfig.from_pretrained(str(source), trust_remote_code=False))
 
 
 def build_image_processor(cfg: RunConfig, source: Path, vision: Any) -> Any:
@@ -47,7 +47,7 @@ def build_image_processor(cfg: RunConfig, source: Path, vision: Any) -> Any:
     import transformers
     from transformers import AutoImageProcessor
 
-    base = AutoImageProcessor.from_pretrained(str(source))
+    base = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=False)
     if cfg.model.arch == "llava":
         return base
     geometry = run_geometry(cfg, vision)
@@ -177,7 +177,7 @@ def load_saved_processor(folder: str | Path, model_type: str) -> Any:
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(str(folder))
+        return AutoProcessor.from_pretrained(str(folder), trust_remote_code=False)
     except ImportError:
         if model_type != "llava_onevision":
             raise
@@ -200,7 +200,7 @@ def load_onevision_processor(folder: str | Path) -> Any:
     template = folder / "chat_template.jinja"
     processor = _onevision_processor_class()(
         image_processor=image_processor,
-        tokenizer=AutoTokenizer.from_pretrained(str(folder)),
+        tokenizer=AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False),
         video_processor=None,
         chat_template=template.read_text() if template.is_file() else None,
         **{k: settings[k] for k in ONEVISION_SETTINGS if k in settings},

@@ -65,7 +65,7 @@ def write_tiny_language_model(
         raise KeyError(f"unknown tokenizer_style {tokenizer_style!r}; valid styles: {', '.join(TOKENIZER_STYLES)}")
     out = Path(out_dir)
     build_tiny_tokenizer(out, corpus=corpus, style=tokenizer_style)
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     common: dict[str, Any] = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,

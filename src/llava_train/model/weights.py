@@ -31,17 +31,22 @@ def resolve_folder(name_or_path: str | os.PathLike, weights: bool = True, also: 
     `weights=False` fetches configs, tokenizer and processor files only (data commands need no weights);
     `also` adds file patterns fetched either way (an original LLaVA stage 1's small `mm_projector.bin`).
     """
+    from llava_train.model.remote_code import refuse_remote_code
+
     path = Path(name_or_path)
     if path.is_dir():
+        refuse_remote_code(path)
         return path
     from huggingface_hub import snapshot_download
 
     if not weights:
         small = [p for p in _HUB_PATTERNS if "safe" not in p] + list(also)
-        return Path(snapshot_download(str(name_or_path), allow_patterns=small))
-    folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS + list(also)))
-    if not list(folder.glob("*.safetensors")):
-        folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS + ["*.bin"]))
+        folder = Path(snapshot_download(str(name_or_path), allow_patterns=small))
+    else:
+        folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS + list(also)))
+        if not list(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS + ["*.bin"]))
+    refuse_remote_code(folder)
     return folder
 
 

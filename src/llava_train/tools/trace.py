@@ -269,7 +269,10 @@ def trace(cfg: RunConfig, index: int = 0, model_dir: str | None = None) -> dict[
     if model_dir is not None:
         from transformers import AutoModelForImageTextToText
 
-        parts.model = AutoModelForImageTextToText.from_pretrained(model_dir)
+        from llava_train.model.remote_code import refuse_remote_code
+
+        refuse_remote_code(model_dir)
+        parts.model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=False)
         if int(parts.model.config.image_token_id) != parts.image_token_id:
             raise ValueError(
                 f"{model_dir} has image token id {parts.model.config.image_token_id}, the config's tokenizer "

@@ -147,7 +147,7 @@ def pretrain_vision_tower(
 
     torch.manual_seed(seed)
     model = CLIPVisionModel.from_pretrained(str(folder))
-    processor = AutoImageProcessor.from_pretrained(str(folder))
+    processor = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False)
     config = model.config
     grid = config.image_size // config.patch_size
     rows = [r for p in (data.pretrain, data.finetune) for r in json.loads(Path(p).read_text()) if r.get("image")]
@@ -250,8 +250,8 @@ def pretrain_language_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False)
     ids: list[int] = []
     for doc in lm_corpus(sources, tokenizer, seed):
         ids.extend(tokenizer(doc, add_special_tokens=True)["input_ids"])

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from llava_train.config_io import safe_load_no_alias
+
 METHODS = ("grid", "random", "bayes")
 LOCAL_METHODS = ("grid", "random")
 GOALS = ("minimize", "maximize")
@@ -168,7 +170,7 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     if not p.is_file():
         raise SweepError(f"sweep file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = safe_load_no_alias(p.read_text(), str(p))
     except yaml.YAMLError as e:
         raise SweepError(f"sweep file {p} is not valid YAML: {e}") from e
     return parse_sweep(data, name=p.stem)
