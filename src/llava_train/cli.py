@@ -83,7 +83,7 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_merge_lora(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_train.model.lora import merge_lora
+    from llava_train.training.lora_merge import merge_lora
 
     out = merge_lora(args.run_dir, args.out)
     print(f"merged model written to {out}")

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from llava_train.config import RunConfig
+from llava_train.run_files import DATA_REPORT
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-DATA_REPORT = "data_report.json"
 
 
 def default_report_path(cfg: RunConfig) -> Path:

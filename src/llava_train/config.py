@@ -22,6 +22,9 @@ from llava_train.config_data import ColumnsConfig as ColumnsConfig
 from llava_train.config_data import DataConfig
 from llava_train.config_data import SourceConfig as SourceConfig
 from llava_train.config_io import ConfigError, apply_overrides, build, check_choice, describe, load_yaml
+from llava_train.run_files import CONFIG_FILENAME as CONFIG_FILENAME
+from llava_train.run_files import METRICS_FILENAME as METRICS_FILENAME
+from llava_train.stages import STAGES
 
 FEATURE_SELECTS = ("patch", "cls_patch")
 TINY_PRESETS = ("tiny", "tiny_chatml")
@@ -30,8 +33,6 @@ PROJECTORS = ("mlp2x_gelu",)
 DTYPES = ("bfloat16", "float16", "float32")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 # Files of a run folder that more than one module reads or writes.
-CONFIG_FILENAME = "llava_train_config.yaml"
-METRICS_FILENAME = "metrics.jsonl"
 
 
 @dataclass
@@ -222,8 +223,6 @@ class RunConfig:
     metrics_every: int = 0
 
     def __post_init__(self) -> None:
-        from llava_train.stages import STAGES
-
         check_choice("stage", self.stage, tuple(STAGES))
         spec = STAGES[self.stage]
         if not isinstance(self.train, dict):

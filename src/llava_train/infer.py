@@ -30,10 +30,9 @@ from llava_train.llava_format import (
     to_messages,
     user_text,
 )
+from llava_train.run_files import EVAL_PREDICTIONS_FILENAME, EVAL_REPORT_FILENAME
 
 DEFAULT_TYPE = "all"
-REPORT_FILENAME = "eval_report.json"
-PREDICTIONS_FILENAME = "eval_predictions.jsonl"
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -95,7 +94,7 @@ def load(model_dir: str | Path, device: str | None = None, dtype: str | None = N
     from transformers import AutoModelForImageTextToText
 
     from llava_train.model.processor import load_saved_processor
-    from llava_train.model.remote_code import refuse_remote_code
+    from llava_train.remote_code import refuse_remote_code
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -381,8 +380,8 @@ def evaluate(
     report = score(rows)
     report.update(model=str(model_dir) if model_dir is not None else None, data=str(data), options=asdict(opts))
     out = Path(out_dir)
-    _write_jsonl(rows, out / PREDICTIONS_FILENAME)
-    (out / REPORT_FILENAME).write_text(json.dumps(report, indent=2))
+    _write_jsonl(rows, out / EVAL_PREDICTIONS_FILENAME)
+    (out / EVAL_REPORT_FILENAME).write_text(json.dumps(report, indent=2))
     return report
 
 

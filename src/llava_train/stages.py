@@ -1,12 +1,13 @@
 """Training stages as data: the one owner of every stage fact (what trains, template, checkpoints, LoRA).
 
-Imports nothing heavy (the config layer reads the registry); applying a stage to a model imports torch.
+Pure data below the config layer (which reads the registry to validate); `model.freeze.apply_stage` applies a
+stage to a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llava_train.utils.logging import get_logger
 
@@ -79,33 +80,3 @@ def stage_groups(cfg: RunConfig) -> tuple[str, ...]:
         # As LLaVA's LoRA recipe: adapters on the language model, lm_head stays as pretrained.
         groups = [g for g in groups if g != "lm_head"]
     return tuple(groups)
-
-
-def apply_stage(model: Any, cfg: RunConfig) -> list[dict[str, Any]]:
-    """Set requires_grad for `cfg.stage` and log the table (module group, trainable, frozen); returns the table.
-
-    With `lora.enabled` call it AFTER `model.lora.apply_lora` (it checks): the language model then
-    trains through its adapters only. The vision tower trains from `model.vision_tower_train_from_layer`
-    when `model.train_vision_tower` is set.
-    """
-    from llava_train.model.freeze import format_parameter_table, is_peft_model, parameter_table, set_trainable
-
-    if cfg.lora.enabled and not is_peft_model(model):
-        raise ValueError("lora.enabled: call model.lora.apply_lora(model, cfg) before apply_stage")
-    groups = stage_groups(cfg)
-    set_trainable(model, groups, vision_from_layer=cfg.model.vision_tower_train_from_layer)
-    table = parameter_table(model)
-    log.info("stage %s: %s\n%s", cfg.stage, get_stage(cfg.stage).description, format_parameter_table(table))
-    return table
-
-
-def parameter_table_from_configs(cfg: RunConfig, extra_tokens: int | None = None) -> list[dict[str, Any]]:
-    """The stage's parameter table for `cfg` without weights (`model.builder.meta_model`), LoRA added when enabled."""
-    from llava_train.model.builder import meta_model
-
-    model = meta_model(cfg, extra_tokens)
-    if cfg.lora.enabled:
-        from llava_train.model.lora import apply_lora
-
-        model = apply_lora(model, cfg)
-    return apply_stage(model, cfg)

@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainingArguments, set_seed
 
 from llava_train.components import Components, load_components
-from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config
+from llava_train.config import RunConfig, dump_config, load_config
 from llava_train.config_io import ConfigError, sweep_run_output_dir
 from llava_train.data.dataset import build_dataset
 from llava_train.data.scan_cache import data_cache_dir
@@ -32,13 +32,14 @@ from llava_train.errors import (
     user_errors,
 )
 from llava_train.preflight import check_paths
+from llava_train.run_files import CONFIG_FILENAME, DATA_SUMMARY_FILENAME, PREEMPTED_FILE
 from llava_train.training.assembly import assemble_trainer, prepare_model
 from llava_train.training.checkpoint import LoraNewlineResumeCallback
 from llava_train.training.checkpoint import save_final as write_final
 from llava_train.training.precision import PrecisionPolicy, resolve_precision
 from llava_train.training.resume import newest_complete_checkpoint
 from llava_train.training.resume import resolve_resume as newest_resume
-from llava_train.training.safety import PREEMPTED_FILE, NonFiniteStepError, SafetyCallback
+from llava_train.training.safety import NonFiniteStepError, SafetyCallback
 from llava_train.training.wandb_logging import wandb_env
 from llava_train.utils.attention import sdpa_backends
 from llava_train.utils.distributed import (
@@ -181,7 +182,7 @@ def build_data(cfg: RunConfig, parts: Components, args: TrainingArguments) -> tu
         train_ds = build_dataset(cfg.data, parts, seed=seed, split="train", cache_dir=cache)
         eval_ds = build_dataset(cfg.data, parts, seed=seed, split="eval", cache_dir=cache) if cfg.data.eval else None
     if is_main_process():
-        (Path(cfg.output_dir) / "data_summary.json").write_text(json.dumps(train_ds.summary(), indent=2))
+        (Path(cfg.output_dir) / DATA_SUMMARY_FILENAME).write_text(json.dumps(train_ds.summary(), indent=2))
     log.info(
         "data: %d train samples, %s eval samples, image tokens %s",
         len(train_ds),

@@ -443,7 +443,7 @@ def test_lora_zero3_checkpoints_resume_and_merge(workspace: Path, tmp_path: Path
 
     from transformers import AutoModelForImageTextToText
 
-    from llava_train.model.lora import merge_lora
+    from llava_train.training.lora_merge import merge_lora
 
     merged = Path(merge_lora(full, tmp_path / "merged"))
     model = AutoModelForImageTextToText.from_pretrained(str(merged))
@@ -476,8 +476,8 @@ def drill_config(workspace: Path, zero: str, out: Path, **train: Any) -> dict[st
 def test_sigterm_to_one_rank_saves_on_both_exits_3_and_resumes_exactly(workspace: Path, tmp_path: Path) -> None:
     """SIGTERM reaches rank 1 only (after step 2): both ranks save checkpoint-3 and exit 3; resume=auto continues
     the uninterrupted 2-rank ZeRO-3 run's losses exactly."""
+    from llava_train.run_files import PREEMPTED_FILE
     from llava_train.training.resume import complete_checkpoints
-    from llava_train.training.safety import PREEMPTED_FILE
 
     ref = tmp_path / "reference"
     launch(

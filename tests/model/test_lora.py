@@ -18,10 +18,10 @@ from safetensors import safe_open
 
 from llava_train.components import load_components
 from llava_train.config import dump_config
-from llava_train.model.freeze import group_of, strip_wrappers, trainable_names
-from llava_train.model.lora import apply_lora, lora_target_modules, merge_lora
+from llava_train.model.freeze import apply_stage, group_of, strip_wrappers, trainable_names
+from llava_train.model.lora import apply_lora, lora_target_modules
 from llava_train.model.projector import projector_module
-from llava_train.stages import apply_stage
+from llava_train.training.lora_merge import merge_lora
 
 LM_LINEARS = [
     f"model.language_model.layers.{i}.{m}"

@@ -221,3 +221,14 @@ def test_summary_table_rows_and_ratios(tmp_path) -> None:
     assert table[2] == "| p | hf-padded | 1,000 | 5.0% | 6.0% | 40.0 | 1.00 | 1.0% | 50.0% |"
     assert table[3] == "| p | ours | 5,500 | 41.0% | 41.0% | 60.2 | 5.50 | 0.0% | 97.0% |"
     assert len(table) == 4
+
+
+def test_bench_line_is_the_training_runs_metrics_line(tmp_path) -> None:
+    """One assembly: the bench's figures are the tracker's log line that the run writes to metrics.jsonl."""
+    record = run_mode("cpu-tiny", "ours", preset=_small(), output_dir=str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = next(x for x in lines if x.get("step") == 3 and "tokens_per_s" in x)  # warmup 1 + 2 timed steps
+    assert record["tokens_per_s"] == round(logged["tokens_per_s"], 1)
+    assert record["trained_tokens_per_s"] == round(logged["trained_tokens_per_s"], 1)
+    assert record["padding_efficiency"] == round(logged["padding_efficiency"], 4)
+    assert [x["step"] for x in lines if "tokens_per_s" in x] == [1, 3]  # the end of warmup, the end of the timed steps

@@ -13,11 +13,11 @@ from torch import nn
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from llava_train.config import from_dict
+from llava_train.training.assembly import build_callbacks
 from llava_train.training.callbacks import (
     LossPlotCallback,
     MetricsJsonlCallback,
     ThroughputCallback,
-    build_callbacks,
     format_console_line,
     group_learning_rates,
     write_loss_plot,

@@ -22,10 +22,10 @@ import yaml
 from llava_train.config import from_dict
 from llava_train.config_io import ConfigError
 from llava_train.errors import EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointWriteError
+from llava_train.run_files import COMPLETE_MARKER, PREEMPTED_FILE
 from llava_train.train import run
-from llava_train.training.checkpoint import COMPLETE_MARKER
 from llava_train.training.resume import check_checkpoint, complete_checkpoints
-from llava_train.training.safety import PREEMPTED_FILE, NonFiniteStepError, StepGuard
+from llava_train.training.safety import NonFiniteStepError, StepGuard
 from llava_train.training.trainer import LLaVATrainer
 from tiny_models import losses, tiny_config, write_tiny_data
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llava_train.data.templates import bos_text, eos_text, tokenizer_adds_bos
+from llava_train.data.special_tokens import bos_text, eos_text, tokenizer_adds_bos
 from llava_train.llava_format import image_markers, video_markers
 
 if TYPE_CHECKING:

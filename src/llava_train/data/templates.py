@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llava_train.data.chat_template import jinja_template, jinja_tokenizer
+from llava_train.data.special_tokens import bos_text, eos_text
 from llava_train.llava_format import (
     ASSISTANT,
     DATA_IMAGE_TAG,
@@ -117,8 +119,6 @@ class Template:
         configured system prompt is used. For `tokenizer` the LM's own template runs on the
         normalised messages, minus a leading BOS the tokenizer adds itself.
         """
-        from llava_train.data.chat_template import jinja_template, jinja_tokenizer
-
         if self.kind == "tokenizer":
             return jinja_tokenizer(self, tokenizer)
         return jinja_template(self, tokenizer)
@@ -147,28 +147,6 @@ def _merge(segments: list[Segment]) -> list[Segment]:
         else:
             out.append(s)
     return out
-
-
-def eos_text(tokenizer: Any) -> str:
-    """The end marker string training appends to replies (the tokenizer's EOS, `</s>` without one)."""
-    eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
-    return eos if eos else "</s>"
-
-
-def bos_text(tokenizer: Any) -> str:
-    """The BOS string (empty when the tokenizer has none; `<s>` without a tokenizer)."""
-    if tokenizer is None:
-        return "<s>"
-    return getattr(tokenizer, "bos_token", None) or ""
-
-
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether encoding with `add_special_tokens=True` puts the tokenizer's BOS in front (Llama, Mistral: yes)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
 
 # -- renderers ---------------------------------------------------------------------------------
@@ -235,8 +213,6 @@ def _render_tokenizer(t: Template, turns: list[Turn], tok: Any, gen: bool) -> li
     # (history + reply). A template that rewrites earlier turns is rejected, not guessed.
     if tok is None or not getattr(tok, "chat_template", None):
         raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
-    from llava_train.data.chat_template import jinja_tokenizer
-
     template = jinja_tokenizer(t, tok)
     messages = to_messages(turns, t.image_token, t.video_token)
 

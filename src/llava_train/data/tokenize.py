@@ -45,7 +45,7 @@ def load_tokenizer(path: str, image_token: str = "<image>", extra_tokens: tuple[
     from transformers import AutoTokenizer
 
     # use_fast is ignored by transformers 5 (every tokenizer is Rust-backed); kept as the original's call.
-    from llava_train.model.remote_code import refuse_remote_code
+    from llava_train.remote_code import refuse_remote_code
 
     refuse_remote_code(path)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right", use_fast=False, trust_remote_code=False)

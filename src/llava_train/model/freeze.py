@@ -1,13 +1,21 @@
-"""Module groups of LlavaForConditionalGeneration, setting what trains, and the trainable/frozen parameter table."""
+"""Module groups of LlavaForConditionalGeneration, setting what trains (a stage applied to a model), and the
+trainable/frozen parameter table."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from llava_train.stages import get_stage, stage_groups
 from llava_train.utils.distributed import full_numel
+from llava_train.utils.logging import get_logger
 from llava_train.utils.modules import unwrap
+
+if TYPE_CHECKING:
+    from llava_train.config import RunConfig
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -165,3 +173,19 @@ def format_parameter_table(table: list[dict[str, Any]]) -> str:
     for row in table:
         lines.append(f"{row['group']:<24}{row['trainable']:>16,}{row['frozen']:>16,}")
     return "\n".join(lines)
+
+
+def apply_stage(model: Any, cfg: RunConfig) -> list[dict[str, Any]]:
+    """Set requires_grad for `cfg.stage` and log the table (module group, trainable, frozen); returns the table.
+
+    With `lora.enabled` call it AFTER `model.lora.apply_lora` (it checks): the language model then
+    trains through its adapters only. The vision tower trains from `model.vision_tower_train_from_layer`
+    when `model.train_vision_tower` is set.
+    """
+    if cfg.lora.enabled and not is_peft_model(model):
+        raise ValueError("lora.enabled: call model.lora.apply_lora(model, cfg) before apply_stage")
+    groups = stage_groups(cfg)
+    set_trainable(model, groups, vision_from_layer=cfg.model.vision_tower_train_from_layer)
+    table = parameter_table(model)
+    log.info("stage %s: %s\n%s", cfg.stage, get_stage(cfg.stage).description, format_parameter_table(table))
+    return table

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from llava_train.errors import InitFromError
 from llava_train.model.original import MM_PROJECTOR_FILE, OriginalConfig, is_original_config, raw_config, read_config
-from llava_train.model.projector import PROJECTOR_FILE
 from llava_train.model.weights import checkpoint_names, resolve_folder, weight_files
+from llava_train.run_files import PROJECTOR_FILE
 
 # The kinds, in the order they are tried on a folder.
 KINDS = {

@@ -189,7 +189,7 @@ def resolve_config(name_or_path: str | os.PathLike) -> Any:
     """
     from transformers import AutoConfig
 
-    from llava_train.model.remote_code import refuse_remote_code
+    from llava_train.remote_code import refuse_remote_code
 
     name = str(name_or_path)
     if Path(name).is_dir():

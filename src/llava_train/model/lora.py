@@ -1,4 +1,4 @@
-"""LoRA / QLoRA (peft) on the language model's linear layers only, and merging adapters into a HF-native folder.
+"""LoRA / QLoRA (peft) on the language model's linear layers only (merging: `training.lora_merge`).
 
 Adapters are placed by module path (`model.language_model.…`), never by bare names: CLIP's attention
 has `q_proj`/`k_proj`/`v_proj` too. The projector is peft's `modules_to_save`, so every adapter
@@ -7,19 +7,14 @@ checkpoint (intermediate ones included) holds the trained projector and resuming
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from pathlib import Path
 from typing import Any
 
-from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config, load_config
+from llava_train.config import RunConfig
 from llava_train.model.freeze import MODULE_GROUPS, strip_wrappers
-from llava_train.model.serving import save_serving_files
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-ADAPTER_DIR = "adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PROJECTOR_MODULE = "multi_modal_projector"
 
@@ -54,7 +49,7 @@ def apply_lora(model: Any, cfg: RunConfig) -> Any:
 
     r/alpha/dropout come from `cfg.lora`; the projector is a `modules_to_save` copy (trainable, saved in
     every adapter checkpoint). For QLoRA (`lora.bits`), the model must have been built quantized
-    (`builder.build_model` does); peft's k-bit preparation is applied first. Call `stages.apply_stage`
+    (`builder.build_model` does); peft's k-bit preparation is applied first. Call `model.freeze.apply_stage`
     afterwards: it decides what trains.
     """
     from peft import LoraConfig, get_peft_model
@@ -82,59 +77,3 @@ def apply_lora(model: Any, cfg: RunConfig) -> Any:
     if hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
     return peft_model
-
-
-def find_adapter(path: str | os.PathLike) -> Path:
-    """The adapter folder of a run folder (`<run>/adapter`) or of a checkpoint folder (the folder itself)."""
-    path = Path(path)
-    for candidate in (path / ADAPTER_DIR, path):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no LoRA adapter in {path}: expected {path / ADAPTER_DIR}/adapter_config.json or {path}/adapter_config.json"
-    )
-
-
-def find_run_config(path: str | os.PathLike) -> Path:
-    """The resolved run config of a run folder or of one of its checkpoints (the folder, then its parent)."""
-    path = Path(path)
-    for candidate in (path / CONFIG_FILENAME, path.parent / CONFIG_FILENAME):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no {CONFIG_FILENAME} in {path} or {path.parent}")
-
-
-def merge_lora(run_dir_or_checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None) -> str:
-    """Merge a LoRA run's adapters into its base model and write a HF-native LLaVA folder; returns `out_dir`.
-
-    The base model is rebuilt from the run's resolved config (its language model, vision tower and
-    `init_from`, unquantized even for QLoRA runs), the adapter (and its projector copy) is loaded from
-    safetensors, merged with `merge_and_unload`, and saved with the processor (the run's template as
-    chat template), generation config and the resolved config. `dtype` overrides `model.dtype`.
-    `out_dir` may be the run folder itself (the adapter stays in `adapter/`).
-    """
-    from peft import PeftModel
-
-    from llava_train.components import load_components
-    from llava_train.model.projector import PROJECTOR_FILE, load_projector
-
-    src = Path(run_dir_or_checkpoint)
-    cfg = load_config(find_run_config(src))
-    adapter = find_adapter(src)
-    model_cfg = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)
-    base_cfg = dataclasses.replace(cfg, model=model_cfg, lora=dataclasses.replace(cfg.lora, bits=None))
-    parts = load_components(base_cfg)
-    peft_model = PeftModel.from_pretrained(parts.model, str(adapter))
-    merged = peft_model.merge_and_unload()
-    projector = src / PROJECTOR_FILE
-    if projector.is_file():
-        # The adapter's projector copy and the checkpoint's projector.safetensors are the same weights;
-        # loading the file also covers adapters saved without the projector.
-        load_projector(merged, projector)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out))
-    save_serving_files(out, parts.processor, merged.generation_config)
-    dump_config(cfg, out / CONFIG_FILENAME)
-    log.info("merged LoRA adapter %s into %s", adapter, out)
-    return str(out)

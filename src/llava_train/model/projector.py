@@ -19,7 +19,6 @@ from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-PROJECTOR_FILE = "projector.safetensors"
 NEWLINE_KEY = "image_newline"
 
 

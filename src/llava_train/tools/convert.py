@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llava_train.config import CONFIG_FILENAME, DTYPES, RunConfig, dump_config, from_dict, load_config
+from llava_train.config import DTYPES, RunConfig, dump_config, from_dict, load_config
 from llava_train.config_io import apply_overrides
 from llava_train.errors import InitFromError
 from llava_train.model.serving import save_serving_files
+from llava_train.run_files import CONFIG_FILENAME, PROJECTOR_FILE
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -72,7 +73,7 @@ def convert_config(
 def convert(cfg: RunConfig, out: str | os.PathLike) -> Path:
     """Load `cfg.model.init_from` as a run would and write the HF-native folder `out`; returns it."""
     from llava_train.components import load_components
-    from llava_train.model.projector import PROJECTOR_FILE, save_projector
+    from llava_train.model.projector import save_projector
 
     parts = load_components(cfg)
     out = Path(out)

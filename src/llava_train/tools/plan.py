@@ -42,7 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llava_train.config import RunConfig
+from llava_train.model.builder import meta_model
+from llava_train.model.freeze import apply_stage, format_parameter_table, parameter_table
+from llava_train.model.lora import apply_lora
+from llava_train.model.vision import run_geometry, tower_tokens
 
 GIB = 1024**3
 GPU_SIZES_GIB = (24, 40, 80)
@@ -143,12 +149,6 @@ def read_zero_settings(deepspeed: Any) -> ZeroSettings:
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
     """Build the run's LlavaForConditionalGeneration on the meta device (LoRA applied, stage set) and count."""
-    import torch
-
-    from llava_train.model.builder import meta_model
-    from llava_train.model.freeze import parameter_table
-    from llava_train.model.vision import run_geometry, tower_tokens
-    from llava_train.stages import apply_stage
 
     model = meta_model(cfg)
     config = model.config
@@ -158,8 +158,6 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
         if isinstance(m, torch.nn.Linear) and n.startswith("model.language_model.")
     )
     if cfg.lora.enabled:
-        from llava_train.model.lora import apply_lora
-
         # QLoRA's quantisation is accounted for by bytes per parameter, not built (bitsandbytes is CUDA-only).
         model = apply_lora(model, dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, bits=None)))
     apply_stage(model, cfg)
@@ -334,7 +332,6 @@ def _gib(n: int | float) -> str:
 
 def format_plan(p: MemoryPlan) -> str:
     """The plan as the text `llava-train plan` prints."""
-    from llava_train.model.freeze import format_parameter_table
 
     z = p.zero
     zero_text = "no DeepSpeed" if z.stage == 0 else f"ZeRO-{z.stage}"
@@ -382,3 +379,12 @@ def plan(cfg: RunConfig, num_gpus: int | None = None, num_nodes: int = 1) -> str
     estimator table too, labelled: it assumes all parameters train.
     """
     return format_plan(estimate(cfg, num_gpus=num_gpus, num_nodes=num_nodes))
+
+
+def parameter_table_from_configs(cfg: RunConfig, extra_tokens: int | None = None) -> list[dict[str, Any]]:
+    """The stage's parameter table for `cfg` without weights (`model.builder.meta_model`), LoRA added when enabled."""
+
+    model = meta_model(cfg, extra_tokens)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    return apply_stage(model, cfg)

@@ -269,7 +269,7 @@ def trace(cfg: RunConfig, index: int = 0, model_dir: str | None = None) -> dict[
     if model_dir is not None:
         from transformers import AutoModelForImageTextToText
 
-        from llava_train.model.remote_code import refuse_remote_code
+        from llava_train.remote_code import refuse_remote_code
 
         refuse_remote_code(model_dir)
         parts.model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=False)

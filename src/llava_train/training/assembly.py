@@ -6,6 +6,7 @@ load-bearing order. A bench figure is therefore a training figure: same collator
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -14,13 +15,22 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from llava_train.config import RunConfig
 from llava_train.data.collator import PaddingCollator
 from llava_train.data.packing import PackedRows, PackingCollator
-from llava_train.stages import apply_stage, get_stage
-from llava_train.training.callbacks import ThroughputCallback, build_callbacks
+from llava_train.model.freeze import apply_stage
+from llava_train.run_files import LOSS_PLOT_FILENAME, METRICS_FILENAME
+from llava_train.stages import get_stage
+from llava_train.training.callbacks import (
+    LossPlotCallback,
+    MetricsJsonlCallback,
+    PredictionsFn,
+    ThroughputCallback,
+    wandb_enabled,
+)
 from llava_train.training.checkpoint import CheckpointArtifactsCallback, HFExport
 from llava_train.training.metrics import ThroughputTracker
 from llava_train.training.precision import PrecisionPolicy, apply_precision
 from llava_train.training.safety import SafetyCallback, StepGuard
 from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
+from llava_train.training.wandb_logging import WandbExtrasCallback
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -41,6 +51,29 @@ def prepare_model(model: Any, cfg: RunConfig, policy: PrecisionPolicy) -> Any:
 
         compile_regions(model, cfg.perf.compile_options)
     return model
+
+
+def build_callbacks(
+    cfg: RunConfig,
+    tracker: ThroughputTracker | None,
+    data_report: dict[str, Any] | None = None,
+    predictions_fn: PredictionsFn | None = None,
+) -> list[TrainerCallback]:
+    """The run-reporting callbacks for a RunConfig (`assemble_trainer` installs them in the run's order).
+
+    [ThroughputCallback (if a tracker), MetricsJsonlCallback(<run>/metrics.jsonl),
+    LossPlotCallback(<run>/loss.png), WandbExtrasCallback (if report_to includes wandb)].
+    """
+    out_dir = Path(cfg.output_dir)
+    callbacks: list[TrainerCallback] = []
+    if tracker is not None:
+        callbacks.append(ThroughputCallback(tracker, every=cfg.metrics_every))
+    callbacks.append(MetricsJsonlCallback(out_dir / METRICS_FILENAME))
+    callbacks.append(LossPlotCallback(out_dir / LOSS_PLOT_FILENAME))
+    if wandb_enabled(cfg.train.get("report_to")):
+        predictions = predictions_fn if cfg.wandb.log_predictions > 0 else None
+        callbacks.append(WandbExtrasCallback(cfg.to_dict(), data_report, predictions))
+    return callbacks
 
 
 @dataclass

@@ -12,13 +12,11 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from llava_train.config import METRICS_FILENAME
 from llava_train.training.metrics import ThroughputTracker
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-LOSS_PLOT_FILENAME = "loss.png"
 PredictionsFn = Callable[[Any], list[dict[str, Any]]]
 
 
@@ -261,28 +259,3 @@ class LossPlotCallback(TrainerCallback):
         with optional_artifact(f"loss plot {self.path} (needs the `plot` extra: matplotlib)"):
             if write_loss_plot(state.log_history, self.path) is not None:
                 log.info("loss curve written to %s", self.path)
-
-
-def build_callbacks(
-    cfg: Any,
-    tracker: ThroughputTracker | None,
-    data_report: dict[str, Any] | None = None,
-    predictions_fn: PredictionsFn | None = None,
-) -> list[TrainerCallback]:
-    """The run-reporting callbacks for a RunConfig (`training.assembly` installs them in the run's order).
-
-    [ThroughputCallback (if a tracker), MetricsJsonlCallback(<run>/metrics.jsonl),
-    LossPlotCallback(<run>/loss.png), WandbExtrasCallback (if report_to includes wandb)].
-    """
-    out_dir = Path(cfg.output_dir)
-    callbacks: list[TrainerCallback] = []
-    if tracker is not None:
-        callbacks.append(ThroughputCallback(tracker, every=cfg.metrics_every))
-    callbacks.append(MetricsJsonlCallback(out_dir / METRICS_FILENAME))
-    callbacks.append(LossPlotCallback(out_dir / LOSS_PLOT_FILENAME))
-    if wandb_enabled(cfg.train.get("report_to")):
-        from llava_train.training.wandb_logging import WandbExtrasCallback
-
-        predictions = predictions_fn if cfg.wandb.log_predictions > 0 else None
-        callbacks.append(WandbExtrasCallback(cfg.to_dict(), data_report, predictions))
-    return callbacks

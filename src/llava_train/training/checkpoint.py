@@ -22,21 +22,25 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llava_train.config import CONFIG_FILENAME, RunConfig, dump_config
-from llava_train.model.projector import PROJECTOR_FILE, save_projector
+from llava_train.config import RunConfig, dump_config
+from llava_train.model.projector import save_projector
 from llava_train.model.serving import save_serving_files
+from llava_train.run_files import (
+    ADAPTER_DIR,
+    CHECKPOINT_INFO,
+    COMPLETE_MARKER,
+    CONFIG_FILENAME,
+    HF_EXPORT_DIR,
+    PREEMPTED_FILE,
+    PROJECTOR_FILE,
+    TRAINING_ARGS_JSON,
+)
+from llava_train.training.lora_merge import merge_lora
 from llava_train.utils.distributed import gathered
 from llava_train.utils.logging import get_logger, is_main_process
 from llava_train.utils.modules import unwrap
 
 log = get_logger(__name__)
-
-CHECKPOINT_INFO = "llava_train_checkpoint.json"
-# Written last into a checkpoint folder, after every file in it is on disk (fsync'd): its manifest of file
-# sizes is what makes the folder a complete checkpoint (`training.resume.check_checkpoint`).
-COMPLETE_MARKER = "llava_train_complete.json"
-# A checkpoint's HF-native export (`train.export_hf`): loads like the final folder, rotates with its checkpoint.
-HF_EXPORT_DIR = "hf"
 
 
 def is_checkpoint_folder(path: str | os.PathLike, run_dir: str | os.PathLike) -> bool:
@@ -139,8 +143,6 @@ def export_checkpoint(model: torch.nn.Module, ckpt: Path, export: HFExport, worl
             return None
         if not is_main_process():
             return None
-        from llava_train.model.lora import merge_lora
-
         shutil.rmtree(tmp, ignore_errors=True)
         # Rebuilding the base initialises a projector: keep the training RNG where the checkpoint saved it.
         with torch.random.fork_rng(devices=[]):
@@ -268,8 +270,6 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
     model = trainer.model
     save_projector(model, out / PROJECTOR_FILE)
     if cfg.lora.enabled:
-        from llava_train.model.lora import ADAPTER_DIR, merge_lora
-
         trainer.save_model(str(out / ADAPTER_DIR))
         if trainer.args.world_size > 1:
             # Rebuilding the base model inside one rank of a ZeRO-3 job would wait on the others forever.
@@ -286,13 +286,12 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
         state = runtime_state_dict(model, trainable_only=False, materialize=trainer.args.should_save)
         if trainer.args.should_save:
             write_hf_folder(unwrap(model), state, cfg.model.dtype, out)
-            (out / "training_args.json").write_text(trainer.args.to_json_string())
+            (out / TRAINING_ARGS_JSON).write_text(trainer.args.to_json_string())
     if trainer.args.should_save:
         save_serving_files(out, processor, getattr(model, "generation_config", None))
         dump_config(cfg, out / CONFIG_FILENAME)
         for folder in (out, out / "adapter"):
             replace_pickled_args(folder, trainer.args)
-        from llava_train.training.safety import PREEMPTED_FILE
 
         (out / PREEMPTED_FILE).unlink(missing_ok=True)
     log.info("saved final model to %s", out)
@@ -307,7 +306,7 @@ def replace_pickled_args(folder: Path, args: Any) -> None:
     pickled = folder / "training_args.bin"
     if pickled.is_file():
         pickled.unlink()
-        (folder / "training_args.json").write_text(args.to_json_string())
+        (folder / TRAINING_ARGS_JSON).write_text(args.to_json_string())
 
 
 class LoraNewlineResumeCallback(TrainerCallback):

@@ -88,7 +88,12 @@ class ThroughputTracker:
     peak_flops: dense peak FLOP/s of one GPU (None = no MFU, e.g. on CPU).
     image_token_id: id of the image placeholder in input_ids.
     video_token_id: id of OneVision's video placeholder (None for the image-only archs).
+    recompute: activation checkpointing is on: `hfu` (hardware FLOP utilisation) adds the recomputed forward.
     clock: seconds source, also used by ThroughputCallback (tests pass a fake clock).
+    cpu_clock: this process's CPU seconds (all threads); `last_interval` reports them.
+
+    After each flush `last_interval` holds the interval's global counts (STAT_KEYS), `seconds` and `cpu_seconds`:
+    the raw figures behind the logged rates (the bench reports from them).
     """
 
     def __init__(
@@ -98,16 +103,22 @@ class ThroughputTracker:
         *,
         image_token_id: int,
         video_token_id: int | None = None,
+        recompute: bool = False,
         clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self.flops = flops
         self.peak_flops = peak_flops
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
+        self.recompute = recompute
         self.clock = clock
+        self.cpu_clock = cpu_clock
         self._totals: dict[str, torch.Tensor] | None = None
         self._start: float | None = None
+        self._cpu_start = 0.0
         self._excluded = 0.0
+        self.last_interval: dict[str, float] = {}
 
     @classmethod
     def for_model(cls, model: Any, args: Any = None) -> ThroughputTracker:
@@ -133,11 +144,13 @@ class ThroughputTracker:
             peak,
             image_token_id=int(base.config.image_token_id),
             video_token_id=None if video is None else int(video),
+            recompute=bool(args is not None and getattr(args, "gradient_checkpointing", False)),
         )
 
     def start(self) -> None:
         """Start the first interval now (otherwise it starts at the first `observe`)."""
         self._start = self.clock()
+        self._cpu_start = self.cpu_clock()
         self._excluded = 0.0
 
     def observe(self, batch: Mapping[str, Any]) -> None:
@@ -164,9 +177,10 @@ class ThroughputTracker:
         With several ranks every rank joins the same collectives, even one that observed nothing,
         so a rank with an empty interval cannot leave the others waiting.
         """
-        totals, start = self._totals, self._start
-        now = self.clock()
+        totals, start, cpu_start = self._totals, self._start, self._cpu_start
+        now, cpu_now = self.clock(), self.cpu_clock()
         self._totals, self._start, self._excluded, excluded = None, now, 0.0, self._excluded
+        self._cpu_start = cpu_now
         world = _dist_world()
         if totals is None and world == 1:
             return {}
@@ -190,8 +204,13 @@ class ThroughputTracker:
             "padding_efficiency": stats["real_tokens"] / max(stats["padded_tokens"], 1.0),
             "image_token_fraction": stats["image_tokens"] / max(stats["real_tokens"], 1.0),
         }
+        self.last_interval = {**stats, "seconds": seconds, "cpu_seconds": cpu_now - cpu_start}
         if self.flops is not None and self.peak_flops:
-            out["mfu"] = self.flops.flops_per_step(stats) / (seconds * self.peak_flops * world)
+            capacity = seconds * self.peak_flops * world
+            model_flops = self.flops.flops_per_step(stats)
+            out["mfu"] = model_flops / capacity
+            if self.recompute:  # the forward that activation checkpointing runs again: hardware work, not model work
+                out["hfu"] = (model_flops + self.flops.recompute_flops_per_step(stats)) / capacity
         if memory is not None:
             out["gpu_mem_peak_gb"] = memory
         return out

@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_train.config import RunConfig
 from llava_train.config_io import ConfigError
-from llava_train.training.checkpoint import COMPLETE_MARKER
+from llava_train.run_files import COMPLETE_MARKER
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from llava_train.run_files import PREEMPTED_FILE
 from llava_train.utils.distributed import collective_device, rank, world_size
 from llava_train.utils.logging import get_logger, is_main_process
 
@@ -30,7 +31,6 @@ PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 NAN_POLICIES = ("error", "skip")
 # Written into the run folder by rank 0 when a run stopped for a preemption signal after saving its
 # checkpoint (removed when a run finishes): the SLURM script requeues the job when it is there.
-PREEMPTED_FILE = "llava_train_preempted.json"
 
 
 class NonFiniteStepError(RuntimeError):

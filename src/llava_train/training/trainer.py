@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from llava_train.data.collator import BATCH_ONLY_KEYS
 from llava_train.data.packing import PackedRowSampler
@@ -185,6 +186,14 @@ class LLaVATrainer(Trainer):
                 world_size=self.args.world_size,
                 grad_accum=self.args.gradient_accumulation_steps,
                 seed=seed,
+            )
+        if self.args.train_sampling_strategy == "group_by_length" and self.modality_lengths is not None:
+            # HF's own length grouping (megabatches of 50 batches sorted by length), fed our exact lengths: HF
+            # would otherwise build every sample (images included) to measure its input_ids.
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=[abs(n) for n in self.modality_lengths],
+                generator=torch.Generator().manual_seed(seed),
             )
         return super()._get_train_sampler(train_dataset)
 

@@ -81,8 +81,19 @@ class SyntheticMix(Dataset):
         self.lengths = [1 + k * self.n_img + t for k, t, _ in self.layout]
         self.modality_lengths = [n if k else -n for n, (k, _, _) in zip(self.lengths, self.layout, strict=True)]
 
+    has_video = False  # the mixes are images and text (the trainer's video keepalive stays off)
+
     def __len__(self) -> int:
         return len(self.layout)
+
+    def summary(self) -> dict[str, Any]:
+        """What the run's data report holds for a real source: sample and image counts."""
+        return {
+            "source": "synthetic",
+            "samples": len(self.layout),
+            "images": sum(k for k, _, _ in self.layout),
+            "tokens_per_image": self.n_img,
+        }
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         images, text, trained = self.layout[i]

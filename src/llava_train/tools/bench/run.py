@@ -1,8 +1,9 @@
 """`llava-train bench`: tokens/s, MFU, memory and data wait of the real LLaVATrainer step on a synthetic LLaVA mix.
 
-Each mode builds a fresh random-init model from the preset, wraps it in LLaVATrainer with the
-real collators and samplers, trains `warmup + steps` optimizer steps on synthetic samples and
-reports the last `steps`. One JSON line per mode, then a summary line
+Each mode is a run config (`mode_config`); a fresh random-init model from the preset is prepared and wrapped by
+the run's own trainer assembly (`training.assembly`: collator, sampler, loss, callbacks, throughput tracker),
+trains `warmup + steps` optimizer steps on synthetic samples and reports the tracker's interval over the last
+`steps` (the same figures the run logs to `metrics.jsonl`). One JSON line per mode, then a summary line
 `{"preset", "ratio", "packed_ratio", "ours_mfu", "hf_padded_mfu"}`.
 """
 
@@ -20,22 +21,31 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
+from llava_train.config import RunConfig, from_dict
 from llava_train.tools.bench.mix import SyntheticMix, bench_geometry
 from llava_train.tools.bench.presets import BOS_ID, MODES, PAD_ID, BenchPreset, get_preset, parse_modes
+from llava_train.train import build_training_arguments
+from llava_train.training.assembly import assemble_trainer, prepare_model
+from llava_train.training.precision import resolve_precision
+from llava_train.training.trainer import LLaVATrainer
 from llava_train.utils.attention import sdpa_backends
-from llava_train.utils.modules import IGNORE_INDEX
 
 
 def build_bench_model(preset: BenchPreset, attn: str = "sdpa", seed: int = 0) -> Any:
-    """Random-init model of the preset's arch (LLaVA-1.5 / NeXT / OneVision), on CUDA when available, with the
-    stage applied."""
+    """Random-init model of the preset's arch (LLaVA-1.5 / NeXT / OneVision), on CUDA when available, prepared as a
+    run prepares it (`training.assembly.prepare_model`: LoRA, the stage's trainable set, the precision policy)."""
+    model = _random_model(preset, attn, seed)
+    cfg = mode_config(preset, MODES["ours"], "unused", seed)
+    return prepare_model(model, cfg, resolve_precision(cfg, uses_deepspeed=False))
+
+
+def _random_model(preset: BenchPreset, attn: str, seed: int) -> Any:
     import transformers
     from transformers import CLIPVisionConfig, LlamaConfig
 
     from llava_train.model.builder import ARCH_CLASSES, model_class
-    from llava_train.model.freeze import set_trainable
-    from llava_train.stages import get_stage
 
     text = LlamaConfig(**preset.text, bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=2)
     fields: dict[str, Any] = {}
@@ -52,95 +62,100 @@ def build_bench_model(preset: BenchPreset, attn: str = "sdpa", seed: int = 0) ->
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     with torch.device(device):
-        model = model_class(preset.arch)._from_config(
-            cfg, attn_implementation=attn, dtype=getattr(torch, preset.dtype)
-        )
-    if preset.lora_r:
-        # The run's own LoRA wrapping and stage (adapters + projector train), as `lora.enabled` builds it.
-        from llava_train.config import from_dict
-        from llava_train.model.lora import apply_lora
-        from llava_train.stages import apply_stage
+        return model_class(preset.arch)._from_config(cfg, attn_implementation=attn, dtype=getattr(torch, preset.dtype))
 
-        cfg = from_dict(
-            {"stage": preset.stage, "lora": {"enabled": True, "r": preset.lora_r, "alpha": 2 * preset.lora_r}}
-        )
-        model = apply_lora(model, cfg)
-        apply_stage(model, cfg)
-    else:
-        set_trainable(model, get_stage(preset.stage).trainable)
-    # The run's own precision policy (fp32 masters of trainable weights, frozen ones in the preset's dtype).
-    from llava_train.config import from_dict
-    from llava_train.training.precision import apply_precision, resolve_precision
 
-    run_cfg = from_dict({"stage": preset.stage, "model": {"dtype": preset.dtype}, "train": {"bf16": preset.bf16}})
-    apply_precision(model, resolve_precision(run_cfg, uses_deepspeed=False))
-    return model
+def mode_config(
+    preset: BenchPreset,
+    spec: Any,
+    output_dir: str,
+    seed: int = 0,
+    extra_steps: int = 0,
+    num_workers: int | None = None,
+) -> RunConfig:
+    """The run config a user would write for this mode: what `training.assembly` builds the trainer from.
+
+    hf-padded / grouped / packed are HF-style baselines expressed as run settings (HF's random or length-grouped
+    sampler, HF's loss over every position); `ours` is the recipe setting (packed rows of one shape, the
+    trained-positions loss).
+    """
+    packed = spec.batching == "packed"
+    checkpointing = preset.baseline_checkpointing if spec.checkpointing is None else spec.checkpointing
+    cuda = torch.cuda.is_available()
+    train: dict[str, Any] = {
+        "output_dir": output_dir,
+        "max_steps": preset.warmup + preset.steps + extra_steps,
+        "learning_rate": 1e-5,
+        "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": preset.rows if packed else preset.batch_size,
+        "gradient_accumulation_steps": 1,
+        "logging_strategy": "no",  # the bench asks for its two logs (end of warmup, end of the timed steps)
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "bf16": preset.bf16,
+        "use_cpu": not cuda,
+        "seed": seed,
+        "dataloader_num_workers": preset.num_workers if num_workers is None else num_workers,
+        "dataloader_pin_memory": cuda,
+        # HF's length-grouped sampler (LLaVATrainer feeds it the exact lengths) or HF's random one.
+        "train_sampling_strategy": "group_by_length" if spec.batching == "grouped" else "random",
+    }
+    if checkpointing:
+        train.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    data = {
+        "model_max_length": preset.max_length,
+        "packing": packed,
+        "packing_length": preset.packing_length if packed else None,
+        "group_by_modality_length": False,
+        "cache_dir": None,
+    }
+    perf = {
+        "loss_on_trained_only": spec.trained_only_loss,
+        "static_shapes": spec.fixed_rows,
+        "sdpa_backends": list(spec.sdpa_backends),
+        "compile": spec.compile,
+    }
+    lora = {"enabled": True, "r": preset.lora_r, "alpha": 2 * preset.lora_r} if preset.lora_r else {}
+    model = {"arch": preset.arch, "dtype": preset.dtype, "attn_implementation": spec.attn}
+    return from_dict({"stage": preset.stage, "model": model, "data": data, "perf": perf, "lora": lora, "train": train})
 
 
 # -- measurement ---------------------------------------------------------------------------------
 
 
-class _BatchLog:
-    """Per-micro-batch host counts, fed by LLaVATrainer's `tracker.observe` hook (no device sync)."""
+class BenchTrainer(LLaVATrainer):
+    """LLaVATrainer plus a clock around batch fetching (the step itself is untouched)."""
 
-    def __init__(self, dataset: SyntheticMix) -> None:
-        self.dataset = dataset
-        self.rows: list[dict[str, Any]] = []
+    data_wait = 0.0
 
-    def observe(self, batch: dict[str, Any]) -> None:
-        ids = list(batch["ids"])
-        lengths = [self.dataset.lengths[i] for i in ids]
-        images = sum(self.dataset.layout[i][0] for i in ids)
-        self.rows.append(
-            {
-                "real_tokens": sum(lengths),
-                "padded_tokens": int(batch["input_ids"].numel()),
-                "trained_tokens": (batch["labels"][:, 1:] != IGNORE_INDEX).sum(),  # device tensor, summed at the end
-                "samples": len(ids),
-                "images": images * self.dataset.crops,  # crops through the tower (FLOPs)
-                "image_tokens": images * self.dataset.n_img,
-                "sum_sq_lengths": sum(n * n for n in lengths),
-            }
-        )
+    def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return super().get_batch_samples(*args, **kwargs)
+        finally:
+            self.data_wait += time.perf_counter() - start
 
 
-def _trainer_class() -> type:
-    from llava_train.training.trainer import LLaVATrainer
+class _Window(TrainerCallback):
+    """Asks for a training log at the end of warmup and at the end of the timed steps: the tracker's interval
+    between those two logs is the measurement (the run's own `ThroughputCallback` flushes it into the log)."""
 
-    class BenchTrainer(LLaVATrainer):
-        """LLaVATrainer plus a clock around batch fetching (the step itself is untouched)."""
+    def __init__(self, trainer: BenchTrainer, warmup: int, steps: int) -> None:
+        self.trainer, self.marks = trainer, (warmup, warmup + steps)
+        self.waits: dict[int, float] = {}
 
-        data_wait = 0.0
-        step_marks: list[tuple[float, int, float, float]]
-
-        def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return super().get_batch_samples(*args, **kwargs)
-            finally:
-                self.data_wait += time.perf_counter() - start
-
-    return BenchTrainer
-
-
-def _step_clock(trainer: Any, log: _BatchLog) -> Any:
-    from transformers import TrainerCallback
-
-    class StepClock(TrainerCallback):
-        """Records (time, micro-batches seen, data wait, process CPU time) at every step end, after a device sync."""
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step in self.marks:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            trainer.step_marks.append((time.perf_counter(), len(log.rows), trainer.data_wait, time.process_time()))
-
-    return StepClock()
+            control.should_log = True
+            self.waits[state.global_step] = self.trainer.data_wait
 
 
 def _profiler(trainer: Any, warmup: int) -> Any:
     """torch.profiler over the two optimizer steps after the first `warmup` ones, stepped by a callback."""
     from torch.profiler import ProfilerActivity, profile, schedule
-    from transformers import TrainerCallback
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, schedule=schedule(wait=warmup, warmup=0, active=2, repeat=1))
@@ -177,103 +192,41 @@ def run_mode(
     seed: int = 0,
     preset: BenchPreset | None = None,
     profile: bool = False,
+    output_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Train `warmup + steps` optimizer steps of one mode with LLaVATrainer; returns its JSON record.
+    """Train `warmup + steps` optimizer steps of one mode with the run's trainer assembly; returns its JSON record.
 
+    The throughput figures are the training run's own: the `ThroughputTracker` interval between the logs at the
+    end of warmup and at the end of the timed steps, the same line `metrics.jsonl` gets.
     preset: use this preset instead of `PRESETS[preset_name]` (tests shrink cpu-tiny further).
     profile: after the measured steps, run torch.profiler over two more steps and add `top_ops` (the
         five ops with the most self device time per step, CPU time without CUDA) to the record.
+    output_dir: keep the run folder there (`metrics.jsonl`, ...); default a temporary folder.
     """
-    from transformers import PrinterCallback, TrainingArguments
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    from llava_train.data.collator import PaddingCollator
-    from llava_train.data.packing import PackedRows, PackingCollator
-    from llava_train.training.flops import FlopModel, peak_flops_for_current_device
-
     preset = preset or get_preset(preset_name)
     spec = MODES[mode]
     if steps is not None:
         preset = replace(preset, steps=steps)
     if preset.warmup < 1 or preset.steps < 1:
         raise ValueError(f"bench needs warmup >= 1 and steps >= 1, got {preset.warmup} and {preset.steps}")
-    model = build_bench_model(preset, attn=spec.attn, seed=seed)
-    if spec.compile:
-        from llava_train.training.compile import compile_regions
-
-        compile_regions(model)
-    dataset = SyntheticMix(preset, image_token_id=model.config.image_token_id, seed=seed)
-    packed = spec.batching == "packed"
-    checkpointing = preset.baseline_checkpointing if spec.checkpointing is None else spec.checkpointing
     cuda = torch.cuda.is_available()
-    with tempfile.TemporaryDirectory(prefix="llava-bench-") as out:
-        args = TrainingArguments(
-            output_dir=out,
-            max_steps=preset.warmup + preset.steps + (2 if profile else 0),
-            learning_rate=1e-5,
-            lr_scheduler_type="constant",
-            per_device_train_batch_size=preset.rows if packed else preset.batch_size,
-            gradient_accumulation_steps=1,
-            logging_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            remove_unused_columns=False,
-            disable_tqdm=True,
-            bf16=preset.bf16,
-            use_cpu=not cuda,
-            seed=seed,
-            dataloader_num_workers=preset.num_workers,
-            dataloader_pin_memory=cuda,
-            # The old name works on 5.17 and 5.24 (which only warns); pass it only when on.
-            **(
-                {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-                if checkpointing
-                else {}
-            ),
+    with contextlib.ExitStack() as stack:
+        out = output_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="llava-bench-"))
+        cfg = mode_config(preset, spec, out, seed, extra_steps=2 if profile else 0)
+        args = build_training_arguments(cfg)
+        model = prepare_model(
+            _random_model(preset, spec.attn, seed), cfg, resolve_precision(cfg, uses_deepspeed=False)
         )
-        if packed:
-            fixed = preset.packing_length if spec.fixed_rows else None
-            collator: Any = PackingCollator(PAD_ID, pad_to_multiple_of=fixed)
-            train_ds: Any = PackedRows(dataset)
-        else:
-            collator, train_ds = PaddingCollator(PAD_ID), dataset
-        log = _BatchLog(dataset)
-        trainer = _trainer_class()(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            data_collator=collator,
-            tracker=log,
-            modality_lengths=dataset.modality_lengths,
-            group_by_modality_length=spec.batching == "grouped",
-            packing_length=preset.packing_length if packed else None,
-            loss_on_trained_only=spec.trained_only_loss,
-        )
-        trainer.step_marks = []
-        if spec.batching == "grouped" and not packed:
-            # HF's length grouping (megabatches of 50 batches sorted by length). LLaVA's modality
-            # sampler sorts only within one optimizer step, which on one GPU is a single batch.
-            sampler = LengthGroupedSampler(
-                preset.batch_size, lengths=dataset.lengths, generator=torch.Generator().manual_seed(seed)
-            )
-            trainer._get_train_sampler = lambda *a, **k: sampler
-        trainer.add_callback(_step_clock(trainer, log))
-        trainer.remove_callback(PrinterCallback)  # its end-of-train dict would break the JSON-lines output
+        dataset = SyntheticMix(preset, image_token_id=model.config.image_token_id, seed=seed)
+        trainer = assemble_trainer(cfg, args, model, dataset, None, pad_token_id=PAD_ID, trainer_cls=BenchTrainer)
+        window = _Window(trainer, preset.warmup, preset.steps)
+        trainer.add_callback(window)
         prof = _profiler(trainer, preset.warmup + preset.steps) if profile else contextlib.nullcontext()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        with sdpa_backends(spec.sdpa_backends), prof:
+        with sdpa_backends(cfg.perf.sdpa_backends), prof:
             trainer.train()
-        record = _record(
-            preset_name,
-            mode,
-            preset,
-            trainer,
-            log,
-            FlopModel.from_model(model),
-            peak_flops_for_current_device("bfloat16" if preset.bf16 else "float32"),
-            checkpointing,
-        )
+        record = _record(preset_name, mode, preset, trainer, window, bool(args.gradient_checkpointing))
         if profile:
             record["top_ops"] = _top_ops(prof, active_steps=2)
     del trainer, model
@@ -284,47 +237,35 @@ def run_mode(
 
 
 def _record(
-    preset_name: str,
-    mode: str,
-    preset: BenchPreset,
-    trainer: Any,
-    log: _BatchLog,
-    flops: Any,
-    peak: float | None,
-    checkpointing: bool = False,
+    preset_name: str, mode: str, preset: BenchPreset, trainer: Any, window: _Window, checkpointing: bool
 ) -> dict[str, Any]:
-    marks = trainer.step_marks[: preset.warmup + preset.steps]  # profiled steps come after these
-    (t0, b0, w0, c0), (t1, b1, w1, c1) = marks[preset.warmup - 1], marks[-1]
-    seconds = t1 - t0
-    rows = log.rows[b0:b1]
-    stats = {k: sum(float(r[k]) for r in rows) for k in rows[0] if k != "trained_tokens"}
-    stats["trained_tokens"] = float(sum(r["trained_tokens"] for r in rows))  # one device sync, after timing
-    model_flops = flops.flops_per_step(stats)
-    mfu = model_flops / (seconds * peak) if peak else None
-    # HFU also counts the forward that activation checkpointing recomputes (hardware work, not model work)
-    hardware = model_flops + (flops.recompute_flops_per_step(stats) if checkpointing else 0.0)
-    hfu = hardware / (seconds * peak) if peak else None
+    """The bench line: the training log at the end of the timed steps, plus what only a bench knows."""
+    last = window.marks[1]
+    logged = next(h for h in trainer.state.log_history if h.get("step") == last and "tokens_per_s" in h)
+    interval = trainer.tracker.last_interval  # the raw figures of that same log's interval
+    seconds, steps = interval["seconds"], preset.steps
     cuda = torch.cuda.is_available()
+    mfu = logged.get("mfu")
     return {
         "preset": preset_name,
         "mode": mode,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "steps": len(marks) - preset.warmup,
+        "steps": steps,
         "seconds": round(seconds, 3),
         # CPU seconds of this process (all threads): on a shared CPU host, unlike wall time, it does not
         # grow when other jobs take the cores. Data-loader worker processes are not included.
-        "tokens_per_cpu_s": round(stats["real_tokens"] / max(c1 - c0, 1e-9), 1),
-        "tokens_per_s": round(stats["real_tokens"] / seconds, 1),
-        "trained_tokens_per_s": round(stats["trained_tokens"] / seconds, 1),
-        "samples_per_s": round(stats["samples"] / seconds, 2),
+        "tokens_per_cpu_s": round(interval["real_tokens"] / max(interval["cpu_seconds"], 1e-9), 1),
+        "tokens_per_s": round(logged["tokens_per_s"], 1),
+        "trained_tokens_per_s": round(logged["trained_tokens_per_s"], 1),
+        "samples_per_s": round(logged["samples_per_s"], 2),
         "mfu": None if mfu is None else round(mfu, 4),
-        "hfu": None if hfu is None else round(hfu, 4),
-        "checkpointing": bool(checkpointing),
-        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        "hfu": None if mfu is None else round(logged.get("hfu", mfu), 4),
+        "checkpointing": checkpointing,
+        "peak_mem_gb": round(logged["gpu_mem_peak_gb"], 2) if "gpu_mem_peak_gb" in logged else None,
         "cpu_rss_high_water_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        "padding_efficiency": round(stats["real_tokens"] / stats["padded_tokens"], 4),
-        "data_wait_fraction": round((w1 - w0) / seconds, 4),
-        "tokens_per_step": round(stats["real_tokens"] / max(len(marks) - preset.warmup, 1)),
+        "padding_efficiency": round(logged["padding_efficiency"], 4),
+        "data_wait_fraction": round((window.waits[last] - window.waits[window.marks[0]]) / seconds, 4),
+        "tokens_per_step": round(interval["real_tokens"] / steps),
     }
 
 

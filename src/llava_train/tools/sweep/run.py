@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_train.config import METRICS_FILENAME
+from llava_train.run_files import METRICS_FILENAME
 from llava_train.tools.sweep.spec import (
     MACROS,
     SweepError,

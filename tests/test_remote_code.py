@@ -12,8 +12,8 @@ import pytest
 from llava_train.cli import main
 from llava_train.data.tokenize import load_tokenizer
 from llava_train.errors import RemoteCodeError
-from llava_train.model.remote_code import refuse_remote_code
 from llava_train.model.weights import resolve_folder
+from llava_train.remote_code import refuse_remote_code
 
 
 def _code_folder(root: Path, config_file: str = "config.json") -> Path:
@@ -54,7 +54,7 @@ def test_every_model_side_load_refuses_auto_map(tmp_path: Path, config_file: str
 
 
 def test_every_auto_class_load_in_src_passes_trust_remote_code_false() -> None:
-    src = Path(__file__).parents[2] / "src" / "llava_train"
+    src = Path(__file__).parents[1] / "src" / "llava_train"
     missing = []
     for path in src.rglob("*.py"):
         for n, line in enumerate(path.read_text().splitlines(), 1):
