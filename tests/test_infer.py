@@ -12,6 +12,7 @@ from PIL import Image
 from llava_train import infer
 from llava_train.data.errors import BadSampleError
 from llava_train.infer import GenerationOptions, Request
+from llava_train.run_files import EVAL_PREDICTIONS_FILENAME, EVAL_REPORT_FILENAME
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -179,9 +180,9 @@ def test_evaluate_arithmetic_with_fake_predictor(tmp_path: Path, image_folder: P
     assert report["overall"] == {"n": 6, "exact_match": 0.5, "contains_match": 4 / 6, "majority": 2 / 6}
     assert report["summary"]["colour"] == "33.3% exact, 66.7% contains (n=3)"
     assert report["model"] is None and report["options"]["batch_size"] == 4
-    saved = json.loads((tmp_path / "out" / infer.REPORT_FILENAME).read_text())
+    saved = json.loads((tmp_path / "out" / EVAL_REPORT_FILENAME).read_text())
     assert saved["per_type"]["count"] == report["per_type"]["count"]
-    lines = [json.loads(x) for x in (tmp_path / "out" / infer.PREDICTIONS_FILENAME).read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "out" / EVAL_PREDICTIONS_FILENAME).read_text().splitlines()]
     assert [(x["id"], x["type"], x["prediction"], x["exact"], x["contains"]) for x in lines] == [
         ("c1", "colour", "Red.", True, True),
         ("c2", "colour", "it is blue", False, True),

@@ -13,7 +13,12 @@ from typing import Any
 
 from llava_train.config import RunConfig
 from llava_train.data.templates import Template, run_template
-from llava_train.model.vision import ImageGeometry
+from llava_train.data.tokenize import load_tokenizer
+from llava_train.model.builder import build_model, check_init_from, config_geometry, image_token_id, video_token_id
+from llava_train.model.processor import build_processor
+from llava_train.model.sources import resolve_sources
+from llava_train.model.tiny import ensure_tiny_components
+from llava_train.model.vision import ImageGeometry, run_geometry
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -50,44 +55,30 @@ def load_components(cfg: RunConfig, weights: bool = True) -> Components:
     """Build a run's components once; `weights=False` reads configs, tokenizer and processor files only.
 
     Validating 665K rows must not need (or download) 14 GB of weights, so the data commands pass
-    `weights=False`. With weights, the model's config is checked against the data-side facts (the
-    image token id and the tokens per image the model will produce).
+    `weights=False`. The model sources are resolved once (`model.sources`) and every builder takes them, the
+    geometry and the token ids from here. With weights, the model's config is checked against the data-side
+    facts (the image token id and the tokens per image the model will produce).
     """
-    from llava_train.data.tokenize import load_tokenizer
-    from llava_train.model.builder import (
-        build_model,
-        check_init_from,
-        config_geometry,
-        image_token_id,
-        tokenizer_source,
-        video_token_id,
-    )
-    from llava_train.model.init_source import init_source
-    from llava_train.model.processor import build_processor, vision_source
-    from llava_train.model.tiny import ensure_tiny_components
-    from llava_train.model.vision import run_geometry
-
     ensure_tiny_components(cfg.model)
-    source = init_source(cfg.model.init_from)
-    if source is not None:
-        log.info("model.init_from=%s: %s", cfg.model.init_from, source.describe())
-    _, vision = vision_source(cfg)
-    # Before anything is built or trained: a checkpoint made for another tower, layer, projector or template.
-    check_init_from(cfg, source, vision)
+    sources = resolve_sources(cfg, weights=weights)
+    if sources.init is not None:
+        log.info("model.init_from=%s: %s", cfg.model.init_from, sources.init.describe())
+    # Before anything is built or trained: a checkpoint made for another arch, tower, layer, projector or template.
+    check_init_from(cfg, sources)
     extra = (cfg.model.video_token,) if cfg.model.arch == "llava_onevision" else ()
-    tokenizer = load_tokenizer(tokenizer_source(cfg), image_token=cfg.model.image_token, extra_tokens=extra)
+    tokenizer = load_tokenizer(str(sources.tokenizer_folder), image_token=cfg.model.image_token, extra_tokens=extra)
     template = run_template(cfg)
-    processor = build_processor(cfg, tokenizer, template)
+    geometry = run_geometry(cfg, sources.vision_config)
     parts = Components(
         tokenizer=tokenizer,
         template=template,
-        processor=processor,
-        geometry=run_geometry(cfg, vision),
+        processor=build_processor(cfg, tokenizer, template, sources, geometry),
+        geometry=geometry,
         image_token_id=image_token_id(tokenizer, cfg.model.image_token),
         video_token_id=video_token_id(tokenizer, cfg),
     )
     if weights:
-        parts.model = build_model(cfg, tokenizer)
+        parts.model = build_model(cfg, tokenizer, sources, geometry, parts.image_token_id, parts.video_token_id)
         config = parts.model.config
         built = (int(config.image_token_id), getattr(config, "video_token_id", None), config_geometry(cfg, config))
         if built != (parts.image_token_id, parts.video_token_id, parts.geometry):

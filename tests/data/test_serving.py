@@ -21,6 +21,8 @@ from llava_train.data.tokenize import load_tokenizer, tokenize_conversation
 from llava_train.llava_format import count_images, normalize_conversation, to_messages
 from llava_train.model.processor import build_processor
 from llava_train.model.serving import save_serving_files
+from llava_train.model.sources import resolve_sources
+from llava_train.model.vision import run_geometry
 from llava_train.utils.modules import IGNORE_INDEX
 
 N_IMG = 16  # tiny CLIP tower: (32 // 8) ** 2 patches, CLS dropped
@@ -80,7 +82,9 @@ def _case(
         tokenizer.chat_template = chat_template
     template_obj = run_template(cfg)
     out = tmp_path_factory.mktemp("served")
-    save_serving_files(out, build_processor(cfg, tokenizer, template_obj))
+    sources = resolve_sources(cfg, weights=False)
+    processor = build_processor(cfg, tokenizer, template_obj, sources, run_geometry(cfg, sources.vision_config))
+    save_serving_files(out, processor)
     try:
         return template_obj, tokenizer, AutoProcessor.from_pretrained(out)
     except ImportError:

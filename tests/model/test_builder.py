@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llava_train.components import load_components
-from llava_train.model.builder import build_model, init_from_kind
+from llava_train.model.builder import init_from_kind
 from llava_train.model.projector import load_projector, projector_module, save_projector
 from llava_train.model.weights import weight_files
 
@@ -297,8 +297,5 @@ def test_qlora_without_cuda_is_a_clear_error(make_cfg) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     cfg = make_cfg(lora={"enabled": True, "bits": 4})
-    from llava_train.data.tokenize import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model.language_model)
     with pytest.raises(RuntimeError, match=re.escape("lora.bits=4 (QLoRA) needs CUDA and bitsandbytes")):
-        build_model(cfg, tokenizer)
+        load_components(cfg)

@@ -17,7 +17,7 @@ from typing import Any
 from llava_train.config import RunConfig
 from llava_train.errors import InitFromError
 from llava_train.model.construct import construct, init_new_parts, resize_embeddings
-from llava_train.model.init_source import InitSource, init_source, tokenizer_folder
+from llava_train.model.init_source import init_source
 from llava_train.model.original import (
     check_projector_shapes,
     check_run,
@@ -27,6 +27,7 @@ from llava_train.model.original import (
     text_config,
 )
 from llava_train.model.projector import load_projector
+from llava_train.model.sources import ModelSources
 from llava_train.model.vision import (
     ImageGeometry,
     feature_select_strategy,
@@ -86,7 +87,12 @@ def model_class(arch: str) -> Any:
 
 
 def llava_config(
-    cfg: RunConfig, text_config: Any, vision_config: Any, image_token_id: int, video_token_id: int | None = None
+    cfg: RunConfig,
+    text_config: Any,
+    vision_config: Any,
+    image_token_id: int,
+    video_token_id: int | None = None,
+    geometry: ImageGeometry | None = None,
 ) -> Any:
     """The arch's config joining the two sub-configs as `cfg.model` says (projector mlp2x_gelu).
 
@@ -97,7 +103,7 @@ def llava_config(
     import transformers
 
     vision_config = vision_config_of(vision_config)
-    geometry = run_geometry(cfg, vision_config)
+    geometry = geometry or run_geometry(cfg, vision_config)  # the run's own (components) when given
     arch = cfg.model.arch
     fields: dict[str, Any] = {
         "vision_config": vision_config,
@@ -145,8 +151,9 @@ def init_from_kind(init_from: str | None) -> str | None:
     return None if source is None else source.kind
 
 
-def check_init_from(cfg: RunConfig, source: InitSource | None, vision_config: Any) -> None:
+def check_init_from(cfg: RunConfig, sources: ModelSources) -> None:
     """Before anything is built: the init_from folder's arch (HF-native) or its original config fits the run."""
+    source, vision_config = sources.init, sources.vision_config
     if source is None:
         return
     where = f"model.init_from={cfg.model.init_from}"
@@ -210,27 +217,34 @@ def video_token_id(tokenizer: Any, cfg: RunConfig) -> int | None:
     return image_token_id(tokenizer, cfg.model.video_token)
 
 
-def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
+def build_model(
+    cfg: RunConfig,
+    tokenizer: Any,
+    sources: ModelSources,
+    geometry: ImageGeometry,
+    image_token_id: int,
+    video_token_id: int | None = None,
+) -> Any:
     """The arch's model for `cfg.model`: pretrained LM + vision tower, or from `model.init_from` (any of
     `model.init_source.KINDS`: a HF-native folder loads as it is; an original checkpoint fills the LM and
     projector (and the tower when it holds one) through `model.original`'s key map; projector files are
     loaded onto the pretrained parts).
 
-    `tokenizer` must already hold the image token (see `data.tokenize.load_tokenizer`). Embeddings are
-    resized when the tokenizer outgrew the LM's vocabulary. QLoRA (`lora.enabled` with `lora.bits`)
-    loads the LM quantized through bitsandbytes (CUDA only).
+    `tokenizer` must already hold the image token (see `data.tokenize.load_tokenizer`); `sources`, `geometry` and
+    the token ids are the run's, resolved once by `components.load_components` (which also checked init_from
+    against the run). Embeddings are resized when the tokenizer outgrew the LM's vocabulary. QLoRA
+    (`lora.enabled` with `lora.bits`) loads the LM quantized through bitsandbytes (CUDA only).
     """
     from transformers import AutoConfig
 
     dtype = torch_dtype(cfg.model.dtype)
-    source = init_source(cfg.model.init_from, weights=True)
+    source = sources.init
     kind = source.kind if source else None
     where = f"model.init_from={cfg.model.init_from}"
     cls = model_class(cfg.model.arch)
     if kind == "full":
         if cfg.lora.enabled and cfg.lora.bits:
             raise ValueError("QLoRA from a full model.init_from folder is not supported; use a projector folder")
-        _check_init_from_arch(cfg, source.folder)
         model = cls.from_pretrained(str(source.folder), dtype=dtype, attn_implementation=cfg.model.attn_implementation)
         _check_init_from_config(cfg, model.config)
         resize_embeddings(model, tokenizer)
@@ -245,11 +259,8 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
     else:
         lm_folder = resolve_folder(cfg.model.language_model)
         text = AutoConfig.from_pretrained(str(lm_folder), trust_remote_code=False)
-    vt_folder = resolve_folder(cfg.model.vision_tower)
-    vision_full = AutoConfig.from_pretrained(str(vt_folder), trust_remote_code=False)
-    config = llava_config(
-        cfg, text, vision_full, image_token_id(tokenizer, cfg.model.image_token), video_token_id(tokenizer, cfg)
-    )
+    vt_folder, vision_full = sources.vision_folder, sources.tower_config
+    config = llava_config(cfg, text, vision_full, image_token_id, video_token_id, geometry)
     if kind == "original_projector":
         # Checked before the (large) model is built: a projector for another LM or tower fails at once.
         projector = read_projector(source.projector_file)
@@ -334,12 +345,3 @@ def _check_init_from_config(cfg: RunConfig, config: Any) -> None:
             f"{config.vision_feature_layer}, vision_feature_select_strategy={config.vision_feature_select_strategy}; "
             f"the config asks for {cfg.model.vision_feature_layer}, {expected}"
         )
-
-
-def tokenizer_source(cfg: RunConfig) -> str:
-    """Where the tokenizer comes from: a full (HF-native, or original with tokenizer files) init_from folder, else
-    `model.tokenizer` or the language model."""
-    folder = tokenizer_folder(init_source(cfg.model.init_from))
-    if folder is not None:
-        return str(folder)
-    return str(resolve_folder(cfg.model.tokenizer or cfg.model.language_model, weights=False))

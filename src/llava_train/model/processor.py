@@ -16,33 +16,14 @@ from typing import Any
 
 from llava_train.config import RunConfig
 from llava_train.model.builder import ARCH_CLASSES
-from llava_train.model.init_source import init_source
-from llava_train.model.vision import (
-    feature_select_strategy,
-    num_additional_image_tokens,
-    run_geometry,
-    tower_tokens,
-    vision_config_of,
-)
-from llava_train.model.weights import resolve_folder
+from llava_train.model.sources import ModelSources
+from llava_train.model.vision import ImageGeometry, feature_select_strategy, num_additional_image_tokens, tower_tokens
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
-def vision_source(cfg: RunConfig) -> tuple[Path, Any]:
-    """The folder holding the image processor and the vision config (a HF-native init_from folder, else the tower:
-    original-format checkpoints hold no image processor)."""
-    from transformers import AutoConfig
-
-    init = init_source(cfg.model.init_from)
-    if init is not None and init.kind == "full":
-        return init.folder, AutoConfig.from_pretrained(str(init.folder), trust_remote_code=False).vision_config
-    source = resolve_folder(cfg.model.vision_tower, weights=False)
-    return source, vision_config_of(AutoConfig.from_pretrained(str(source), trust_remote_code=False))
-
-
-def build_image_processor(cfg: RunConfig, source: Path, vision: Any) -> Any:
+def build_image_processor(cfg: RunConfig, source: Path, geometry: ImageGeometry) -> Any:
     """The tower's image processor (llava), or the arch's anyres image processor with the tower's mean/std."""
     import transformers
     from transformers import AutoImageProcessor
@@ -50,7 +31,6 @@ def build_image_processor(cfg: RunConfig, source: Path, vision: Any) -> Any:
     base = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=False)
     if cfg.model.arch == "llava":
         return base
-    geometry = run_geometry(cfg, vision)
     crop = geometry.crop
     common = {
         "image_mean": list(base.image_mean),
@@ -127,7 +107,9 @@ def _onevision_processor_class() -> Any:
     return LlavaOnevisionProcessor
 
 
-def build_processor(cfg: RunConfig, tokenizer: Any, template: Any) -> Any:
+def build_processor(
+    cfg: RunConfig, tokenizer: Any, template: Any, sources: ModelSources, geometry: ImageGeometry
+) -> Any:
     """The arch's processor: the image processor, the tokenizer and the template as chat_template.
 
     llava: `<image>` expands to exactly the geometry's base tokens (CLIP counts its CLS token,
@@ -137,8 +119,8 @@ def build_processor(cfg: RunConfig, tokenizer: Any, template: Any) -> Any:
     """
     import transformers
 
-    source, vision = vision_source(cfg)
-    image_processor = build_image_processor(cfg, source, vision)
+    vision = sources.vision_config
+    image_processor = build_image_processor(cfg, sources.vision_folder, geometry)
     strategy = feature_select_strategy(vision, cfg.model.vision_feature_select)
     chat_template = template.chat_template(tokenizer)
     arch = cfg.model.arch
@@ -151,7 +133,7 @@ def build_processor(cfg: RunConfig, tokenizer: Any, template: Any) -> Any:
             video_processor=video_processor,
             num_image_tokens=tower_tokens(vision),
             vision_feature_select_strategy=strategy,
-            vision_aspect_ratio=run_geometry(cfg, vision).aspect_ratio,
+            vision_aspect_ratio=geometry.aspect_ratio,
             image_token=cfg.model.image_token,
             video_token=cfg.model.video_token,
             chat_template=chat_template,
