@@ -246,8 +246,9 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
     from llava_train.data.collator import PaddingCollator
     from llava_train.data.packing import PackedRows, PackingCollator
     from llava_train.stages import get_stage
-    from llava_train.training.callbacks import attach_callbacks, build_callbacks
+    from llava_train.training.callbacks import attach_callbacks, build_callbacks, wandb_enabled
     from llava_train.training.checkpoint import CheckpointArtifactsCallback, HFExport
+    from llava_train.training.lmms_callback import build_lmms_callback
     from llava_train.training.metrics import ThroughputTracker
     from llava_train.training.predictions import eval_predictions_fn
     from llava_train.training.safety import SafetyCallback, StepGuard
@@ -288,9 +289,15 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, parts: Any, train_ds: A
     )
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trainer.add_callback(LrCheckCallback(trainer))
-    export = HFExport(parts.processor, cfg.model.dtype, cfg.lora.enabled) if cfg.train.get("export_hf") else None
+    # Asynchronous lmms-eval of every checkpoint reads its hf/ export (so eval.lmms_tasks turns the export on).
+    lmms = build_lmms_callback(cfg, wandb_enabled(cfg.train.get("report_to")))
+    wants_export = cfg.train.get("export_hf") or lmms is not None
+    export = HFExport(parts.processor, cfg.model.dtype, cfg.lora.enabled) if wants_export else None
     limit = cfg.train.get("save_total_limit")
-    trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml, limit, export))
+    step0 = lmms is not None and cfg.eval.lmms_eval_step0
+    trainer.add_callback(CheckpointArtifactsCallback(model, config_yaml, limit, export, export_step0=step0))
+    if lmms is not None:
+        trainer.add_callback(lmms)  # after the checkpoint callback: a checkpoint is complete when it is queued
     # First of all callbacks (like the throughput one): `skipped_steps` must be in the logs HF's reporters see.
     trainer.callback_handler.callbacks.insert(0, SafetyCallback(guard))
     # Throughput keys must reach the logs before HF's reporters (wandb) see them.
