@@ -186,7 +186,9 @@ def evaluate_folder(
     return read_results(out, request.tasks)
 
 
-def write_record(folder: str | os.PathLike, step: int, scores: Mapping[str, Any] | None, error: str | None) -> Path:
+def write_record(
+    folder: str | os.PathLike, step: int | None, scores: Mapping[str, Any] | None, error: str | None
+) -> Path:
     """Write `<folder>/lmms_eval.json` (atomically) and drop the pending mark: the folder is evaluated."""
     folder = Path(folder)
     record = {"step": step, "scores": dict(scores or {}), "error": error}
