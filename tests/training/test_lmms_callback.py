@@ -153,3 +153,42 @@ def test_stage1_runs_are_not_evaluated_and_backends_not_built_yet_are_config_err
             from_dict({"eval": {"lmms_tasks": ["mme"], "lmms_backend": backend}})
     with pytest.raises(ConfigError, match="eval.lmms_model_args must not set pretrained="):
         from_dict({"eval": {"lmms_model_args": "pretrained=x"}})
+
+
+WANDB_SCRIPT = """
+import sys, wandb
+from llava_train.lmms import LmmsRequest
+from llava_train.training.lmms_callback import LmmsEvalCallback
+run = wandb.init(project="t", mode="offline", dir=sys.argv[1])
+run.log({"train/loss": 1.0})
+cb = LmmsEvalCallback(LmmsRequest(("t",)), sys.argv[1], 0.0, wandb=True)
+cb._report(4, {"lmms_eval/t/exact_match": 0.5}, None)
+cb._report(2, {"lmms_eval/t/exact_match": 0.25}, None)
+wandb.finish()
+"""
+
+
+@pytest.mark.slow
+def test_wandb_gets_the_scores_on_their_own_step_axis(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    pytest.importorskip("wandb")
+    from test_wandb_offline import history_rows, read_wandb_records
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    proc = subprocess.run([sys.executable, "-c", WANDB_SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run_file] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in history_rows(records)]
+    # A checkpoint's score arrives after later training steps (and out of order after a resume).
+    assert rows[1:] == [
+        {"lmms_eval/step": 4, "lmms_eval/t/exact_match": 0.5},
+        {"lmms_eval/step": 2, "lmms_eval/t/exact_match": 0.25},
+    ]
+    metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "lmms_eval/*" and m.step_metric == "lmms_eval/step" for m in metrics), metrics
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 4, "lmms_eval/t/exact_match": 0.5}, {"step": 2, "lmms_eval/t/exact_match": 0.25}]
