@@ -115,14 +115,18 @@ def eval_env(base: Mapping[str, str], devices: str | None) -> dict[str, str]:
     return env
 
 
-def read_results(output_dir: str | os.PathLike, tasks: tuple[str, ...] | list[str]) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from the newest `*_results.json` under lmms-eval's `--output_path`.
+def read_results(
+    output_dir: str | os.PathLike, tasks: tuple[str, ...] | list[str], since: float = 0.0
+) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from the newest `*_results.json` under lmms-eval's `--output_path` (written at or
+    after `since`, a time.time(): an older file is an earlier run's, e.g. one a killed training run left).
 
     lmms-eval writes `results[task]["<metric>,<filter>"]` (filter `none` unless the task sets one) beside
     `<metric>_stderr,<filter>` and an `alias`; it exits 0 even when a task fails, so a task missing here is an
     error. Metric names keep a filter other than `none` (`acc,flexible` -> `acc/flexible`).
     """
     found = sorted(Path(output_dir).rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if p.stat().st_mtime >= since]
     if not found:
         raise LmmsEvalError(f"lmms-eval wrote no *_results.json under {output_dir}")
     results = json.loads(found[-1].read_text()).get("results", {})
@@ -166,7 +170,7 @@ def evaluate_folder(
     out.mkdir(parents=True, exist_ok=True)
     cmd = build_command(folder, request, out)
     log_path = out / "lmms_eval.log"
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time() - 1.0  # 1 s: coarse file-system timestamps
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
             cmd,
@@ -183,7 +187,7 @@ def evaluate_folder(
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise LmmsEvalError(f"lmms-eval exited {proc.returncode} on {folder}; {log_path} ends: {' | '.join(tail)}")
-    return read_results(out, request.tasks)
+    return read_results(out, request.tasks, since=started_at)
 
 
 def write_record(

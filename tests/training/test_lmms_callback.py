@@ -192,3 +192,49 @@ def test_wandb_gets_the_scores_on_their_own_step_axis(tmp_path: Path) -> None:
     assert any(m.glob_name == "lmms_eval/*" and m.step_metric == "lmms_eval/step" for m in metrics), metrics
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == [{"step": 4, "lmms_eval/t/exact_match": 0.5}, {"step": 2, "lmms_eval/t/exact_match": 0.25}]
+
+
+@pytest.mark.slow
+def test_kill_9_while_an_eval_is_pending_then_resume_evaluates_every_checkpoint_once(
+    workspace: dict[str, str], tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+
+    import yaml
+
+    tests = Path(__file__).parents[1]
+    cfg = _cfg(workspace, "killed", train={"max_steps": 4})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = Path(cfg["train"]["output_dir"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_RANK"))}
+    env["PYTHONPATH"] = os.pathsep.join([FAKE, *filter(None, [env.get("PYTHONPATH")])])
+    # Killed at step 3, while checkpoint-2's eval (30 s) runs.
+    killed = subprocess.run(
+        [sys.executable, str(tests / "fault_runner.py"), "sigkill", "3", "0", str(path)],
+        env={**env, "FAKE_LMMS_SLEEP": "30"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    orphan = out / "checkpoint-2" / "lmms_eval_out" / "fake_pid"
+    for _ in range(100):  # the eval process was starting when the run died
+        if orphan.is_file():
+            break
+        time.sleep(0.1)
+    if orphan.is_file():  # the eval process outlives a kill -9 of its run: ended here (it is ours)
+        os.kill(int(orphan.read_text()), signal.SIGKILL)
+    assert (out / "checkpoint-2" / PENDING_FILE).is_file() and not (out / "checkpoint-2" / RESULT_FILE).exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "llava_train.train", str(path), "train.resume_from_checkpoint=auto"],
+        env={**env, "FAKE_LMMS_SLEEP": "0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _lmms_lines(out) == [{"step": 2, METRIC: 0.02}, {"step": 4, METRIC: 0.04}]

@@ -28,6 +28,8 @@ def main() -> int:
         parser.add_argument(flag)
     parser.add_argument("--log_samples", action="store_true")
     args = parser.parse_args()
+    Path(args.output_path).mkdir(parents=True, exist_ok=True)
+    (Path(args.output_path) / "fake_pid").write_text(str(os.getpid()))  # a test may have to end it
     time.sleep(float(os.environ.get("FAKE_LMMS_SLEEP", "0")))
     if os.environ.get("FAKE_LMMS_EXIT"):
         print("fake lmms-eval: failing as asked", file=sys.stderr)
