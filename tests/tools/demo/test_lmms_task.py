@@ -83,7 +83,7 @@ def _eval_rows(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_checkpoints_are_scored_by_lmms_eval_during_training_as_predict_answers(
+def test_stage2_checkpoints_are_scored_by_lmms_eval_during_training_as_predict_answers(
     tmp_path: Path, lmms_python: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -91,9 +91,15 @@ def test_checkpoints_are_scored_by_lmms_eval_during_training_as_predict_answers(
     ws = write_tiny_data(tmp_path / "data", n=8, text_only=2)
     ws.update(lm=str(tmp_path / "models" / "lm"), vision=str(tmp_path / "models" / "vision"))
     include = write_lmms_task(_eval_rows(tmp_path / "data"), ws["images"], tmp_path / "lmms_tasks")
+    evals = {"lmms_tasks": [TASK_NAME], "lmms_include_path": str(include), "lmms_python": lmms_python}
+    # Stage 1 with the same eval section: projector-only checkpoints, not evaluated, no hf/ export.
+    stage1 = tiny_config(ws, "pretrain", str(tmp_path / "stage1"), max_steps=2, save_steps=2)
+    run(from_dict({**stage1, "eval": evals}))
+    assert not (tmp_path / "stage1" / "checkpoint-2" / "hf").exists()
+    assert "lmms_eval" not in (tmp_path / "stage1" / "metrics.jsonl").read_text()
     cfg = tiny_config(ws, "finetune", str(tmp_path / "run"), max_steps=4, save_steps=2)
-    cfg["eval"] = {"lmms_tasks": [TASK_NAME], "lmms_include_path": str(include), "lmms_python": lmms_python}
-    run(from_dict(cfg))
+    cfg["model"]["init_from"] = str(tmp_path / "stage1")
+    run(from_dict({**cfg, "eval": evals}))
     out = tmp_path / "run"
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -116,9 +122,10 @@ def test_checkpoints_are_scored_by_lmms_eval_during_training_as_predict_answers(
         report = infer.evaluate(ckpt / "hf", tmp_path / "data" / "eval.json", ws["images"], tmp_path / "ev", options)
         assert report["overall"]["exact_match"] == record["scores"][TASK_NAME]["exact_match"]
 
-    # The offline command on the same checkpoint gives the same score.
-    before = json.loads((out / "checkpoint-4" / RESULT_FILE).read_text())["scores"]
-    args = ["lmms-eval", str(out / "checkpoint-4"), "--tasks", TASK_NAME, "--include-path", str(include)]
-    assert main([*args, "--python", lmms_python]) == 0
-    assert json.loads((out / "checkpoint-4" / RESULT_FILE).read_text())["scores"] == before
+    # The offline command on the same checkpoints gives the same scores.
+    for step in (2, 4):
+        before = json.loads((out / f"checkpoint-{step}" / RESULT_FILE).read_text())["scores"]
+        args = ["lmms-eval", str(out / f"checkpoint-{step}"), "--tasks", TASK_NAME, "--include-path", str(include)]
+        assert main([*args, "--python", lmms_python]) == 0
+        assert json.loads((out / f"checkpoint-{step}" / RESULT_FILE).read_text())["scores"] == before
     assert "lmms_eval" not in sys.modules  # the training process never imported lmms-eval: it is a client
