@@ -238,3 +238,26 @@ def test_kill_9_while_an_eval_is_pending_then_resume_evaluates_every_checkpoint_
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _lmms_lines(out) == [{"step": 2, METRIC: 0.02}, {"step": 4, METRIC: 0.04}]
+
+
+def test_a_preempted_run_waits_for_no_eval(tmp_path: Path, fake_lmms: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from llava_train.lmms import LmmsRequest
+    from llava_train.training.lmms_callback import LmmsEvalCallback
+    from llava_train.training.safety import PREEMPTED_FILE
+
+    monkeypatch.setenv("FAKE_LMMS_SLEEP", "30")
+    (tmp_path / "checkpoint-2" / HF_EXPORT_DIR).mkdir(parents=True)
+    cb = LmmsEvalCallback(LmmsRequest((TASK,), python=sys.executable), tmp_path, wait_timeout=3600)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2)
+    cb.on_train_begin(None, state, None)
+    cb.on_save(None, state, None)
+    (tmp_path / PREEMPTED_FILE).write_text("{}")  # what SafetyCallback.on_train_end wrote just before
+    t0 = time.perf_counter()
+    cb.on_train_end(None, state, None)
+    assert time.perf_counter() - t0 < 5.0
+    assert (tmp_path / "checkpoint-2" / PENDING_FILE).is_file() and not (
+        tmp_path / "checkpoint-2" / RESULT_FILE
+    ).exists()
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -153,14 +153,21 @@ class LmmsEvalCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Wait up to `wait_timeout` seconds for the queued evals, then log them; stop what still runs."""
+        """Wait up to `wait_timeout` seconds for the queued evals, then log them; stop what still runs.
+
+        A preempted run waits for nothing (its grace period is for the checkpoint): its evals stay pending and
+        the resumed run re-launches them.
+        """
         if not state.is_world_process_zero or self._worker is None:
             return
+        from llava_train.training.safety import PREEMPTED_FILE  # SafetyCallback's on_train_end ran first
+
+        timeout = 0.0 if (self.run_dir / PREEMPTED_FILE).is_file() else self.wait_timeout
         waiting = self._queue.qsize()
         if waiting:
-            log.info("waiting up to %.0f s for %d queued lmms-eval run(s)", self.wait_timeout, waiting)
+            log.info("waiting up to %.0f s for %d queued lmms-eval run(s)", timeout, waiting)
         self._queue.put(None)
-        self._worker.join(self.wait_timeout)
+        self._worker.join(timeout)
         if self._worker.is_alive():
             self._stop.set()
             self._worker.join()
