@@ -44,6 +44,19 @@ DIST_VARS = (
     "LOCAL_SIZE",
 )
 DIST_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "OMPI_COMM_WORLD_", "PMI_", "MV2_COMM_WORLD_")
+# Runs first in the eval process, then execs lmms-eval: on Linux it asks for SIGTERM when the training process
+# dies (a kill -9 would otherwise leave lmms-eval holding its GPU while the resumed run starts another), and exits
+# at once when that process is already gone. Not `preexec_fn`: unsafe in a process with threads.
+DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('the training process is gone')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 class LmmsEvalError(RuntimeError):
@@ -169,6 +182,7 @@ def evaluate_folder(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cmd = build_command(folder, request, out)
+    cmd = [cmd[0], "-c", DIE_WITH_PARENT, str(os.getpid()), *cmd]
     log_path = out / "lmms_eval.log"
     start, started_at = time.monotonic(), time.time() - 1.0  # 1 s: coarse file-system timestamps
     with log_path.open("w") as log_file:

@@ -225,8 +225,18 @@ def test_kill_9_while_an_eval_is_pending_then_resume_evaluates_every_checkpoint_
         if orphan.is_file():
             break
         time.sleep(0.1)
-    if orphan.is_file():  # the eval process outlives a kill -9 of its run: ended here (it is ours)
-        os.kill(int(orphan.read_text()), signal.SIGKILL)
+    assert orphan.is_file(), "checkpoint-2's eval never started"
+    # The eval process died with its run (PR_SET_PDEATHSIG): no lmms-eval outlives a kill -9.
+    pid = int(orphan.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("lmms-eval outlived the killed run")
     assert (out / "checkpoint-2" / PENDING_FILE).is_file() and not (out / "checkpoint-2" / RESULT_FILE).exists()
 
     resumed = subprocess.run(
