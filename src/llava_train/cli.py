@@ -146,6 +146,22 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_lmms_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    """Exit 0 when every folder was scored, 1 when lmms-eval failed on one (its error is in the table's record)."""
+    from llava_train.lmms import LmmsRequest
+    from llava_train.tools.lmms_offline import evaluate_path, format_table
+    from llava_train.utils.distributed import has_accelerator
+
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    cuda = has_accelerator() and args.devices != ""
+    request = LmmsRequest(tasks, args.include_path, args.limit, args.model_args, args.python, args.devices, cuda)
+    records, errors = evaluate_path(args.path, request)
+    print(format_table(records))
+    for error in errors:
+        print(f"llava-train: lmms-eval failed: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_train.tools.demo.run import run_demo
 
@@ -286,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-p", type=float, default=1.0)
             p.add_argument("--seed", type=int, default=0)
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser(
+        "lmms-eval", help="lmms-eval on a model folder, a checkpoint-N (its hf/), or a run's unscored checkpoints"
+    )
+    p.add_argument("path", help="final model folder, checkpoint-N folder, or run folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names")
+    p.add_argument("--include-path", help="folder of extra task YAMLs (e.g. the demo's lmms_tasks/)")
+    p.add_argument("--limit", type=int, help="documents per task (default: all)")
+    p.add_argument("--python", help="interpreter of the environment with lmms-eval (default: this one)")
+    p.add_argument("--model-args", default="", help="extra llava_hf model args, key=value,...")
+    p.add_argument("--devices", help='CUDA_VISIBLE_DEVICES of the eval process ("" = CPU)')
+    p.set_defaults(fn=cmd_lmms_eval)
 
     p = sub.add_parser("demo", help="synthetic shapes task through both stages on CPU")
     p.add_argument("--workdir", default="runs/demo")

@@ -21,6 +21,7 @@ from llava_train.config_data import TEMPLATES as TEMPLATES
 from llava_train.config_data import ColumnsConfig as ColumnsConfig
 from llava_train.config_data import DataConfig
 from llava_train.config_data import SourceConfig as SourceConfig
+from llava_train.config_eval import EvalConfig
 from llava_train.config_io import ConfigError, apply_overrides, build, check_choice, describe, load_yaml
 from llava_train.run_files import CONFIG_FILENAME as CONFIG_FILENAME
 from llava_train.run_files import METRICS_FILENAME as METRICS_FILENAME
@@ -198,7 +199,7 @@ class PerfConfig:
 
 @dataclass
 class RunConfig:
-    """A whole run: stage + model + data + optimizer + LoRA + wandb + perf + TrainingArguments.
+    """A whole run: stage + model + data + optimizer + LoRA + wandb + perf + eval + TrainingArguments.
 
     stage: `pretrain` (projector only) or `finetune` (projector + language model).
     train: any `transformers.TrainingArguments` field, passed through untouched (output_dir,
@@ -208,7 +209,8 @@ class RunConfig:
         skipped on every rank) and `max_skipped_steps` (with `skip`: stop after this many skipped steps in
         a row; default 10). `save_total_limit` keeps the newest N complete checkpoints. `export_hf: true` also
         writes `checkpoint-N/hf/`, an HF-native folder like the final one (off by default: a full model per
-        checkpoint, where a stage-1 checkpoint is otherwise just the projector; LoRA merges rebuild the base).
+        checkpoint, where a stage-1 checkpoint is otherwise just the projector; LoRA merges rebuild the base);
+        `eval.lmms_tasks` turns it on in `finetune`.
     metrics_every: log the compact throughput line every N optimizer steps (0 = with each log).
     """
 
@@ -219,6 +221,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: dict[str, Any] = field(default_factory=dict)
     metrics_every: int = 0
 

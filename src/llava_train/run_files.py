@@ -19,6 +19,10 @@ TRAINING_ARGS_JSON = "training_args.json"  # HF's TrainingArguments as JSON (the
 CHECKPOINT_INFO = "llava_train_checkpoint.json"  # kind (full / trainable-only) and where frozen parts come from
 COMPLETE_MARKER = "llava_train_complete.json"  # written last: its manifest makes the checkpoint complete
 HF_EXPORT_DIR = "hf"  # `train.export_hf`: the checkpoint as an HF-native folder
+STEP0_DIR = "step-0"  # `eval.lmms_eval_step0`: the starting model's export (`<run>/step-0/hf`), outside rotation
+LMMS_RESULT_FILE = "lmms_eval.json"  # a folder's lmms-eval scores
+LMMS_PENDING_FILE = "lmms_eval.pending"  # its eval is queued or running (rotation keeps the folder)
+LMMS_OUTPUT_DIR = "lmms_eval_out"  # lmms-eval's own output for that folder
 
 # `llava-train data validate` / `eval` outputs.
 DATA_REPORT = "data_report.json"

@@ -26,6 +26,7 @@ from llava_train.training.callbacks import (
     wandb_enabled,
 )
 from llava_train.training.checkpoint import CheckpointArtifactsCallback, HFExport
+from llava_train.training.lmms_callback import build_lmms_callback
 from llava_train.training.metrics import ThroughputTracker
 from llava_train.training.precision import PrecisionPolicy, apply_precision
 from llava_train.training.safety import SafetyCallback, StepGuard
@@ -153,15 +154,20 @@ def assemble_trainer(
     # The one place the callback order is set. HF runs callbacks in list order with its reporters (wandb,
     # tensorboard) among its defaults, so the keys they must see come first: the throughput rates, then
     # `skipped_steps` (the safety guard's). Ours run after HF's: the lr check, checkpoint completion (marker,
-    # rotation), metrics.jsonl, the loss plot, wandb extras, then the caller's.
+    # rotation), the lmms-eval queue, metrics.jsonl, the loss plot, wandb extras, then the caller's.
     first = [c for c in reporting if isinstance(c, ThroughputCallback)] + [SafetyCallback(guard)]
+    # Asynchronous lmms-eval of every checkpoint reads its hf/ export (so eval.lmms_tasks turns the export on).
+    lmms = build_lmms_callback(cfg, wandb_enabled(cfg.train.get("report_to"))) if processor is not None else None
     export = None
-    if cfg.train.get("export_hf") and processor is not None:
+    if (cfg.train.get("export_hf") or lmms is not None) and processor is not None:
         export = HFExport(processor, cfg.model.dtype, cfg.lora.enabled)
+    step0 = lmms is not None and cfg.eval.lmms_eval_step0
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    limit = cfg.train.get("save_total_limit")
     last = [
         LrCheckCallback(trainer),
-        CheckpointArtifactsCallback(model, config_yaml, cfg.train.get("save_total_limit"), export),
+        CheckpointArtifactsCallback(model, config_yaml, limit, export, export_step0=step0),
+        *([lmms] if lmms is not None else []),  # after the checkpoint callback: a queued checkpoint is complete
         *(c for c in reporting if not isinstance(c, ThroughputCallback)),
         *extra_callbacks,
     ]

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_train.config import RunConfig, dump_config
+from llava_train.lmms import is_pending
 from llava_train.model.projector import save_projector
 from llava_train.model.serving import save_serving_files
 from llava_train.run_files import (
@@ -33,8 +34,10 @@ from llava_train.run_files import (
     HF_EXPORT_DIR,
     PREEMPTED_FILE,
     PROJECTOR_FILE,
+    STEP0_DIR,
     TRAINING_ARGS_JSON,
 )
+from llava_train.training.callbacks import optional_artifact
 from llava_train.training.lora_merge import merge_lora
 from llava_train.utils.distributed import gathered
 from llava_train.utils.logging import get_logger, is_main_process
@@ -193,7 +196,7 @@ def rotate_checkpoints(run_dir: str | os.PathLike, limit: int | None, keep: str 
 
     Runs only after a new checkpoint is complete, so the last complete one is never deleted before its
     successor exists; torn folders are left for inspection (resume skips them). `keep` (the best
-    checkpoint of `load_best_model_at_end`) is never deleted.
+    checkpoint of `load_best_model_at_end`) and checkpoints whose lmms-eval is pending are never deleted.
     """
     import shutil
 
@@ -202,7 +205,8 @@ def rotate_checkpoints(run_dir: str | os.PathLike, limit: int | None, keep: str 
     if not limit or limit <= 0:
         return []
     done = complete_checkpoints(run_dir)  # oldest first
-    removable = [c for c in done if keep is None or c.resolve() != Path(keep).resolve()]
+    # The newest one (just completed) always stays, whatever else is kept.
+    removable = [c for c in done[:-1] if (keep is None or c.resolve() != Path(keep).resolve()) and not is_pending(c)]
     extra = len(done) - limit
     gone = removable[: max(0, extra)]
     for folder in gone:
@@ -219,6 +223,8 @@ class CheckpointArtifactsCallback(TrainerCallback):
     save_total_limit: the run's `train.save_total_limit` (HF's own rotation is turned off: it deleted the
         oldest checkpoint before the new one was known to be complete).
     export: write the checkpoint's `hf/` export before the marker (`train.export_hf`); None = no export.
+    export_step0: with `export`, also export the starting model to `<run>/step-0/hf` at train begin (a run that
+        starts at step 0), for `eval.lmms_eval_step0`.
     """
 
     def __init__(
@@ -227,11 +233,26 @@ class CheckpointArtifactsCallback(TrainerCallback):
         config_yaml: str,
         save_total_limit: int | None = None,
         export: HFExport | None = None,
+        export_step0: bool = False,
     ) -> None:
         self.model = model
         self.config_yaml = config_yaml
         self.save_total_limit = save_total_limit
         self.export = export
+        self.export_step0 = export_step0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Export the starting model (every rank: the ZeRO-3 gather is collective); a failure is a warning."""
+        folder = Path(args.output_dir) / STEP0_DIR
+        if self.export is None or not self.export_step0 or state.global_step > 0 or (folder / HF_EXPORT_DIR).is_dir():
+            return
+        if self.export.lora:
+            log.warning("eval.lmms_eval_step0: a LoRA run's starting model is its base; evaluate that folder offline")
+            return
+        with optional_artifact(f"the starting model's export {folder / HF_EXPORT_DIR}"):
+            if is_main_process():
+                folder.mkdir(parents=True, exist_ok=True)
+            export_checkpoint(self.model, folder, self.export, args.world_size)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from llava_train.utils.distributed import barrier

@@ -114,6 +114,8 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
         "model/model.safetensors",
         "model/chat_template.jinja",
         "stage1/config.json",
+        "lmms_tasks/llava_train_demo/llava_train_demo.yaml",
+        "lmms_tasks/llava_train_demo/llava_train_demo.jsonl",
     ):
         assert (w / name).is_file(), name
     assert result.model_dir == w / "model"

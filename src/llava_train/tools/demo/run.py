@@ -20,6 +20,7 @@ from llava_train.config_io import apply_overrides, load_yaml
 from llava_train.data.templates import run_template
 from llava_train.model.serving import save_serving_files
 from llava_train.tools.demo import parts, shapes
+from llava_train.tools.demo.lmms_task import TASK_NAME, TASKS_DIR, write_lmms_task
 from llava_train.training.callbacks import optional_artifact, write_loss_plot
 from llava_train.utils.logging import get_logger
 
@@ -264,6 +265,8 @@ def _run_demo(
             w / "data", size.n_pretrain, size.n_finetune, size.n_eval, size.image_size, seed, mixed_sizes
         ),
     )
+    # lmms-eval's view of the same held-out split (README "Benchmark curves during training").
+    lmms_tasks = write_lmms_task(data.eval, data.image_folder, w / TASKS_DIR)
     cfg1 = stage_config("pretrain", w, pretrain_steps, overrides=overrides)
     cfg2 = stage_config("finetune", w, finetune_steps, overrides=overrides)
     lm, vision = _timed(timings, "tiny tokenizer + models", lambda: parts.write_parts(w, data, size, seed))
@@ -356,4 +359,9 @@ def _run_demo(
     for t in chat["turns"]:
         print(f"  {t['question'].splitlines()[0]!r} -> {t['answer']!r} (truth: {t['truth']})")
     print(f"loss curves: {loss_png}\nfinal model: {w / 'model'}\ntotal: {timings['total']:.0f} s")
+    print(
+        f"lmms-eval's score of the same held-out split (task {TASK_NAME}, environment from `make lmms-eval-env`):\n"
+        f"  llava-train lmms-eval {w / 'model'} --tasks {TASK_NAME} --include-path {lmms_tasks} "
+        "--python .venv-lmms/bin/python"
+    )
     return DemoResult(w, w / "model", table, loss_png, timings)
