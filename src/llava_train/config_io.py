@@ -127,11 +127,9 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
 # -- overrides: `a.b=c` and the `--a.b=c` form a wandb sweep agent passes --------------------------------
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse `data.model_max_length=1024` or `--data.model_max_length=1024` into (path, value).
-
-    The value is parsed as YAML, so `1e-3`, `true`, `null`, `[a, b]` get their natural types.
-    """
+def split_override(text: str) -> tuple[str, str]:
+    """`data.model_max_length=1024` or `--data.model_max_length=1024` -> ("data.model_max_length", "1024"): the one
+    reader of the `key=value` form (run overrides, sweep agent flags, sweep trial arguments)."""
     body = text[2:] if text.startswith("--") else text
     if "=" not in body:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. data.model_max_length=1024)")
@@ -139,6 +137,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
+    return key, raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `data.model_max_length=1024` or `--data.model_max_length=1024` into (path, value).
+
+    The value is parsed as YAML, so `1e-3`, `true`, `null`, `[a, b]` get their natural types.
+    """
+    key, raw = split_override(text)
     value = safe_load_no_alias(raw) if raw.strip() else ""
     if value == "None":  # a wandb sweep agent writes a null sweep value as Python's None
         value = None

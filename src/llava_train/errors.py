@@ -5,6 +5,8 @@ Light on purpose (no torch, no transformers): the CLI maps errors to codes befor
 
 from __future__ import annotations
 
+from typing import Any
+
 # The same on every rank: 0 = done (trained and saved); 1 = an unexpected error (traceback on stderr);
 # 2 = a configuration or data error (one line naming the key, file or row); 3 = stopped for a preemption
 # signal (SIGTERM / SIGUSR1) after saving a complete checkpoint: resume with
@@ -32,10 +34,25 @@ class RemoteCodeError(ValueError):
     """A model folder asks to run its own Python code (`auto_map`): never done (no `trust_remote_code`)."""
 
 
+class BadSampleError(ValueError):
+    """A bad row met with `on_bad_sample: error`: the message names the source, row, id and reason."""
+
+    def __init__(self, source: str, row: int | None = None, sample_id: Any = None, reason: str = "", detail: str = ""):
+        # A single argument is a finished message: DataLoader workers re-raise exceptions as exc_type(message),
+        # the message holding the worker's traceback: its last line is the original message (one line to print).
+        message = source if row is None else f"bad sample in {source} row {row} (id {sample_id!r}): {reason}: {detail}"
+        if row is None and message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+        self.source, self.row, self.sample_id, self.reason, self.detail = source, row, sample_id, reason, detail
+
+
+class DataFileError(ValueError):
+    """A shard (or a whole source) that cannot be read at all: one line naming the file and what to do (exit 2)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one line and exit code 2, without a traceback."""
-    from llava_train.data.errors import BadSampleError, DataFileError  # import-free leaf beside the reasons
-
     errors: tuple[type[BaseException], ...] = (
         ConfigError,
         BadSampleError,

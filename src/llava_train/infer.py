@@ -30,6 +30,8 @@ from llava_train.llava_format import (
     to_messages,
     user_text,
 )
+from llava_train.model.processor import load_saved_processor
+from llava_train.remote_code import refuse_remote_code
 from llava_train.run_files import EVAL_PREDICTIONS_FILENAME, EVAL_REPORT_FILENAME
 
 DEFAULT_TYPE = "all"
@@ -92,9 +94,6 @@ def load(model_dir: str | Path, device: str | None = None, dtype: str | None = N
     """
     import torch
     from transformers import AutoModelForImageTextToText
-
-    from llava_train.model.processor import load_saved_processor
-    from llava_train.remote_code import refuse_remote_code
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llava_train.config import RunConfig
 from llava_train.config_io import ConfigError
+from llava_train.data.rows import shard_paths
 
 MODEL_KEYS = ("language_model", "tokenizer", "vision_tower", "init_from")
 
@@ -23,7 +24,6 @@ def check_paths(cfg: RunConfig) -> None:
 
     Model folders written by `model.preset` are exempt (the preset creates them); `init_from` is always local.
     """
-    from llava_train.data.rows import shard_paths
 
     for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         for i, src in enumerate(sources):

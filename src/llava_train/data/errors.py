@@ -1,8 +1,10 @@
-"""Bad-sample types: the reason codes a row can be rejected for, and the errors that carry them. No imports."""
+"""Bad-sample types: the reason codes a row can be rejected for and the row-level `BadSample`. The user-facing data
+errors (`BadSampleError`, `DataFileError`) live in `llava_train.errors` and stay importable from here."""
 
 from __future__ import annotations
 
-from typing import Any
+from llava_train.errors import BadSampleError as BadSampleError
+from llava_train.errors import DataFileError as DataFileError
 
 BAD_REASONS: dict[str, str] = {
     "missing_image": "an image file does not exist",
@@ -36,20 +38,3 @@ class BadSample(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-class BadSampleError(ValueError):
-    """A bad row met with `on_bad_sample: error`: the message names the source, row, id and reason."""
-
-    def __init__(self, source: str, row: int | None = None, sample_id: Any = None, reason: str = "", detail: str = ""):
-        # A single argument is a finished message: DataLoader workers re-raise exceptions as exc_type(message),
-        # the message holding the worker's traceback: its last line is the original message (one line to print).
-        message = source if row is None else f"bad sample in {source} row {row} (id {sample_id!r}): {reason}: {detail}"
-        if row is None and message.startswith("Caught ") and "Original Traceback" in message:
-            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)
-        self.source, self.row, self.sample_id, self.reason, self.detail = source, row, sample_id, reason, detail
-
-
-class DataFileError(ValueError):
-    """A shard (or a whole source) that cannot be read at all: one line naming the file and what to do (exit 2)."""

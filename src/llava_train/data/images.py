@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_train.archs import IMAGE_ASPECT_RATIOS
+from llava_train.data.errors import BadSample
 
 # -- files -------------------------------------------------------------------------------------
 
@@ -23,7 +24,6 @@ def resolve_image_path(image_folder: str | None, rel: str) -> str:
     BadSample(image_path_escapes); one whose real path (symbolic links followed, in the file or any folder
     above it) lies outside the folder's real path is BadSample(image_symlink_escapes), so no file outside the
     image folder is ever opened (data sets arrive as archives, and `tar x` recreates their links)."""
-    from llava_train.data.errors import BadSample
 
     if not isinstance(rel, str) or not rel:
         raise BadSample("missing_image", f"image path must be a non-empty string, got {rel!r}")
@@ -39,7 +39,6 @@ def resolve_image_path(image_folder: str | None, rel: str) -> str:
 def check_inside(image_folder: str | None, path: str, rel: str) -> str:
     """The real path of `path` when it lies inside the real path of `image_folder` (the folder itself may be a
     link), else BadSample(image_symlink_escapes)."""
-    from llava_train.data.errors import BadSample
 
     base_real = os.path.realpath(image_folder or ".")
     real = os.path.realpath(path)
@@ -77,8 +76,6 @@ class ImageRef:
             with open(tar, "rb") as f:
                 data = os.pread(f.fileno(), size, offset)
             if len(data) != size:
-                from llava_train.data.errors import BadSample
-
                 raise BadSample("missing_image", f"{self}: {tar} ends before byte {offset + size}")
             return data
         return self.data
@@ -104,7 +101,6 @@ def image_ref(value: Any, image_folder: str | None, where: str = "image") -> Ima
     """One image value of a record as an ImageRef: a path string (relative to `image_folder`), an HF `Image`
     struct `{"bytes", "path"}` (the bytes win; bytes None = a file path, as `to_parquet` writes local files),
     raw bytes, a PIL image or an ImageRef (tar members). An empty value is BadSample(missing_image)."""
-    from llava_train.data.errors import BadSample
 
     if isinstance(value, ImageRef):
         return value
@@ -133,8 +129,6 @@ def _struct_bytes(data: Any, where: str) -> bytes:
     import base64
     import binascii
 
-    from llava_train.data.errors import BadSample
-
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     if isinstance(data, str):
@@ -162,7 +156,6 @@ class ImageLimits:
 
     def check(self, ref: Any, width: int, height: int) -> None:
         """BadSample(image_too_large) when a side or the aspect ratio is over its bound."""
-        from llava_train.data.errors import BadSample
 
         if width <= 0 or height <= 0:
             raise BadSample("corrupt_image", f"{ref} has size {width}x{height}")
@@ -178,8 +171,6 @@ def _open_allowed(ref: ImageRef) -> Any:
     """`ref.open()` restricted to IMAGE_FORMATS; an image of another format is BadSample(image_format), bytes of
     no format BadSample(corrupt_image)."""
     from PIL import Image, UnidentifiedImageError
-
-    from llava_train.data.errors import BadSample
 
     source = ref.path if ref.path is not None else io.BytesIO(ref.encoded() or b"")
     Image.init()  # registers every plugin (`formats` names must be registered)
@@ -216,7 +207,6 @@ def load_image(image: ImageLike, limits: ImageLimits | None = None) -> Any:
 
 
 def _read(ref_like: ImageLike, decode: bool, limits: ImageLimits, rgb: bool = False) -> tuple[tuple[int, int], Any]:
-    from llava_train.data.errors import BadSample
 
     ref = as_image_ref(ref_like)
     if ref.pil is not None:
@@ -265,8 +255,6 @@ def video_frame_paths(image_folder: str | None, video: Any, frames: int) -> list
     or a list of frame files, relative to `image_folder` (as LLaVA-NeXT: np.linspace(0, n - 1, frames),
     floored; a video with fewer frames repeats some). Video files are BadSample(bad_video)."""
     import numpy as np
-
-    from llava_train.data.errors import BadSample
 
     if isinstance(video, str):
         folder = resolve_image_path(image_folder, video)

@@ -29,6 +29,7 @@ import numpy as np
 from llava_train.data.errors import BadSample
 from llava_train.data.templates import Segment, Template
 from llava_train.llava_format import ASSISTANT, DATA_IMAGE_TAG, USER, Turn
+from llava_train.remote_code import refuse_remote_code
 from llava_train.utils.modules import IGNORE_INDEX
 
 _WHITESPACE = re.compile(r"\s+")
@@ -45,7 +46,6 @@ def load_tokenizer(path: str, image_token: str = "<image>", extra_tokens: tuple[
     from transformers import AutoTokenizer
 
     # use_fast is ignored by transformers 5 (every tokenizer is Rust-backed); kept as the original's call.
-    from llava_train.remote_code import refuse_remote_code
 
     refuse_remote_code(path)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right", use_fast=False, trust_remote_code=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llava_train.config import RunConfig, SourceConfig
+from llava_train.config_io import ConfigError
 from llava_train.data.dataset import make_context
 from llava_train.data.errors import BadSample
 from llava_train.data.images import save_image
@@ -41,7 +42,6 @@ def numbered_sources(cfg: RunConfig) -> tuple[list[tuple[SourceConfig, Any, int]
 
 def check_index(index: int, total: int) -> None:
     """A sample index the user gave must name a row (ConfigError: a one-line CLI error, exit 2)."""
-    from llava_train.config_io import ConfigError
 
     if not 0 <= index < total:
         raise ConfigError(f"sample index {index} out of range: the sources hold {total} rows (0..{total - 1})")

@@ -18,6 +18,7 @@ from llava_train.config import RunConfig
 from llava_train.errors import InitFromError
 from llava_train.model.construct import construct, init_new_parts, resize_embeddings
 from llava_train.model.init_source import init_source
+from llava_train.model.known_configs import resolve_config
 from llava_train.model.original import (
     check_projector_shapes,
     check_run,
@@ -31,6 +32,7 @@ from llava_train.model.sources import ModelSources
 from llava_train.model.vision import (
     ImageGeometry,
     feature_select_strategy,
+    image_geometry,
     image_tokens,
     run_geometry,
     vision_config_of,
@@ -133,7 +135,6 @@ def llava_config(
 
 def config_geometry(cfg: RunConfig, config: Any) -> ImageGeometry:
     """The ImageGeometry a built model's config implies, for checking it against the data side's."""
-    from llava_train.model.vision import image_geometry
 
     arch = MODEL_TYPE_ARCH.get(getattr(config, "model_type", ""), cfg.model.arch)
     return image_geometry(
@@ -185,8 +186,6 @@ def meta_model(cfg: RunConfig, extra_tokens: int | None = None) -> Any:
     vocabularies (which their tokenizers fill exactly), 0 otherwise (Qwen's has spare rows).
     """
     import torch
-
-    from llava_train.model.known_configs import resolve_config
 
     text_config = resolve_config(cfg.model.language_model)
     vision_config = resolve_config(cfg.model.vision_tower)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llava_train.utils.distributed import gathered
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -26,8 +27,6 @@ def resize_embeddings(model: Any, tokenizer: Any) -> None:
     if len(tokenizer) <= vocab:
         return
     import torch
-
-    from llava_train.utils.distributed import gathered
 
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     tables = [model.get_input_embeddings().weight]

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llava_train.remote_code import refuse_remote_code
+
 # Hub `config.json` contents (the vision part for CLIP/SigLIP towers, which is what LLaVA builds).
 # model_type selects the config class; everything else is passed to it unchanged.
 _HUB_CONFIGS: dict[str, dict[str, Any]] = {
@@ -188,8 +190,6 @@ def resolve_config(name_or_path: str | os.PathLike) -> Any:
     when none of these has it.
     """
     from transformers import AutoConfig
-
-    from llava_train.remote_code import refuse_remote_code
 
     name = str(name_or_path)
     if Path(name).is_dir():

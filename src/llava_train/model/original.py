@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava_train.data.templates import run_template
 from llava_train.errors import InitFromError
+from llava_train.model.projector import projector_module
 from llava_train.model.weights import IGNORED_SUFFIXES, assign, copy_mapped, iter_tensors, key_map, vision_rules
 from llava_train.utils.logging import get_logger
 
@@ -219,7 +221,6 @@ def check_run(cfg: Any, original: OriginalConfig, vision_config: Any, where: str
 
 
 def _run_template(cfg: Any) -> str:
-    from llava_train.data.templates import run_template
 
     return run_template(cfg).name
 
@@ -343,7 +344,6 @@ def check_projector_shapes(
 
 def load_projector_tensors(model: Any, tensors: dict[str, Any], path: Path) -> None:
     """Copy projector tensors (LlavaMultiModalProjector names) into the model (strict, ZeRO-3 safe)."""
-    from llava_train.model.projector import projector_module
 
     targets = projector_module(model).state_dict(keep_vars=True)
     if set(tensors) != set(targets):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llava_train.data.tiny_tokenizer import build_tiny_tokenizer
+
 TOKENIZER_STYLES = ("llama", "chatml")
 VISION_KINDS = ("clip", "siglip")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -58,8 +60,6 @@ def write_tiny_language_model(
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from llava_train.data.tiny_tokenizer import build_tiny_tokenizer
 
     if tokenizer_style not in TOKENIZER_STYLES:
         raise KeyError(f"unknown tokenizer_style {tokenizer_style!r}; valid styles: {', '.join(TOKENIZER_STYLES)}")

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from llava_train.archs import DEFAULT_ASPECT_RATIO, anyres_max_patches, check_aspect_ratio
+
 # model_type of vision configs whose encoder output starts with a CLS token, and of those without.
 CLS_TOWERS = ("clip_vision_model",)
 NO_CLS_TOWERS = ("siglip_vision_model",)
@@ -207,7 +209,6 @@ def image_geometry(
 ) -> ImageGeometry:
     """The ImageGeometry of a run (`model.arch`, the tower, `model.vision_feature_select`,
     `data.image_aspect_ratio`, `model.image_grid_pinpoints`; None = the arch's defaults)."""
-    from llava_train.archs import DEFAULT_ASPECT_RATIO, anyres_max_patches, check_aspect_ratio
 
     aspect = image_aspect_ratio or DEFAULT_ASPECT_RATIO[arch]
     check_aspect_ratio(arch, aspect)

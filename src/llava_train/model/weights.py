@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llava_train.remote_code import refuse_remote_code
 from llava_train.utils.distributed import gathered
 from llava_train.utils.logging import get_logger
 
@@ -31,7 +32,6 @@ def resolve_folder(name_or_path: str | os.PathLike, weights: bool = True, also: 
     `weights=False` fetches configs, tokenizer and processor files only (data commands need no weights);
     `also` adds file patterns fetched either way (an original LLaVA stage 1's small `mm_projector.bin`).
     """
-    from llava_train.remote_code import refuse_remote_code
 
     path = Path(name_or_path)
     if path.is_dir():

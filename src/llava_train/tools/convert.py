@@ -13,9 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llava_train.components import load_components
 from llava_train.config import DTYPES, RunConfig, dump_config, from_dict, load_config
 from llava_train.config_io import apply_overrides
 from llava_train.errors import InitFromError
+from llava_train.model.init_source import init_source
+from llava_train.model.projector import save_projector
 from llava_train.model.serving import save_serving_files
 from llava_train.run_files import CONFIG_FILENAME, PROJECTOR_FILE
 from llava_train.utils.logging import get_logger
@@ -39,7 +42,6 @@ def convert_config(
 ) -> RunConfig:
     """The RunConfig a conversion loads `src` with: a given run config (init_from = src), else one from the flags
     and the original config's own fields (vision tower, select layer / feature, dtype, version)."""
-    from llava_train.model.init_source import init_source
 
     source = init_source(src)
     if source.kind == "full":
@@ -72,8 +74,6 @@ def convert_config(
 
 def convert(cfg: RunConfig, out: str | os.PathLike) -> Path:
     """Load `cfg.model.init_from` as a run would and write the HF-native folder `out`; returns it."""
-    from llava_train.components import load_components
-    from llava_train.model.projector import save_projector
 
     parts = load_components(cfg)
     out = Path(out)

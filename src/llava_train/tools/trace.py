@@ -16,7 +16,15 @@ from typing import Any, TextIO
 
 import torch
 
+from llava_train.components import load_components
 from llava_train.config import RunConfig
+from llava_train.data.collator import BATCH_ONLY_KEYS, PaddingCollator
+from llava_train.data.dataset import build_item, make_context
+from llava_train.data.images import mean_color, processor_output_size
+from llava_train.data.scan import process_record
+from llava_train.data.validate import locate_sample, render_labelled
+from llava_train.llava_format import normalize_conversation, record_id, record_video
+from llava_train.remote_code import refuse_remote_code
 from llava_train.utils.modules import IGNORE_INDEX
 
 HEAD = 4  # values shown per tensor
@@ -67,11 +75,6 @@ def _jsonable(record: Any) -> Any:
 
 def data_steps(cfg: RunConfig, parts: Any, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The data half of a trace: (steps as data, the dataset item the model gets)."""
-    from llava_train.data.dataset import build_item, make_context
-    from llava_train.data.images import mean_color, processor_output_size
-    from llava_train.data.scan import process_record
-    from llava_train.data.validate import locate_sample, render_labelled
-    from llava_train.llava_format import normalize_conversation, record_id, record_video
 
     src, store, row = locate_sample(cfg, index)
     record = store.get(row)
@@ -141,7 +144,6 @@ def data_steps(cfg: RunConfig, parts: Any, index: int) -> tuple[dict[str, Any], 
 
 def collate_one(parts: Any, items: list[dict[str, Any]], arch: str) -> dict[str, Any]:
     """The model inputs of dataset items, collated as training collates them (padding, no packing)."""
-    from llava_train.data.collator import BATCH_ONLY_KEYS, PaddingCollator
 
     batch = PaddingCollator(parts.tokenizer.pad_token_id, batch_num_images=arch == "llava_onevision")(items)
     return {k: v for k, v in batch.items() if k not in BATCH_ONLY_KEYS}
@@ -263,13 +265,10 @@ def model_steps(model: Any, parts: Any, item: dict[str, Any], arch: str) -> dict
 def trace(cfg: RunConfig, index: int = 0, model_dir: str | None = None) -> dict[str, Any]:
     """Trace sample `index` (numbered as `data inspect` numbers them) through the config's model, as built for
     training (from its local parts / `init_from`), or through a trained HF-native folder `model_dir`."""
-    from llava_train.components import load_components
 
     parts = load_components(cfg, weights=model_dir is None)
     if model_dir is not None:
         from transformers import AutoModelForImageTextToText
-
-        from llava_train.remote_code import refuse_remote_code
 
         refuse_remote_code(model_dir)
         parts.model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=False)

@@ -16,6 +16,7 @@ from llava_train.config import RunConfig
 from llava_train.data.collator import PaddingCollator
 from llava_train.data.packing import PackedRows, PackingCollator
 from llava_train.model.freeze import apply_stage
+from llava_train.model.lora import apply_lora
 from llava_train.run_files import LOSS_PLOT_FILENAME, METRICS_FILENAME
 from llava_train.stages import get_stage
 from llava_train.training.callbacks import (
@@ -26,9 +27,11 @@ from llava_train.training.callbacks import (
     wandb_enabled,
 )
 from llava_train.training.checkpoint import CheckpointArtifactsCallback, HFExport
+from llava_train.training.compile import compile_regions
 from llava_train.training.lmms_callback import build_lmms_callback
 from llava_train.training.metrics import ThroughputTracker
 from llava_train.training.precision import PrecisionPolicy, apply_precision
+from llava_train.training.predictions import eval_predictions_fn
 from llava_train.training.safety import SafetyCallback, StepGuard
 from llava_train.training.trainer import LLaVATrainer, LrCheckCallback
 from llava_train.training.wandb_logging import WandbExtrasCallback
@@ -41,15 +44,11 @@ def prepare_model(model: Any, cfg: RunConfig, policy: PrecisionPolicy) -> Any:
     """LoRA adapters (when enabled), the stage's trainable set, the precision policy, regional compile; returns
     the model to train (the PeftModel with LoRA). The order matters: precision acts on what the stage trains."""
     if cfg.lora.enabled:
-        from llava_train.model.lora import apply_lora
-
         model = apply_lora(model, cfg)
         log.info("LoRA applied: r=%d alpha=%d dropout=%g", cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
     apply_stage(model, cfg)
     apply_precision(model, policy)
     if cfg.perf.compile:
-        from llava_train.training.compile import compile_regions
-
         compile_regions(model, cfg.perf.compile_options)
     return model
 
@@ -147,8 +146,6 @@ def assemble_trainer(
     )
     predictions_fn = None
     if processor is not None:
-        from llava_train.training.predictions import eval_predictions_fn
-
         predictions_fn = eval_predictions_fn(cfg, processor)
     reporting = build_callbacks(cfg, tracker, data_report=train_ds.summary(), predictions_fn=predictions_fn)
     # The one place the callback order is set. HF runs callbacks in list order with its reporters (wandb,

@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_train.config import RunConfig, dump_config
 from llava_train.lmms import is_pending
-from llava_train.model.projector import save_projector
+from llava_train.model.projector import load_projector, save_projector
 from llava_train.model.serving import save_serving_files
 from llava_train.run_files import (
     ADAPTER_DIR,
@@ -39,7 +39,8 @@ from llava_train.run_files import (
 )
 from llava_train.training.callbacks import optional_artifact
 from llava_train.training.lora_merge import merge_lora
-from llava_train.utils.distributed import gathered
+from llava_train.training.resume import complete_checkpoints
+from llava_train.utils.distributed import barrier, gathered
 from llava_train.utils.logging import get_logger, is_main_process
 from llava_train.utils.modules import unwrap
 
@@ -200,8 +201,6 @@ def rotate_checkpoints(run_dir: str | os.PathLike, limit: int | None, keep: str 
     """
     import shutil
 
-    from llava_train.training.resume import complete_checkpoints
-
     if not limit or limit <= 0:
         return []
     done = complete_checkpoints(run_dir)  # oldest first
@@ -255,7 +254,6 @@ class CheckpointArtifactsCallback(TrainerCallback):
             export_checkpoint(self.model, folder, self.export, args.world_size)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from llava_train.utils.distributed import barrier
 
         ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         save_projector(self.model, ckpt / PROJECTOR_FILE)
@@ -343,7 +341,6 @@ class LoraNewlineResumeCallback(TrainerCallback):
         self.checkpoint = checkpoint
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from llava_train.model.projector import load_projector
 
         load_projector(self.model, Path(self.checkpoint) / PROJECTOR_FILE)
         log.info("restored the projector and image_newline from %s", self.checkpoint)

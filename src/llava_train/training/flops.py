@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llava_train.model.builder import MODEL_TYPE_ARCH, model_class
 from llava_train.model.freeze import MODULE_GROUPS, set_trainable
 from llava_train.model.vision import has_cls, patches_per_side, tower_tokens
 from llava_train.utils.modules import unwrap
@@ -185,7 +186,6 @@ class FlopModel:
             {"multi_modal_projector", "language_model", "lm_head"}.
         vision_train_from_layer: with `vision_tower` trainable, only encoder layers >= this train.
         """
-        from llava_train.model.builder import MODEL_TYPE_ARCH, model_class
 
         with torch.device("meta"):
             model = model_class(MODEL_TYPE_ARCH[config.model_type])(config)

@@ -19,6 +19,8 @@ from typing import Any
 
 from llava_train.config import RunConfig
 from llava_train.config_io import ConfigError
+from llava_train.utils.distributed import full_numel
+from llava_train.utils.distributed import uses_deepspeed as detect
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -82,8 +84,6 @@ def resolve_precision(
     bf16, fp16 = bool(cfg.train.get("bf16", False)), bool(cfg.train.get("fp16", False))
     deepspeed = cfg.train.get("deepspeed") if deepspeed is None else deepspeed
     if uses_deepspeed is None:
-        from llava_train.utils.distributed import uses_deepspeed as detect
-
         uses_deepspeed = detect({"deepspeed": deepspeed})
     if uses_deepspeed:
         if not deepspeed:  # accelerate's own DeepSpeed plugin (no JSON here): its ZeRO optimizer holds the masters
@@ -128,8 +128,6 @@ def apply_precision(model: Any, policy: PrecisionPolicy) -> dict[str, int]:
     touched (bit-identical). Returns {"trainable": n, "frozen": n, "upcast": n} parameter counts.
     """
     import torch
-
-    from llava_train.utils.distributed import full_numel
 
     counts = {"trainable": 0, "frozen": 0, "upcast": 0}
     seen: set[int] = set()

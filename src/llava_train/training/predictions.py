@@ -6,6 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from llava_train.config import RunConfig
+from llava_train.data.errors import BadSample
+from llava_train.infer import GenerationOptions, make_predictor, read_records, record_request
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -21,8 +23,6 @@ def eval_predictions_fn(cfg: RunConfig, processor: Any) -> Callable[[Any], list[
     n = cfg.wandb.log_predictions
     if n <= 0 or not cfg.data.eval:
         return None
-    from llava_train.data.errors import BadSample
-    from llava_train.infer import GenerationOptions, make_predictor, read_records, record_request
 
     src = cfg.data.eval[0]
     requests = []

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from llava_train.run_files import PREEMPTED_FILE
+from llava_train.training.resume import newest_complete_checkpoint
 from llava_train.utils.distributed import collective_device, rank, world_size
 from llava_train.utils.logging import get_logger, is_main_process
 
@@ -152,7 +153,6 @@ class StepGuard:
         self._bad_loss, self._losses, self._samples, self._verdict = None, [], [], None
 
     def _non_finite(self) -> str:
-        from llava_train.training.resume import newest_complete_checkpoint
 
         step = self.step + 1  # the step being taken
         local = {

@@ -16,6 +16,8 @@ from llava_train.data.packing import PackedRowSampler
 from llava_train.data.sampler import ModalityLengthGroupedSampler
 from llava_train.model.freeze import LR_GROUPS, MODULE_GROUPS, group_of, is_peft_model
 from llava_train.model.serving import save_serving_files
+from llava_train.training.checkpoint import is_checkpoint_folder, save_checkpoint_weights
+from llava_train.training.loss import trained_positions_loss
 from llava_train.utils.logging import get_logger
 from llava_train.utils.modules import unwrap
 
@@ -206,7 +208,6 @@ class LLaVATrainer(Trainer):
         writes); transformers saves LLaVA under legacy key names that its own resume does not map back.
         DeepSpeed and peft runs keep HF's saving (engine states; adapters in runtime names).
         """
-        from llava_train.training.checkpoint import is_checkpoint_folder, save_checkpoint_weights
 
         out = output_dir or self.args.output_dir
         if (
@@ -268,8 +269,6 @@ class LLaVATrainer(Trainer):
         if not self.loss_on_trained_only or return_outputs or "labels" not in inputs:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
-            from llava_train.training.loss import trained_positions_loss
-
             out = trained_positions_loss(model, inputs, num_items_in_batch, self.loss_chunk_size)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 out = out * self.accelerator.num_processes

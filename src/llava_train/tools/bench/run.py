@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from llava_train.config import RunConfig, from_dict
+from llava_train.model.builder import ARCH_CLASSES, model_class
 from llava_train.tools.bench.mix import SyntheticMix, bench_geometry
 from llava_train.tools.bench.presets import BOS_ID, MODES, PAD_ID, BenchPreset, get_preset, parse_modes
 from llava_train.train import build_training_arguments
@@ -44,8 +45,6 @@ def build_bench_model(preset: BenchPreset, attn: str = "sdpa", seed: int = 0) ->
 def _random_model(preset: BenchPreset, attn: str, seed: int) -> Any:
     import transformers
     from transformers import CLIPVisionConfig, LlamaConfig
-
-    from llava_train.model.builder import ARCH_CLASSES, model_class
 
     text = LlamaConfig(**preset.text, bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=2)
     fields: dict[str, Any] = {}

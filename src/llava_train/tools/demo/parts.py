@@ -27,6 +27,10 @@ from typing import Any
 
 import torch
 
+from llava_train.data.images import preprocess_images
+from llava_train.data.templates import TEMPLATES
+from llava_train.llava_format import normalize_conversation
+from llava_train.model.tiny import write_tiny_language_model, write_tiny_vision_tower
 from llava_train.tools.demo import shapes
 from llava_train.utils.logging import get_logger
 
@@ -42,7 +46,6 @@ def _schedule(optimizer: Any, steps: int) -> Any:
 
 
 def _tokenizer_corpus(data: shapes.DemoData) -> list[str]:
-    from llava_train.data.templates import TEMPLATES
 
     # The template's fixed strings must weigh as much as the data: with them seen 20 times, the
     # vicuna system prompt stayed 83 tokens (mostly characters); seen 1000 times, 37 tokens. Shorter
@@ -55,8 +58,6 @@ def write_parts(workdir: Path, data: shapes.DemoData, size: Any, seed: int = 0) 
     """Write the tiny LM (tokenizer trained on the demo text) and the tiny CLIP tower, random-init, as HF
     folders under `workdir/models`; returns their folders. `size` is the demo's `DemoSize`."""
     import shutil
-
-    from llava_train.model.tiny import write_tiny_language_model, write_tiny_vision_tower
 
     lm, vision = workdir / "models" / "lm", workdir / "models" / "vision"
     for folder in (lm, vision):
@@ -116,8 +117,6 @@ def patch_targets(objects: list[dict[str, str]], width: int, height: int, grid: 
 def _vision_batches(rows: list[dict[str, Any]], image_folder: Path, processor: Any, grid: int) -> tuple:
     """(pixel_values [N, 3, S, S], targets [N, P, 4]) of every image row, preprocessed as LLaVA's `pad`."""
     from PIL import Image
-
-    from llava_train.data.images import preprocess_images
 
     pixels, targets = [], []
     for start in range(0, len(rows), 256):
@@ -225,7 +224,6 @@ def _probe(model: Any, heads: Any, feature_layer: int, pixels: torch.Tensor, tar
 def lm_corpus(sources: list[tuple[Path, Any]], tokenizer: Any, seed: int = 0) -> list[str]:
     """The LM's pretraining documents: every row of each (LLaVA JSON file, template) rendered by that template
     (the demo's stage-1 plain captions, stage-2 vicuna_v1 dialogues) with the image placeholders dropped."""
-    from llava_train.llava_format import normalize_conversation
 
     docs = []
     for path, template in sources:

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from llava_train import infer
+from llava_train.archs import DEFAULT_ASPECT_RATIO
+from llava_train.components import load_components
 from llava_train.config import RunConfig, from_dict
 from llava_train.config_io import apply_overrides, load_yaml
 from llava_train.data.templates import run_template
+from llava_train.data.validate import validate
 from llava_train.model.serving import save_serving_files
 from llava_train.tools.demo import parts, shapes
 from llava_train.tools.demo.lmms_task import TASK_NAME, TASKS_DIR, write_lmms_task
+from llava_train.train import run as train_run
 from llava_train.training.callbacks import optional_artifact, write_loss_plot
 from llava_train.utils.logging import get_logger
 
@@ -111,8 +115,6 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
 
 def validate_data(cfg: RunConfig, report_path: Path) -> dict[str, Any]:
     """`data validate` (the library function) on the stage's sources; writes the report, raises if any row is bad."""
-    from llava_train.components import load_components
-    from llava_train.data.validate import validate
 
     # One worker: the demo's files are small and worker start-up would cost more than the scan.
     report = validate(cfg, load_components(cfg, weights=False), num_workers=1)
@@ -125,7 +127,6 @@ def validate_data(cfg: RunConfig, report_path: Path) -> dict[str, Any]:
 def save_before_stage1(cfg: RunConfig, out: Path) -> Path:
     """The stage-2 model as built before any LLaVA training (pretrained parts, new projector), saved HF-native
     (the first column of the table)."""
-    from llava_train.components import load_components
 
     parts = load_components(cfg)
     parts.model.save_pretrained(str(out))
@@ -211,7 +212,6 @@ def run_demo(
     `llava_onevision`) trains that arch on images of mixed sizes (square, wide, tall): anyres grids
     with their exact per-image token counts.
     """
-    from llava_train.archs import DEFAULT_ASPECT_RATIO
 
     if arch != "llava":
         # Anyres images are up to 2-3 crops of 64 px: 64 base tokens + up to ~200 grid tokens.
@@ -251,7 +251,6 @@ def _run_demo(
     overrides: Sequence[str],
     mixed_sizes: bool = False,
 ) -> DemoResult:
-    from llava_train.train import run as train_run
 
     w = workdir.resolve()
     w.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava_train.config_io import ConfigError, split_override
 from llava_train.run_files import METRICS_FILENAME
 from llava_train.tools.sweep.spec import (
     MACROS,
@@ -85,10 +86,13 @@ def agent_args_to_overrides(argv: Sequence[str]) -> list[str]:
     """
     out = []
     for arg in argv:
-        body = arg[2:] if arg.startswith("--") else arg
-        if "=" not in body or not body.split("=", 1)[0]:
-            raise SweepError(f"sweep argument {arg!r} must look like --key=value (e.g. --train.learning_rate=1e-4)")
-        out.append(body)
+        try:
+            key, raw = split_override(arg)
+        except ConfigError as e:
+            raise SweepError(
+                f"sweep argument {arg!r} must look like --key=value (e.g. --train.learning_rate=1e-4)"
+            ) from e
+        out.append(f"{key}={raw}")
     return out
 
 
@@ -219,7 +223,7 @@ def run_local_sweep(
     for i, params in enumerate(plan_trials(spec, max_runs, seed)):
         name = trial_name(i, {k: params[k] for k in varying})
         run_dir = root / name
-        args = {**params, **dict(o.split("=", 1) for o in extra), "train.output_dir": str(run_dir)}
+        args = {**params, **dict(split_override(o) for o in extra), "train.output_dir": str(run_dir)}
         command = expand_command(spec, args, interpreter=interpreter, launcher=launcher, environ=env)
         summary.trials.append(Trial(name=name, params=dict(params), run_dir=str(run_dir), command=command))
     for trial in summary.trials:
