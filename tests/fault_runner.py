@@ -43,7 +43,8 @@ def main(fault: str, step: int, on_rank: str, argv: list[str]) -> int:
         return trainer
 
     if hit and fault == "nan":
-        import llava_train.training.loss as loss_module
+        # Where LLaVATrainer.compute_loss looks the loss up (it imports it at the top of its module).
+        import llava_train.training.trainer as loss_module
 
         real = loss_module.trained_positions_loss
         calls = {"n": 0}  # the drills run one micro-batch per optimizer step

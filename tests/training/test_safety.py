@@ -124,7 +124,7 @@ def test_sigterm_saves_at_the_next_step_exits_3_and_resumes_exactly(ws: dict, re
 
 def _nan_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
     """The loss of optimizer step s + 1 (s in `steps`) comes out NaN, as from a diverging model or a bad sample."""
-    import llava_train.training.loss as loss_module
+    import llava_train.training.trainer as loss_module  # where LLaVATrainer.compute_loss looks the loss up
 
     real = loss_module.trained_positions_loss
     calls = {"n": 0}  # one micro-batch per optimizer step in these runs
