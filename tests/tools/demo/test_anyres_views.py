@@ -5,6 +5,7 @@ processor does at serving time, on images whose content says where each pixel ca
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,6 @@ def test_training_batch_puts_the_served_features_at_the_image_tokens(arch: str, 
     """Crop order, unpad and newlines as trained = as served: a 4-sample training batch of position images
     (wide, tall, square) gives every image token the input embedding the saved processor's single-sample
     forward gives it (the model's own `pack_image_features` both times; the data side is what is checked)."""
-    import json
 
     from llava_train.archs import DEFAULT_ASPECT_RATIO
     from llava_train.components import load_components
@@ -147,3 +147,23 @@ def test_training_batch_puts_the_served_features_at_the_image_tokens(arch: str, 
         served = seen.pop()[0][inputs["input_ids"][0] == image_id]
         ours = trained[i][batch["input_ids"][i] == image_id]
         assert ours.shape == served.shape and torch.allclose(ours, served, atol=1e-5), row["image"]
+
+
+def test_tower_pretrains_on_anyres_views_with_objects_pooled_over_views(tmp_path: Path) -> None:
+    from llava_train.tools.demo import shapes
+    from llava_train.tools.demo.run import DemoSize, stage_config, tower_views
+
+    w = tmp_path / "w"
+    data = shapes.generate(w / "data", 12, 12, 4, 64, mixed_sizes=True)
+    _, vision = parts.write_parts(w, data, DemoSize(lm_hidden=32, vision_hidden=32))
+    cfg = stage_config(
+        "finetune", w, init_from=None, overrides=["model.arch=llava_next", "data.image_aspect_ratio=anyres"]
+    )
+    views = tower_views(cfg, "model")
+    assert tower_views(cfg, "pad") is None
+    rows = json.loads(data.eval.read_text())
+    pixels, targets = parts._vision_batches(rows, data.image_folder, None, 8, views)
+    assert pixels.shape == (4, 3, 3, 64, 64) and targets.shape == (4, 3 * 64, 5)  # every demo size: 3 views
+    assert (targets[:, :64, 3] >= 0).all() and (targets[:, 64:, 3] == -100).all()  # cells: base view only
+    history = parts.pretrain_vision_tower(vision, data, steps=3, batch_size=6, probe=data.eval, anyres=views)
+    assert set(history["probe"]) == {"colour", "shape", "size"} and len(history["loss"]) == 3

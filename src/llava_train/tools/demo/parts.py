@@ -158,9 +158,11 @@ def anyres_view_maps(width: int, height: int, crop: int, pinpoints: Any) -> list
 def _vision_batches(
     rows: list[dict[str, Any]], image_folder: Path, processor: Any, grid: int, anyres: Any = None
 ) -> tuple:
-    """(pixel_values [N, 3, S, S], targets [N, P, 5]) of every image row's tower inputs: one per image,
-    preprocessed as LLaVA's `pad` (anyres None), or with `anyres` = (the arch's image processor, pinpoints) every
-    view the anyres model encodes (base view + grid crops, `anyres_view_maps`)."""
+    """(pixel_values [N, V, 3, S, S], targets [N, V * P, 5]) of every image row's tower inputs: V = 1 view per
+    image preprocessed as LLaVA's `pad` (anyres None), or with `anyres` = (the arch's image processor,
+    pinpoints) every view the anyres model encodes (base view + grid crops, `anyres_view_maps`), padded to the
+    most views of any image with blank views (targets: empty). An image's views share one row of targets, so
+    the per-object loss pools an object over every view that shows it, as the LM reads them together."""
     from PIL import Image
 
     from llava_train.data.images import preprocess_images
@@ -170,7 +172,7 @@ def _vision_batches(
         chunk = rows[start : start + 256]
         images = [Image.open(image_folder / r["image"]).convert("RGB") for r in chunk]
         if anyres is None:
-            pixels.append(preprocess_images(images, processor, "pad"))
+            pixels.extend(preprocess_images(images, processor, "pad")[:, None])
             for r, img in zip(chunk, images):
                 targets.append(patch_targets(r["objects"], *img.size, grid))
             continue
@@ -180,9 +182,12 @@ def _vision_batches(
             maps = anyres_view_maps(*img.size, crop, pinpoints)
             values = image_processor(images=[img], return_tensors="pt")["pixel_values"][0, : len(maps)]
             pixels.append(values.float())
-            for to_image, whole in maps:
-                targets.append(patch_targets(r["objects"], *img.size, grid, to_image, cell_head=whole))
-    return torch.cat(pixels), torch.stack(targets)
+            views = [patch_targets(r["objects"], *img.size, grid, to_image, whole) for to_image, whole in maps]
+            targets.append(torch.cat(views))
+    most = max(len(p) for p in pixels)
+    pixels = [torch.cat([p, p.new_zeros(most - len(p), *p.shape[1:])]) for p in pixels]
+    targets = [torch.cat([t, t.new_zeros(most * grid * grid - len(t), t.shape[1])]) for t in targets]
+    return torch.stack(pixels), torch.stack(targets)
 
 
 def processor_crop(image_processor: Any) -> int:
@@ -233,11 +238,12 @@ def pretrain_vision_tower(
     model.train()
     acc: dict[str, float] = {}
     losses: list[float] = []
+    views = pixels.shape[1]
+    images_per_step = max(1, batch_size // views)  # about batch_size tower inputs per step
     for step in range(steps):
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
-        out = model(pixel_values=pixels[idx], output_hidden_states=True)
-        tokens = out.hidden_states[feature_layer][:, 1:]  # [B, P, D]: what LLaVA's projector reads
-        y = targets[idx]  # [B, P, 4]
+        idx = torch.randint(0, len(pixels), (images_per_step,), generator=g)
+        tokens = _features(model, pixels[idx], feature_layer)  # [B, V * P, D]: what LLaVA's projector reads
+        y = targets[idx]  # [B, V * P, 5]
         logits = [head(tokens) for head in heads]
         ce = torch.nn.functional.cross_entropy
         # Per patch: what is in its cell. Per object: colour, shape and size from the mean of its cell's
@@ -281,15 +287,22 @@ def _per_object(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[list[torch
     return means, labels[present]
 
 
+def _features(model: Any, pixels: torch.Tensor, feature_layer: int) -> torch.Tensor:
+    """[B, V, 3, S, S] views -> [B, V * P, D]: each image's views' patch features at the layer LLaVA reads
+    (CLS dropped), the views' patches one after the other."""
+    out = model(pixel_values=pixels.flatten(0, 1), output_hidden_states=True)
+    tokens = out.hidden_states[feature_layer][:, 1:]  # [B * V, P, D]
+    return tokens.reshape(len(pixels), -1, tokens.shape[-1])
+
+
 @torch.no_grad()
 def _probe(model: Any, heads: Any, feature_layer: int, pixels: torch.Tensor, targets: torch.Tensor) -> dict:
     model.eval()
     names = ("colour", "shape", "size")
     right, total = dict.fromkeys(names, 0), 0
-    for start in range(0, len(pixels), 128):
-        out = model(pixel_values=pixels[start : start + 128], output_hidden_states=True)
-        tokens = out.hidden_states[feature_layer][:, 1:]
-        means, labels = _per_object([head(tokens) for head in heads[:3]], targets[start : start + 128])
+    for start in range(0, len(pixels), 64):
+        tokens = _features(model, pixels[start : start + 64], feature_layer)
+        means, labels = _per_object([head(tokens) for head in heads[:3]], targets[start : start + 64])
         total += len(labels)
         for k, name in enumerate(names):
             right[name] += int((means[k].argmax(-1) == labels[:, k]).sum())
