@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         default="llava",
         choices=list(ARCHS),
-        help="llava_next / llava_onevision: anyres on images of mixed sizes",
+        help="llava_next / llava_onevision: anyres on mixed image sizes (onevision: + two-image and video questions)",
     )
     p.set_defaults(fn=cmd_demo)
 

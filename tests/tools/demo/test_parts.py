@@ -20,7 +20,7 @@ def test_patch_targets_square_image() -> None:
     # 64 px, 8 x 8 patches of 8 px: the top-left cell (x, y < 21.3) holds the centres 4, 12, 20 per axis.
     t = patch_grid(parts.patch_targets([_obj("blue", "triangle", "top left", "small")], 64, 64, 8))
     blue, triangle, small = list(shapes.COLORS).index("blue") + 1, 3, 1
-    assert t[:3, :3].tolist() == [[[blue, triangle, small, 1]] * 3] * 3
+    assert t[:3, :3].tolist() == [[[blue, triangle, small, 1, 1]] * 3] * 3
     assert int(t[3:].abs().sum()) == 0 and int(t[:, 3:].abs().sum()) == 0
 
 
@@ -39,7 +39,7 @@ def test_patch_targets_follow_the_padding_of_a_wide_image() -> None:
 
 
 def patch_grid(t: torch.Tensor) -> torch.Tensor:
-    return t.view(8, 8, 4)
+    return t.view(8, 8, 5)
 
 
 @pytest.fixture(scope="module")

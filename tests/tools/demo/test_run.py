@@ -175,3 +175,20 @@ def test_short_anyres_demo_on_mixed_sizes(tmp_path: Path) -> None:
     tokens = report["sources"][0]["image_tokens"]
     assert tokens["p50"] < tokens["max"]  # per-image counts vary with the image's size
     assert list(result.table["rows"]) == ["colour", "shape", "position", "count"]
+
+
+@pytest.mark.slow
+def test_short_onevision_demo_trains_and_scores_two_image_and_video_questions(tmp_path: Path) -> None:
+    """`llava-train demo --arch llava_onevision`: anyres_max_9 images, two-image rows and three-frame video rows
+    through both stages, every type in the table (the video questions scored through the exported folder)."""
+    size = DemoSize(n_pretrain=16, n_finetune=24, n_eval=12, vision_pretrain_steps=2, lm_pretrain_steps=2)
+    result = run_demo(tmp_path / "demo", pretrain_steps=2, finetune_steps=2, size=size, arch="llava_onevision")
+    w = result.workdir
+    config = json.loads((w / "model" / "config.json").read_text())
+    assert config["model_type"] == "llava_onevision" and config["vision_aspect_ratio"] == "anyres_max_9"
+    rows = json.loads((w / "data" / "finetune.json").read_text())
+    assert sum(isinstance(r.get("image"), list) for r in rows) == 4 and sum("video" in r for r in rows) == 4
+    assert list(result.table["rows"]) == ["colour", "shape", "position", "count", "which image", "motion"]
+    videos = json.loads((w / "eval" / "stage2" / "eval_video_predictions.json").read_text())
+    assert len(videos) == 2 and all(v["type"] == "motion" for v in videos)
+    assert all(result.table["rows"][t]["after stage 2"] is not None for t in result.table["rows"])

@@ -218,3 +218,43 @@ def test_generate_rejects_bad_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="image_size must be >= 24 pixels to draw a 3x3 grid, got 16"):
         generate(tmp_path, 1, 1, 1, image_size=16)
     assert SHAPES == ("circle", "square", "triangle")
+
+
+def test_onevision_rows_two_images_and_frames(tmp_path: Path) -> None:
+    d = generate(tmp_path / "ov", n_pretrain=4, n_finetune=60, n_eval=24, seed=1, multi=True)
+    meta = _rows(d.meta)
+    assert meta["question_types"] == [*shapes.QUESTION_TYPES, *shapes.MULTI_TYPES]
+    assert meta["chance"]["which image"] == 0.5 and meta["chance"]["motion"] == 0.25
+    train = _rows(d.finetune)
+    evals = _rows(d.eval) + _rows(d.root / "eval_video.json")
+    assert sorted(r["type"] for r in evals) == sorted(meta["question_types"] * 4)
+    for row in train + evals:
+        items = [Item(**o) for o in row.get("objects", [])]
+        answer = row["conversations"][-1]["value"]
+        if row.get("type") == "which image":
+            question = row["conversations"][0]["value"]
+            assert question.startswith("<image>\n<image>\n") and len(row["image"]) == 2
+            named = items[shapes.WHICH.index(answer)]
+            other = items[1 - shapes.WHICH.index(answer)]
+            if f"{named.color} shape" in question:
+                assert other.color != named.color
+            else:
+                assert named.shape in question and other.shape != named.shape
+            for rel in row["image"]:
+                assert Image.open(d.image_folder / rel).size == (64, 64)
+        elif row.get("type") == "motion":
+            assert row["conversations"][0]["value"].startswith("<video>\n") and len(row["video"]) == 3
+            (item,) = items
+            path = next(p for p in shapes.MOTIONS[answer] if p[0] == item.position)
+            triples = {(item.color, item.shape, p) for p in path}
+            held = triples & set(HELD_OUT)
+            assert bool(held) == (row in evals)
+    # The held-out two-image subjects are held-out triples; training never draws one.
+    for row in _rows(d.eval):
+        if row["type"] == "which image":
+            named = Item(**row["objects"][shapes.WHICH.index(row["conversations"][-1]["value"])])
+            assert (named.color, named.shape, named.position) in HELD_OUT
+    for row in train:
+        for o in row.get("objects", []):
+            if row.get("type") != "motion":
+                assert (o["color"], o["shape"], o["position"]) not in HELD_OUT

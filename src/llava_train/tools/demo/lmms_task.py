@@ -70,9 +70,12 @@ metadata:
 
 
 def task_documents(eval_json: str | Path, image_folder: str | Path) -> list[dict[str, Any]]:
-    """One document per held-out row: id, type, absolute image path, question (no image tag), answer."""
+    """One document per held-out one-image row: id, type, absolute image path, question (no image tag), answer
+    (the task reads one image per document: the OneVision demo's two-image rows are left out)."""
     docs = []
     for record in json.loads(Path(eval_json).read_text()):
+        if not isinstance(record.get("image"), str):
+            continue
         request, answer = record_request(record, image_folder)
         [message] = request.messages  # the demo's eval rows are single-question
         question = next(item["text"] for item in message["content"] if item["type"] == "text")

@@ -95,37 +95,105 @@ def _cell_targets(objects: list[dict[str, str]]) -> dict[int, tuple[int, int, in
     return out
 
 
-def patch_targets(objects: list[dict[str, str]], width: int, height: int, grid: int) -> torch.Tensor:
-    """LongTensor [grid*grid, 4]: per patch of the padded-to-square image, (colour, shape, size, cell) of the
-    object whose grid cell the patch centre lies in (cell 1..9; all 0 for empty cells and the padding)."""
-    side = max(width, height)
-    left, top = (side - width) // 2, (side - height) // 2  # expand2square centres the image
+def patch_targets(
+    objects: list[dict[str, str]], width: int, height: int, grid: int, to_image: Any = None, cell_head: bool = True
+) -> torch.Tensor:
+    """LongTensor [grid*grid, 5]: per patch of one tower input (a view of an image `width` x `height`), the
+    (colour, shape, size, cell, object) of the object whose grid cell the patch centre lies in (cell 1..9; 0 for
+    empty cells and padding; object = the cell, the id the per-object pooling groups by).
+
+    `to_image(x, y)` maps a point of the view (in units of the view's side, 0..1) to image pixels; None: the
+    LLaVA-1.5 `pad` view (the image centred in a square). `cell_head=False` (an anyres grid crop, which shows
+    part of the image and cannot know which part) marks the cell target -100 (ignored)."""
+    if to_image is None:
+        side = max(width, height)
+        left, top = (side - width) // 2, (side - height) // 2  # expand2square centres the image
+
+        def to_image(x: float, y: float) -> tuple[float, float]:
+            return x * side - left, y * side - top
+
     cells = _cell_targets(objects)
-    out = torch.zeros(grid * grid, 4, dtype=torch.long)
+    out = torch.zeros(grid * grid, 5, dtype=torch.long)
     for p in range(grid * grid):
         r, c = divmod(p, grid)
-        x = (c + 0.5) * side / grid - left
-        y = (r + 0.5) * side / grid - top
+        x, y = to_image((c + 0.5) / grid, (r + 0.5) / grid)
         if not (0 <= x < width and 0 <= y < height):
             continue
         cell = int(y // (height / 3)) * 3 + int(x // (width / 3))
         if cell in cells:
-            out[p] = torch.tensor([*cells[cell], cell + 1])
+            out[p] = torch.tensor([*cells[cell], cell + 1, cell + 1])
+    if not cell_head:
+        out[:, 3] = -100
     return out
 
 
-def _vision_batches(rows: list[dict[str, Any]], image_folder: Path, processor: Any, grid: int) -> tuple:
-    """(pixel_values [N, 3, S, S], targets [N, P, 4]) of every image row, preprocessed as LLaVA's `pad`."""
+def anyres_view_maps(width: int, height: int, crop: int, pinpoints: Any) -> list[tuple[Any, bool]]:
+    """The views an anyres processor (LLaVA-NeXT / OneVision, single image) makes of a `width` x `height` image,
+    in its order: the base view (the whole image squashed to crop x crop) then the grid crops of the best
+    pinpoint, row-major (the image resized keeping its aspect ratio, centred on a zero canvas, cut into
+    crop-sized tiles). Per view: (map from view coordinates 0..1 to image pixels, whether the view shows
+    the whole image)."""
+    import math
+
+    from llava_train.model.vision import select_best_resolution
+
+    best_h, best_w = select_best_resolution(height, width, pinpoints)
+    # transformers' get_patch_output_size: fit inside the pinpoint, keep the aspect ratio.
+    scale_w, scale_h = best_w / width, best_h / height
+    if scale_w < scale_h:
+        new_w, new_h = best_w, min(math.ceil(height * scale_w), best_h)
+    else:
+        new_h, new_w = best_h, min(math.ceil(width * scale_h), best_w)
+    pad_x, pad_y = (best_w - new_w) // 2, (best_h - new_h) // 2
+    maps: list[tuple[Any, bool]] = [(lambda x, y: (x * width, y * height), True)]
+    for i in range(best_h // crop):
+        for j in range(best_w // crop):
+
+            def tile(x: float, y: float, i: int = i, j: int = j) -> tuple[float, float]:
+                return ((j + x) * crop - pad_x) * width / new_w, ((i + y) * crop - pad_y) * height / new_h
+
+            maps.append((tile, False))
+    return maps
+
+
+def _vision_batches(
+    rows: list[dict[str, Any]], image_folder: Path, processor: Any, grid: int, anyres: Any = None
+) -> tuple:
+    """(pixel_values [N, V, 3, S, S], targets [N, V * P, 5]) of every image row's tower inputs: V = 1 view per
+    image preprocessed as LLaVA's `pad` (anyres None), or with `anyres` = (the arch's image processor,
+    pinpoints) every view the anyres model encodes (base view + grid crops, `anyres_view_maps`), padded to the
+    most views of any image with blank views (targets: empty). An image's views share one row of targets, so
+    the per-object loss pools an object over every view that shows it, as the LM reads them together."""
     from PIL import Image
 
     pixels, targets = [], []
     for start in range(0, len(rows), 256):
         chunk = rows[start : start + 256]
         images = [Image.open(image_folder / r["image"]).convert("RGB") for r in chunk]
-        pixels.append(preprocess_images(images, processor, "pad"))
+        if anyres is None:
+            pixels.extend(preprocess_images(images, processor, "pad")[:, None])
+            for r, img in zip(chunk, images):
+                targets.append(patch_targets(r["objects"], *img.size, grid))
+            continue
+        image_processor, pinpoints = anyres
+        crop = processor_crop(image_processor)
         for r, img in zip(chunk, images):
-            targets.append(patch_targets(r["objects"], *img.size, grid))
-    return torch.cat(pixels), torch.stack(targets)
+            maps = anyres_view_maps(*img.size, crop, pinpoints)
+            values = image_processor(images=[img], return_tensors="pt")["pixel_values"][0, : len(maps)]
+            pixels.append(values.float())
+            views = [patch_targets(r["objects"], *img.size, grid, to_image, whole) for to_image, whole in maps]
+            targets.append(torch.cat(views))
+    most = max(len(p) for p in pixels)
+    pixels = [torch.cat([p, p.new_zeros(most - len(p), *p.shape[1:])]) for p in pixels]
+    targets = [torch.cat([t, t.new_zeros(most * grid * grid - len(t), t.shape[1])]) for t in targets]
+    return torch.stack(pixels), torch.stack(targets)
+
+
+def processor_crop(image_processor: Any) -> int:
+    """The side of the square crops an anyres image processor gives the tower."""
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
+    crop = crop if isinstance(crop, dict) else crop.__dict__
+    return int(crop.get("height") or crop.get("shortest_edge"))
 
 
 def pretrain_vision_tower(
@@ -137,11 +205,15 @@ def pretrain_vision_tower(
     lr: float = 3e-3,
     seed: int = 0,
     probe: str | Path | None = None,
+    anyres: Any = None,
 ) -> dict[str, Any]:
     """Train the tower in `folder` in place (see the module docstring); returns {"loss": per step, "accuracy":
     per head on the last batch's patches of occupied cells}, and with `probe` (a LLaVA JSON of images with
     `objects`, e.g. the held-out eval split, only measured) "probe": per head, the share of its objects
-    whose cell's patches vote (majority of argmax) the right class."""
+    whose cell's patches vote (majority of argmax) the right class. `anyres` = (the arch's image processor,
+    pinpoints): train and probe on the views an anyres model encodes (base view + grid crops) instead of
+    padded squares (docs/demo.md: a tower trained on padded squares of wide images saw its shapes at half
+    size and never saw a crop)."""
     from transformers import AutoImageProcessor, CLIPVisionModel
 
     torch.manual_seed(seed)
@@ -149,8 +221,13 @@ def pretrain_vision_tower(
     processor = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False)
     config = model.config
     grid = config.image_size // config.patch_size
-    rows = [r for p in (data.pretrain, data.finetune) for r in json.loads(Path(p).read_text()) if r.get("image")]
-    pixels, targets = _vision_batches(rows, data.image_folder, processor, grid)
+    rows = [
+        r
+        for p in (data.pretrain, data.finetune)
+        for r in json.loads(Path(p).read_text())
+        if isinstance(r.get("image"), str)
+    ]
+    pixels, targets = _vision_batches(rows, data.image_folder, processor, grid, anyres)
     classes = (len(shapes.COLORS) + 1, len(shapes.SHAPES) + 1, len(shapes.SIZES) + 1, len(shapes.POSITIONS) + 1)
     heads = torch.nn.ModuleList(torch.nn.Linear(config.hidden_size, n) for n in classes)
     params = [*model.parameters(), *heads.parameters()]
@@ -160,16 +237,17 @@ def pretrain_vision_tower(
     model.train()
     acc: dict[str, float] = {}
     losses: list[float] = []
+    views = pixels.shape[1]
+    images_per_step = max(1, batch_size // views)  # about batch_size tower inputs per step
     for step in range(steps):
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
-        out = model(pixel_values=pixels[idx], output_hidden_states=True)
-        tokens = out.hidden_states[feature_layer][:, 1:]  # [B, P, D]: what LLaVA's projector reads
-        y = targets[idx]  # [B, P, 4]
+        idx = torch.randint(0, len(pixels), (images_per_step,), generator=g)
+        tokens = _features(model, pixels[idx], feature_layer)  # [B, V * P, D]: what LLaVA's projector reads
+        y = targets[idx]  # [B, V * P, 5]
         logits = [head(tokens) for head in heads]
         ce = torch.nn.functional.cross_entropy
         # Per patch: what is in its cell. Per object: colour, shape and size from the mean of its cell's
         # patches' logits (shape and size are facts of several patches together, none sees them alone).
-        loss = sum(ce(lg.flatten(0, 1), y[..., k].flatten()) for k, lg in enumerate(logits))
+        loss = sum(ce(lg.flatten(0, 1), y[..., k].flatten(), ignore_index=-100) for k, lg in enumerate(logits))
         pooled, labels = _per_object(logits[:3], y)
         loss = loss + sum(ce(pl, labels[:, k]) for k, pl in enumerate(pooled))
         optimizer.zero_grad(set_to_none=True)
@@ -182,21 +260,23 @@ def pretrain_vision_tower(
                 name: round(float((pl.argmax(-1) == labels[:, k]).float().mean()), 3)
                 for k, (name, pl) in enumerate(zip(("colour", "shape", "size"), pooled))
             }
-            occupied = y[..., 0] != NONE
+            occupied = (y[..., 0] != NONE) & (y[..., 3] >= 0)
             acc["cell"] = round(float((logits[3].argmax(-1) == y[..., 3])[occupied].float().mean()), 3)
             log.info("demo: vision pretrain step %d loss %.3f occupied-patch accuracy %s", step, loss.item(), acc)
     model.save_pretrained(str(folder))
     out: dict[str, Any] = {"loss": losses, "accuracy": acc}
     if probe is not None:
-        rows = [r for r in json.loads(Path(probe).read_text()) if r.get("image")]
-        out["probe"] = _probe(model, heads, feature_layer, *_vision_batches(rows, data.image_folder, processor, grid))
+        rows = [r for r in json.loads(Path(probe).read_text()) if isinstance(r.get("image"), str)]
+        out["probe"] = _probe(
+            model, heads, feature_layer, *_vision_batches(rows, data.image_folder, processor, grid, anyres)
+        )
     return out
 
 
 def _per_object(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Mean over each object's patches of each head's logits ([objects, classes] each) and the objects'
     (colour, shape, size) labels [objects, 3]; objects = occupied cells of the batch's images."""
-    cells = y[..., 3]  # [B, P]
+    cells = y[..., 4]  # [B, P]: the object (its cell) each patch belongs to
     onehot = torch.nn.functional.one_hot(cells, len(shapes.POSITIONS) + 1).to(logits[0].dtype)  # [B, P, 10]
     count = onehot.sum(1)  # [B, 10]
     present = count > 0
@@ -206,15 +286,22 @@ def _per_object(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[list[torch
     return means, labels[present]
 
 
+def _features(model: Any, pixels: torch.Tensor, feature_layer: int) -> torch.Tensor:
+    """[B, V, 3, S, S] views -> [B, V * P, D]: each image's views' patch features at the layer LLaVA reads
+    (CLS dropped), the views' patches one after the other."""
+    out = model(pixel_values=pixels.flatten(0, 1), output_hidden_states=True)
+    tokens = out.hidden_states[feature_layer][:, 1:]  # [B * V, P, D]
+    return tokens.reshape(len(pixels), -1, tokens.shape[-1])
+
+
 @torch.no_grad()
 def _probe(model: Any, heads: Any, feature_layer: int, pixels: torch.Tensor, targets: torch.Tensor) -> dict:
     model.eval()
     names = ("colour", "shape", "size")
     right, total = dict.fromkeys(names, 0), 0
-    for start in range(0, len(pixels), 128):
-        out = model(pixel_values=pixels[start : start + 128], output_hidden_states=True)
-        tokens = out.hidden_states[feature_layer][:, 1:]
-        means, labels = _per_object([head(tokens) for head in heads[:3]], targets[start : start + 128])
+    for start in range(0, len(pixels), 64):
+        tokens = _features(model, pixels[start : start + 64], feature_layer)
+        means, labels = _per_object([head(tokens) for head in heads[:3]], targets[start : start + 64])
         total += len(labels)
         for k, name in enumerate(names):
             right[name] += int((means[k].argmax(-1) == labels[:, k]).sum())
@@ -229,7 +316,9 @@ def lm_corpus(sources: list[tuple[Path, Any]], tokenizer: Any, seed: int = 0) ->
     for path, template in sources:
         for row in json.loads(Path(path).read_text()):
             text = template.prompt(normalize_conversation(row["conversations"]), tokenizer)
-            docs.append(text.replace("<image>\n", "").replace("<image>", ""))
+            for tag in ("<image>\n", "<image>", "<video>\n", "<video>"):
+                text = text.replace(tag, "")
+            docs.append(text)
     random.Random(seed).shuffle(docs)
     return docs
 

@@ -7,6 +7,7 @@ only the paths are moved under the work dir and the step counts may be overridde
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ TABLE_MD, TABLE_JSON, LOSS_PNG, SUMMARY_JSON = (
     "loss_curve.png",
     "demo_summary.json",
 )
-# The eval rows the demo reports on, in table order.
+# The eval rows the demo reports on, in table order (the OneVision demo adds shapes.MULTI_TYPES).
 EVAL_TYPES = shapes.QUESTION_TYPES
 
 
@@ -56,6 +57,9 @@ class DemoSize:
     vision_hidden, vision_layers: tiny CLIP vision tower.
     vision_pretrain_steps, lm_pretrain_steps: pretraining of the parts on the synthetic world before the
         LLaVA stages (`demo.parts`; 0 leaves that part random-init, as the demo was before).
+    tower_views: what the tower is pretrained on: `model` the views the arch's model encodes (llava: the
+        padded square; anyres archs: the base view and the grid crops), `pad` padded squares for every arch
+        (what the anyres demo did first: shape probe 44%, docs/demo.md).
     """
 
     n_pretrain: int = 2000
@@ -70,6 +74,7 @@ class DemoSize:
     vision_layers: int = 2
     vision_pretrain_steps: int = 1200
     lm_pretrain_steps: int = 200
+    tower_views: str = "model"
 
 
 @dataclass
@@ -105,6 +110,19 @@ def stage_config(
     return from_dict(data)
 
 
+def tower_views(cfg: RunConfig, views: str) -> tuple[Any, Any] | None:
+    """`parts.pretrain_vision_tower`'s `anyres` argument: None (padded squares) for llava or `views="pad"`, else
+    (the run's own anyres image processor, its pinpoints): the base view and grid crops the model encodes."""
+    if views not in ("model", "pad"):
+        raise KeyError(f"unknown tower_views {views!r}; valid: model, pad")
+    if cfg.model.arch == "llava" or views == "pad":
+        return None
+    from llava_train.components import load_components
+
+    parts = load_components(cfg, weights=False)
+    return parts.processor.image_processor, parts.geometry.pinpoints
+
+
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
     t0 = time.perf_counter()
     out = fn()
@@ -135,15 +153,68 @@ def save_before_stage1(cfg: RunConfig, out: Path) -> Path:
 
 
 def evaluate_model(model_dir: Path, data: shapes.DemoData, out_dir: Path, limit: int | None, plain: bool) -> dict:
-    """Greedy eval on the held-out split; a `plain` (stage-1) model writes a caption and stops at the newline."""
+    """Greedy eval on the held-out split; a `plain` (stage-1) model writes a caption and stops at the newline.
+    The OneVision demo's video questions (`eval_video.json`, which `infer.evaluate` does not read) are scored
+    by `evaluate_videos` and merged into the report's `per_type`."""
     options = infer.GenerationOptions(max_new_tokens=24 if plain else 8, batch_size=32, stop=["\n"] if plain else [])
-    return infer.evaluate(model_dir, data.eval, data.image_folder, out_dir, options=options, limit=limit)
+    report = infer.evaluate(model_dir, data.eval, data.image_folder, out_dir, options=options, limit=limit)
+    videos = data.root / "eval_video.json"
+    if videos.exists():
+        rows = evaluate_videos(model_dir, json.loads(videos.read_text())[:limit], data.image_folder, options)
+        report["per_type"].update(infer.score(rows)["per_type"])
+        (Path(out_dir) / "eval_video_predictions.json").write_text(json.dumps(rows, indent=1))
+    return report
+
+
+def evaluate_videos(
+    model_dir: Path, rows: list[dict[str, Any]], image_folder: Path, options: infer.GenerationOptions
+) -> list[dict[str, Any]]:
+    """Greedy answers to video rows (`video`: a list of frame files) through the exported folder with plain
+    transformers: the chat template renders the video item, its placeholder is expanded to the model's
+    count (frames x pooled tokens + 1 newline) and the frames go in as `pixel_values_videos`, preprocessed
+    as training does (`data.images.preprocess_video`, equal to transformers' video processor, which needs
+    torchvision, absent here). One row at a time: the demo's eval is a few dozen videos."""
+    import torch
+    from PIL import Image
+
+    from llava_train.data.images import preprocess_video
+
+    model, processor = infer.load(model_dir)
+    tok = processor.tokenizer
+    vision = model.config.vision_config
+    pooled = math.ceil(vision.image_size // vision.patch_size / 2) ** 2  # per frame, after 2x2 pooling
+    out = []
+    for row in rows:
+        frames = [Image.open(image_folder / f).convert("RGB") for f in row["video"]]
+        conv = row["conversations"]
+        question = conv[-2]["value"].replace("<video>\n", "").replace("<video>", "")
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = prompt.replace(processor.video_token, processor.video_token * (len(frames) * pooled + 1))
+        inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        pixels = preprocess_video(frames, processor.image_processor, vision.image_size).to(model.dtype)
+        with torch.inference_mode():
+            ids = model.generate(
+                **inputs,
+                pixel_values_videos=pixels,
+                max_new_tokens=options.max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tok.pad_token_id,
+            )
+        text = tok.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        prediction = infer._cut(text, options.stop)
+        out.append({"id": row["id"], "type": row["type"], "prediction": prediction, "reference": conv[-1]["value"]})
+    return out
 
 
 def build_table(reports: dict[str, dict[str, Any]], chance: dict[str, float]) -> dict[str, Any]:
-    """Per question type: chance rate, then exact / contains match after each phase."""
+    """Per question type (those of `chance`, in its order): chance rate, then exact / contains match after each
+    phase."""
     rows = {}
-    for qtype in EVAL_TYPES:
+    for qtype in chance:
         row: dict[str, Any] = {"chance": chance[qtype]}
         for phase, report in reports.items():
             s = report["per_type"].get(qtype)
@@ -210,12 +281,16 @@ def run_demo(
     to both stages' configs (e.g. `train.learning_rate=1e-3`). `torch_threads` sets torch's
     intra-op threads for the run (None: leave torch's default). `arch` `llava_next` (or
     `llava_onevision`) trains that arch on images of mixed sizes (square, wide, tall): anyres grids
-    with their exact per-image token counts.
+    with their exact per-image token counts; its tower is pretrained on the views the model encodes, for
+    2400 steps (`size` None). `llava_onevision` adds two-image questions (`which image`) and three-frame
+    video questions (`motion`) to stage 2 and the held-out table.
     """
 
     if arch != "llava":
         # Anyres images are up to 2-3 crops of 64 px: 64 base tokens + up to ~200 grid tokens.
         arch_overrides = [f"model.arch={arch}", f"data.image_aspect_ratio={DEFAULT_ASPECT_RATIO[arch]}"]
+        if arch == "llava_onevision":
+            arch_overrides.append(f"data.video_frames={shapes.VIDEO_FRAMES}")
         overrides = [*arch_overrides, "data.model_max_length=1024", *overrides]
     import torch
 
@@ -224,17 +299,23 @@ def run_demo(
         # The demo's matrices are tiny: a second OpenMP thread buys nothing, and on a shared or busy
         # machine its spin-waiting made a training step ~15x slower (measured: 0.46 s vs 6.9 s).
         torch.set_num_threads(torch_threads)
+    if size is None:
+        # The anyres tower sees harder views (wide and tall images squashed into the base view, shapes of the
+        # middle column or row cut in half by the grid crops): at 1200 steps its held-out shape probe was 62%,
+        # at 2400 steps 95% (docs/demo.md).
+        size = DemoSize() if arch == "llava" else DemoSize(vision_pretrain_steps=2400)
     try:
         return _run_demo(
             Path(workdir),
             pretrain_steps,
             finetune_steps,
-            size or DemoSize(),
+            size,
             seed,
             eval_limit,
             without_stage1,
             overrides,
             arch != "llava",
+            arch == "llava_onevision",
         )
     finally:
         torch.set_num_threads(previous)
@@ -250,6 +331,7 @@ def _run_demo(
     without_stage1: bool,
     overrides: Sequence[str],
     mixed_sizes: bool = False,
+    multi: bool = False,
 ) -> DemoResult:
 
     w = workdir.resolve()
@@ -261,7 +343,7 @@ def _run_demo(
         timings,
         "generate data",
         lambda: shapes.generate(
-            w / "data", size.n_pretrain, size.n_finetune, size.n_eval, size.image_size, seed, mixed_sizes
+            w / "data", size.n_pretrain, size.n_finetune, size.n_eval, size.image_size, seed, mixed_sizes, multi
         ),
     )
     # lmms-eval's view of the same held-out split (README "Benchmark curves during training").
@@ -272,11 +354,18 @@ def _run_demo(
     pretraining: dict[str, Any] = {}
     if size.vision_pretrain_steps:
         # The probe on the held-out images is a measurement only (what the tower's features hold).
+        views = tower_views(stage_config("finetune", w, init_from=None, overrides=overrides), size.tower_views)
         h = _timed(
             timings,
             "vision tower pretraining",
             lambda: parts.pretrain_vision_tower(
-                vision, data, size.vision_pretrain_steps, cfg2.model.vision_feature_layer, seed=seed, probe=data.eval
+                vision,
+                data,
+                size.vision_pretrain_steps,
+                cfg2.model.vision_feature_layer,
+                seed=seed,
+                probe=data.eval,
+                anyres=views,
             ),
         )
         pretraining["vision"] = {"loss": [round(h["loss"][0], 4), round(h["loss"][-1], 4)], "probe": h["probe"]}

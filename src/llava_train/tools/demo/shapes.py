@@ -57,12 +57,26 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = tuple(
     if (ci + 3 * si + pi) % len(POSITIONS) == 0
 )
 QUESTION_TYPES = ("colour", "shape", "position", "count")
+# The OneVision demo's extra question types: which of two images holds a shape (a multi-image row) and
+# where a shape moves over three frames (a video row).
+MULTI_TYPES = ("which image", "motion")
+WHICH = ("first", "second")
+# Direction -> the three cells a shape crosses, per row (or column) of the grid.
+MOTIONS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "left to right": tuple(tuple(POSITIONS[r * 3 + c] for c in range(3)) for r in range(3)),
+    "right to left": tuple(tuple(POSITIONS[r * 3 + c] for c in (2, 1, 0)) for r in range(3)),
+    "top to bottom": tuple(tuple(POSITIONS[r * 3 + c] for r in range(3)) for c in range(3)),
+    "bottom to top": tuple(tuple(POSITIONS[r * 3 + c] for r in (2, 1, 0)) for c in range(3)),
+}
+VIDEO_FRAMES = 3
 # Uniform-guess rate per eval question type (one answer drawn from the answer set).
 CHANCE: dict[str, float] = {
     "colour": 1 / len(COLORS),
     "shape": 1 / len(SHAPES),
     "position": 1 / len(POSITIONS),
     "count": 1 / len(COUNTS),
+    "which image": 1 / len(WHICH),
+    "motion": 1 / len(MOTIONS),
 }
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -86,6 +100,8 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "size": ("Is the shape small or large?", "What size is the object?"),
     "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes in the image."),
     "describe": ("Describe the image.", "What do you see in the image?", "Describe the shapes in the image."),
+    "which image": ("Which of the two images has the {}?", "Which image shows the {}?"),
+    "motion": ("Where does the shape move?", "In which direction does the shape move?"),
 }
 # Text-only rows (as ShareGPT rows in LLaVA's 665K mix): no image key, answers from general knowledge.
 TEXT_ONLY: tuple[tuple[str, str], ...] = (
@@ -324,6 +340,80 @@ def _eval_rows(n: int, rng: random.Random, image_folder: Path, canvas: _Canvas) 
     return rows
 
 
+def _which_rows(n: int, rng: random.Random, image_folder: Path, split: str, held_out: bool) -> list[dict[str, Any]]:
+    """Two-image rows: one shape per square image, and a question naming the colour (or the shape) of one of
+    them, which the other lacks; the answer is `first` or `second`. With `held_out` the named image's shape
+    is a held-out triple (the other a training triple)."""
+    rows = []
+    for i in range(n):
+        subject = _items(rng, 1, held_out)[0]
+        by_colour = rng.random() < 0.5
+        while True:
+            other = _items(rng, 1, False)[0]
+            if (other.color != subject.color) if by_colour else (other.shape != subject.shape):
+                break
+        answer = rng.randrange(2)
+        pair = [other, other]
+        pair[answer] = subject
+        rels = []
+        for k, item in enumerate(pair):
+            rel = f"{split}_which/{i:06d}_{k}.png"
+            _save(draw([item], 64, rng), image_folder, rel)
+            rels.append(rel)
+        named = f"{subject.color} shape" if by_colour else subject.shape
+        q = f"{rng.choice(QUESTIONS['which image']).format(named)}\n{SHORT_ANSWER}"
+        conv = [{"from": "human", "value": f"<image>\n<image>\n{q}"}, {"from": "gpt", "value": WHICH[answer]}]
+        rows.append(
+            {
+                "id": f"{split}-which-{i:06d}",
+                "image": rels,
+                "type": "which image",
+                "types": ["which image"],
+                "objects": _objects(pair),
+                "conversations": conv,
+            }
+        )
+    return rows
+
+
+def _motion_rows(n: int, rng: random.Random, image_folder: Path, split: str, held_out: bool) -> list[dict[str, Any]]:
+    """Video rows: VIDEO_FRAMES square frames of one shape crossing a row or column of the grid, asked where it
+    moves (`left to right`, ...). With `held_out` one frame shows a held-out triple; training paths never do."""
+    rows = []
+    for i in range(n):
+        while True:
+            direction = rng.choice(list(MOTIONS))
+            path = rng.choice(MOTIONS[direction])
+            if held_out:
+                color, shape, where = rng.choice(HELD_OUT)
+                if where in path:
+                    break
+            else:
+                color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES])
+                if all((color, shape, p) not in HELD_OUT for p in path):
+                    break
+        size = rng.choice(SIZES)
+        frames = [Item(color, shape, where, size) for where in path]
+        rels = []
+        for k, item in enumerate(frames):
+            rel = f"{split}_video/{i:06d}/{k}.png"
+            _save(draw([item], 64, rng), image_folder, rel)
+            rels.append(rel)
+        q = f"{rng.choice(QUESTIONS['motion'])}\n{SHORT_ANSWER}"
+        conv = [{"from": "human", "value": f"<video>\n{q}"}, {"from": "gpt", "value": direction}]
+        rows.append(
+            {
+                "id": f"{split}-motion-{i:06d}",
+                "video": rels,
+                "type": "motion",
+                "types": ["motion"],
+                "objects": _objects(frames[:1]),
+                "conversations": conv,
+            }
+        )
+    return rows
+
+
 def generate(
     out_dir: str | Path,
     n_pretrain: int = 2000,
@@ -332,6 +422,7 @@ def generate(
     image_size: int = 64,
     seed: int = 0,
     mixed_sizes: bool = False,
+    multi: bool = False,
 ) -> DemoData:
     """Write the demo data set under `out_dir` and return its paths.
 
@@ -342,7 +433,10 @@ def generate(
     type, sizes). Every image row carries
     its ground truth in `objects` (colour, shape, position, size of each shape). Each split draws from its
     own RNG stream, so changing one split's size leaves the others unchanged. `mixed_sizes` draws each
-    image at one of MIXED_SIZES (square, wide, tall; the anyres demo) instead of image_size squared.
+    image at one of MIXED_SIZES (square, wide, tall; the anyres demo) instead of image_size squared. `multi`
+    (the OneVision demo) adds two-image rows and three-frame video rows (`MULTI_TYPES`) to the stage-2 split
+    (one sixth of n_finetune each, on top) and to the eval split (`eval.json` then cycles six types; the
+    video rows go to `eval_video.json`, which `llava-train eval` does not read).
     """
     if min(n_pretrain, n_finetune, n_eval) < 0:
         raise ValueError(f"sample counts must be >= 0, got {n_pretrain}, {n_finetune}, {n_eval}")
@@ -361,6 +455,21 @@ def generate(
             ("eval", _eval_rows, n_eval),
         )
     }
+    types = QUESTION_TYPES
+    if multi:
+        types = QUESTION_TYPES + MULTI_TYPES
+        rng = random.Random(f"{seed}-multi")
+        extra = n_finetune // 6
+        train = _which_rows(extra, rng, image_folder, "finetune", False) + _motion_rows(
+            extra, rng, image_folder, "finetune", False
+        )
+        splits["finetune"] = splits["finetune"] + train
+        rng.shuffle(splits["finetune"])
+        # Eval: each of the six types gets n_eval / 6 rows (the four single-image types keep their order).
+        per = n_eval // len(types)
+        singles = [r for r in splits["eval"] if r["type"] in QUESTION_TYPES][: per * len(QUESTION_TYPES)]
+        splits["eval"] = singles + _which_rows(per, rng, image_folder, "eval", True)
+        splits["eval_video"] = _motion_rows(per, rng, image_folder, "eval", True)
     for name, rows in splits.items():
         (root / f"{name}.json").write_text(json.dumps(rows, indent=1))
     meta = {
@@ -373,8 +482,8 @@ def generate(
         "positions": list(POSITIONS),
         "sizes": list(SIZES),
         "held_out_triples": [list(t) for t in HELD_OUT],
-        "question_types": list(QUESTION_TYPES),
-        "chance": CHANCE,
+        "question_types": list(types),
+        "chance": {t: CHANCE[t] for t in types},
     }
     (root / "meta.json").write_text(json.dumps(meta, indent=1))
     return DemoData(
@@ -388,6 +497,6 @@ def corpus(paths: list[str | Path]) -> list[str]:
     for p in paths:
         for row in json.loads(Path(p).read_text()):
             for turn in row["conversations"]:
-                text = turn["value"].replace("<image>", "").strip()
+                text = turn["value"].replace("<image>", "").replace("<video>", "").strip()
                 lines.extend(line for line in text.split("\n") if line.strip())
     return lines
