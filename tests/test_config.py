@@ -238,6 +238,6 @@ def test_config_choice_lists_are_the_registries() -> None:
     assert tuple(SDPA_BACKENDS) == config_mod.SDPA_BACKENDS
     assert tuple(TINY_PRESETS) == config_mod.TINY_PRESETS
     assert config_mod.NAN_POLICIES == NAN_POLICIES
-    assert tuple(STAGES) == ("pretrain", "finetune")
-    with pytest.raises(ConfigError, match="stage='x' is not valid; choose one of: pretrain, finetune"):
+    assert tuple(STAGES) == ("pretrain", "finetune", "dpo")
+    with pytest.raises(ConfigError, match="stage='x' is not valid; choose one of: pretrain, finetune, dpo"):
         from_dict({"stage": "x"})

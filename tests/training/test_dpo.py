@@ -1,0 +1,228 @@
+"""Stage dpo on CPU with the tiny preset: preference rows in TRL / RLAIF-V / LLaVA-RLHF form, exact pair labels,
+bad pairs, step-0 loss ln 2 with zero rewards, rewards that separate, resume, LoRA with the adapter reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from llava_train.config import DpoConfig, from_dict
+from llava_train.config_io import ConfigError
+from llava_train.train import run
+from llava_train.training.dpo import preference_loss
+from tiny_models import losses, tiny_config, write_tiny_data
+
+NAMES = ["red", "green", "blue", "yellow"]
+TYPED_QUESTION = [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]
+
+
+def wrong(colour: str) -> str:
+    return NAMES[(NAMES.index(colour) + 1) % len(NAMES)]
+
+
+def preference_rows(n: int) -> list[dict[str, Any]]:
+    """Colour questions about image i (colour NAMES[i % 4]) with the right answer chosen, in the three forms, a
+    multi-turn prompt and text-only rows."""
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        right, bad = NAMES[i % 4], wrong(NAMES[i % 4])
+        form = i % 4
+        if form == 0:  # TRL: messages with typed content, `images`
+            rows.append(
+                {
+                    "id": f"trl{i}",
+                    "images": [f"{i}.png"],
+                    "prompt": [{"role": "user", "content": TYPED_QUESTION}],
+                    "chosen": [{"role": "assistant", "content": right}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                }
+            )
+        elif form == 1:  # RLAIF-V: question string without a tag, image
+            rows.append({"id": f"rlaif{i}", "image": f"{i}.png", "question": "What colour is it?", "chosen": right,
+                         "rejected": bad})  # fmt: skip
+        elif form == 2:  # LLaVA-RLHF: conversations prompt, output_1 / output_2, preference
+            rows.append(
+                {
+                    "id": f"rlhf{i}",
+                    "image": f"{i}.png",
+                    "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"}],
+                    "output_1": {"from": "llava", "value": bad},
+                    "output_2": {"from": "llava", "value": right},
+                    "preference": 2,
+                }
+            )
+        else:  # multi-turn prompt: the earlier reply is context, only the last one trains
+            rows.append(
+                {
+                    "id": f"multi{i}",
+                    "image": f"{i}.png",
+                    "prompt": [
+                        {"from": "human", "value": "<image>\nWhat colour is it?"},
+                        {"from": "gpt", "value": right},
+                        {"from": "human", "value": "Answer again."},
+                    ],
+                    "chosen": right,
+                    "rejected": bad,
+                }
+            )
+    for i in range(4):
+        rows.append({"id": f"text{i}", "prompt": f"Say {NAMES[i]}.", "chosen": NAMES[i], "rejected": wrong(NAMES[i])})
+    return rows
+
+
+BAD_ROWS = [
+    {"id": "same", "image": "0.png", "question": "What colour is it?", "chosen": "red", "rejected": " red "},
+    {"id": "one-sided", "image": "0.png", "question": "What colour is it?", "chosen": "red"},
+    {"id": "long", "image": "0.png", "question": "What colour is it?", "chosen": "red " * 400, "rejected": "blue"},
+]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("dpo")
+    paths = write_tiny_data(root / "data", n=16)
+    paths.update(lm=str(root / "models" / "lm"), vision=str(root / "models" / "vision"), root=str(root))
+    (root / "data" / "pairs.json").write_text(json.dumps(preference_rows(16)))
+    (root / "data" / "pairs_bad.json").write_text(json.dumps(preference_rows(16) + BAD_ROWS))
+    (root / "data" / "heldout.json").write_text(json.dumps(preference_rows(8)[:8]))
+    paths["pairs"] = str(root / "data" / "pairs.json")
+    # The starting model: a short finetune, HF-native.
+    finetuned = root / "runs" / "finetune"
+    run(from_dict(tiny_config(paths, "finetune", str(finetuned), max_steps=8, save_steps=100)))
+    paths["finetuned"] = str(finetuned)
+    return paths
+
+
+def dpo_config(ws: dict[str, str], out: Path, reference: str = "frozen", **train: Any) -> dict[str, Any]:
+    cfg = tiny_config(ws, "finetune", str(out), **{"max_steps": 6, "save_steps": 100, "learning_rate": 1e-3, **train})
+    cfg["stage"] = "dpo"
+    cfg["model"]["init_from"] = ws["finetuned"]
+    cfg["data"]["train"][0]["path"] = ws["pairs"]
+    cfg["data"]["group_by_modality_length"] = False
+    cfg["dpo"] = {"beta": 0.1, "reference": reference}
+    return cfg
+
+
+def test_sigmoid_loss_is_ln2_when_reference_is_policy() -> None:
+    logps = torch.tensor([-3.5, -7.25, -4.0, -2.0])  # [chosen x2; rejected x2]
+    loss, metrics = preference_loss(logps, logps.clone(), torch.tensor([2, 3, 2, 1]), torch.zeros(4, 1), DpoConfig())
+    assert loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
+    assert all(torch.equal(metrics[k], torch.zeros(2)) for k in ("rewards/chosen", "rewards/rejected"))
+
+
+def test_pairs_in_every_form_give_exact_labels_sharing_the_image(ws: dict[str, str]) -> None:
+    from llava_train.components import load_components
+    from llava_train.data.dataset import build_dataset
+    from llava_train.data.preference import PairCollator
+
+    cfg = from_dict(dpo_config(ws, Path(ws["root"]) / "runs" / "labels"))
+    parts = load_components(cfg)
+    ds = build_dataset(cfg.data, parts, preference=True)
+    assert len(ds) == 20
+    tok = parts.tokenizer
+    for i in range(len(ds)):
+        item = ds[i]
+        chosen, rejected = item["input_ids"].tolist(), item["rejected_input_ids"].tolist()
+        trained_c = [t for t in item["labels"].tolist() if t != -100]
+        trained_r = [t for t in item["rejected_labels"].tolist() if t != -100]
+        # One trained span each: the final reply + the end marker; the prompt (image block included) is shared.
+        right = NAMES[i % 4] if i < 16 else NAMES[i - 16]
+        assert tok.decode(trained_c).strip() == f"{right}</s>", item["id"]
+        assert tok.decode(trained_r).strip() == f"{wrong(right)}</s>", item["id"]
+        prompt_c = len(chosen) - len(trained_c)
+        assert chosen[:prompt_c] == rejected[: len(rejected) - len(trained_r)], item["id"]
+        assert item["labels"][prompt_c:].ne(-100).all() and item["labels"][:prompt_c].eq(-100).all()
+        assert item["num_images"] == (0 if i >= 16 else 1)
+    batch = PairCollator(tok.pad_token_id)([ds[0], ds[1], ds[16]])
+    assert batch["input_ids"].shape[0] == 6 and batch["pixel_values"].shape[0] == 4  # 2 images x 2 sides
+    assert batch["ids"] == [ds[0]["id"], ds[1]["id"], ds[16]["id"]] * 2
+    assert batch["indices"].tolist() == [0, 1, 16]
+
+
+def test_bad_pairs_are_reported_by_reason(ws: dict[str, str]) -> None:
+    from llava_train.components import load_components
+    from llava_train.data.validate import validate
+
+    cfg_dict = dpo_config(ws, Path(ws["root"]) / "runs" / "validate")
+    cfg_dict["data"]["train"][0]["path"] = str(Path(ws["root"]) / "data" / "pairs_bad.json")
+    cfg = from_dict(cfg_dict)
+    report = validate(cfg, load_components(cfg), num_workers=1)
+    bad = {b["id"]: b["reason"] for b in report["bad_rows"]}
+    assert bad == {"same": "identical_pair", "one-sided": "missing_side", "long": "too_long"}
+    detail = next(b["detail"] for b in report["bad_rows"] if b["id"] == "long")
+    assert "chosen" in detail and "never truncated" in detail
+
+
+def test_config_checks() -> None:
+    base = {"stage": "dpo", "train": {"output_dir": "/tmp/x"}}
+    with pytest.raises(ConfigError, match="model.init_from"):
+        from_dict(base)
+    with pytest.raises(ConfigError, match="needs lora.enabled"):
+        from_dict({**base, "model": {"init_from": "/x"}, "dpo": {"reference": "adapter"}})
+    with pytest.raises(ConfigError, match="dpo.loss"):
+        from_dict({**base, "model": {"init_from": "/x"}, "dpo": {"loss": "kto"}})
+
+
+@pytest.mark.parametrize("reference", ["frozen", "precomputed"])
+def test_step0_loss_is_ln2_rewards_zero_then_rewards_separate(reference: str, ws: dict[str, str]) -> None:
+    out = Path(ws["root"]) / "runs" / f"dpo-{reference}"
+    cfg = dpo_config(ws, out, reference, max_steps=40, learning_rate=3e-3, lr_scheduler_type="constant")
+    result = run(from_dict(cfg))
+    logs = [h for h in result.log_history if "loss" in h]
+    first = logs[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    if reference == "frozen":  # the frozen copy is the policy bit for bit at step 0
+        assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
+    else:  # reference log-probs of other batch compositions (padding): equal to float rounding
+        assert abs(first["rewards/margins"]) < 1e-5
+
+    # The pairs need the image (each wrong answer is another image's right one): the rewards separate over the
+    # last quarter of the run (measured: margins ~0.9, loss ~0.4 over steps 31-40, from 0 and ln 2).
+    def late(key: str) -> float:
+        return sum(h[key] for h in logs[-10:]) / 10
+
+    assert late("rewards/margins") > 0.3 and late("rewards/accuracies") > 0.7
+    assert late("rewards/chosen") > late("rewards/rejected")
+    assert late("loss") < 0.6
+    if reference == "precomputed":
+        assert (out / "dpo_reference_logps.safetensors").is_file()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    AutoModelForImageTextToText.from_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+
+
+@pytest.mark.parametrize("reference", ["frozen", "precomputed"])
+def test_resume_continues_the_dpo_loss_sequence_exactly(reference: str, ws: dict[str, str]) -> None:
+    """kill -9 after checkpoint-3 of 6: resume=auto gives the same losses (precomputed: reads its file)."""
+    root = Path(ws["root"]) / "runs" / f"resume-{reference}"
+    full = run(from_dict(dpo_config(ws, root / "full", reference, save_steps=3)))
+    cut = root / "cut"
+    shutil.copytree(root / "full" / "checkpoint-3", cut / "checkpoint-3")
+    if reference == "precomputed":
+        shutil.copy(root / "full" / "dpo_reference_logps.safetensors", cut)
+    resumed = run(from_dict(dpo_config(ws, cut, reference, save_steps=3, resume_from_checkpoint="auto")))
+    a, b = losses(full.log_history), losses(resumed.log_history)
+    assert sorted(s for s in b if s > 3) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), f"step {step}: {b[step]} != {a[step]}"
+
+
+def test_lora_dpo_with_adapter_reference(ws: dict[str, str]) -> None:
+    out = Path(ws["root"]) / "runs" / "dpo-lora"
+    cfg = dpo_config(ws, out, "adapter", max_steps=12, learning_rate=1e-2)
+    cfg["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    result = run(from_dict(cfg))
+    logs = [h for h in result.log_history if "loss" in h]
+    assert logs[0]["rewards/margins"] == 0.0 and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert logs[-1]["rewards/margins"] > 0
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
