@@ -226,3 +226,20 @@ def test_lora_dpo_with_adapter_reference(ws: dict[str, str]) -> None:
 
     merged = AutoModelForImageTextToText.from_pretrained(out)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_eval_pairs_log_eval_rewards_with_the_precomputed_reference(ws: dict[str, str]) -> None:
+    """`data.eval` pairs get their own precomputed reference (from the starting model, at step 0)."""
+    out = Path(ws["root"]) / "runs" / "dpo-eval"
+    cfg = dpo_config(ws, out, "precomputed", max_steps=4, eval_strategy="steps", eval_steps=2)
+    cfg["data"]["eval"] = [dict(cfg["data"]["train"][0])]
+    result = run(from_dict(cfg))
+    evals = [h for h in result.log_history if "eval_loss" in h]
+    assert len(evals) == 2
+    for h in evals:
+        assert {"eval_rewards/chosen", "eval_rewards/margins", "eval_rewards/accuracies"} <= set(h)
+    from safetensors.torch import load_file
+
+    table = load_file(out / "dpo_reference_logps.safetensors")
+    assert table["train"].shape == (20, 2) and table["eval"].shape == (20, 2)
+    assert torch.allclose(table["train"], table["eval"])  # the same pairs, the same starting model

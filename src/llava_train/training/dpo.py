@@ -228,11 +228,14 @@ class PreferenceTrainer(LLaVATrainer):
 
     def record(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
         """Gather this micro-batch's per-pair metrics from every rank (every rank runs it: same collectives)."""
-        stacked = torch.stack([metrics[k] for k in sorted(metrics)])  # [M, B]
+        keys = sorted(metrics)
+        stacked = torch.stack([metrics[k].float() for k in keys])  # [M, B]
+        # Sums and the pair count: the same shape on every rank whatever its pairs (all_gather needs it).
+        sums = torch.cat([stacked.sum(-1), stacked.new_tensor([stacked.shape[-1]])])  # [M + 1]
         if self.args.world_size > 1:
-            stacked = self.accelerator.gather(stacked.T.contiguous()).T
-        for k, row in zip(sorted(metrics), stacked.float().mean(-1).tolist()):
-            self._dpo_metrics[mode][k].append(row)
+            sums = self.accelerator.gather(sums).view(-1, len(keys) + 1).sum(0)
+        for k, value in zip(keys, (sums[:-1] / sums[-1]).tolist()):
+            self._dpo_metrics[mode][k].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each DPO metric since the last log (`eval_` prefixed for evaluations)."""
