@@ -198,16 +198,25 @@ def test_step0_loss_is_ln2_rewards_zero_then_rewards_separate(reference: str, ws
     AutoProcessor.from_pretrained(out)
 
 
-@pytest.mark.parametrize("reference", ["frozen", "precomputed"])
+@pytest.mark.parametrize("reference", ["frozen", "precomputed", "adapter"])
 def test_resume_continues_the_dpo_loss_sequence_exactly(reference: str, ws: dict[str, str]) -> None:
-    """kill -9 after checkpoint-3 of 6: resume=auto gives the same losses (precomputed: reads its file)."""
+    """kill -9 after checkpoint-3 of 6: resume=auto gives the same losses (precomputed: reads its file; adapter:
+    LoRA, the reference is the resumed model without its adapters)."""
     root = Path(ws["root"]) / "runs" / f"resume-{reference}"
-    full = run(from_dict(dpo_config(ws, root / "full", reference, save_steps=3)))
+
+    def config(out: Path, **train: Any) -> dict[str, Any]:
+        cfg = dpo_config(ws, out, reference, save_steps=3, **train)
+        if reference == "adapter":
+            cfg["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+            cfg["train"]["learning_rate"] = 1e-2
+        return cfg
+
+    full = run(from_dict(config(root / "full")))
     cut = root / "cut"
     shutil.copytree(root / "full" / "checkpoint-3", cut / "checkpoint-3")
     if reference == "precomputed":
         shutil.copy(root / "full" / "dpo_reference_logps.safetensors", cut)
-    resumed = run(from_dict(dpo_config(ws, cut, reference, save_steps=3, resume_from_checkpoint="auto")))
+    resumed = run(from_dict(config(cut, resume_from_checkpoint="auto")))
     a, b = losses(full.log_history), losses(resumed.log_history)
     assert sorted(s for s in b if s > 3) == [4, 5, 6]
     for step in (4, 5, 6):
