@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from llava_train.config import DpoConfig, from_dict
 from llava_train.config_io import ConfigError
@@ -199,9 +201,9 @@ def test_step0_loss_is_ln2_rewards_zero_then_rewards_separate(reference: str, ws
 
 
 @pytest.mark.parametrize("reference", ["frozen", "precomputed", "adapter"])
-def test_resume_continues_the_dpo_loss_sequence_exactly(reference: str, ws: dict[str, str]) -> None:
-    """kill -9 after checkpoint-3 of 6: resume=auto gives the same losses (precomputed: reads its file; adapter:
-    LoRA, the reference is the resumed model without its adapters)."""
+def test_kill_9_and_resume_continue_the_dpo_loss_sequence_exactly(reference: str, ws: dict[str, str]) -> None:
+    """kill -9 (tests/fault_runner.py) at step 4 of 6, after checkpoint-3: resume=auto gives the uninterrupted
+    run's losses (precomputed: read back from the run folder; adapter: LoRA, the resumed model without adapters)."""
     root = Path(ws["root"]) / "runs" / f"resume-{reference}"
 
     def config(out: Path, **train: Any) -> dict[str, Any]:
@@ -211,16 +213,25 @@ def test_resume_continues_the_dpo_loss_sequence_exactly(reference: str, ws: dict
             cfg["train"]["learning_rate"] = 1e-2
         return cfg
 
-    full = run(from_dict(config(root / "full")))
+    full = losses(run(from_dict(config(root / "full"))).log_history)
     cut = root / "cut"
-    shutil.copytree(root / "full" / "checkpoint-3", cut / "checkpoint-3")
-    if reference == "precomputed":
-        shutil.copy(root / "full" / "dpo_reference_logps.safetensors", cut)
-    resumed = run(from_dict(config(cut, resume_from_checkpoint="auto")))
-    a, b = losses(full.log_history), losses(resumed.log_history)
-    assert sorted(s for s in b if s > 3) == [4, 5, 6]
+    path = root / "cut.yaml"
+    path.write_text(yaml.safe_dump(config(cut)))
+    runner = Path(__file__).resolve().parents[1] / "fault_runner.py"
+    proc = subprocess.run(
+        [sys.executable, str(runner), "sigkill", "4", "0", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (cut / "checkpoint-3" / "llava_train_complete.json").is_file()
+    resumed = losses(run(from_dict(config(cut, resume_from_checkpoint="auto"))).log_history)
+    assert sorted(s for s in resumed if s > 3) == [4, 5, 6]
     for step in (4, 5, 6):
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), f"step {step}: {b[step]} != {a[step]}"
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, resumed[step], full[step])
+    assert len({round(full[s], 4) for s in (4, 5, 6)}) > 1  # the losses move (not ln 2 throughout)
 
 
 def test_lora_dpo_with_adapter_reference(ws: dict[str, str]) -> None:
