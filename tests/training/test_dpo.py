@@ -21,6 +21,7 @@ from llava_train.training.dpo import preference_loss
 from tiny_models import losses, tiny_config, write_tiny_data
 
 NAMES = ["red", "green", "blue", "yellow"]
+LN2_FP32 = torch.tensor(math.log(2.0), dtype=torch.float32).item()  # -log sigmoid(0) in fp32
 TYPED_QUESTION = [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]
 
 
@@ -114,7 +115,7 @@ def dpo_config(ws: dict[str, str], out: Path, reference: str = "frozen", **train
 def test_sigmoid_loss_is_ln2_when_reference_is_policy() -> None:
     logps = torch.tensor([-3.5, -7.25, -4.0, -2.0])  # [chosen x2; rejected x2]
     loss, metrics = preference_loss(logps, logps.clone(), torch.tensor([2, 3, 2, 1]), torch.zeros(4, 1), DpoConfig())
-    assert loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
+    assert loss.item() == LN2_FP32
     assert all(torch.equal(metrics[k], torch.zeros(2)) for k in ("rewards/chosen", "rewards/rejected"))
 
 
@@ -179,7 +180,8 @@ def test_step0_loss_is_ln2_rewards_zero_then_rewards_separate(reference: str, ws
     logs = [h for h in result.log_history if "loss" in h]
     first = logs[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    if reference == "frozen":  # the frozen copy is the policy bit for bit at step 0
+    if reference == "frozen":  # the frozen copy is the policy bit for bit at step 0: exactly ln 2 (fp32)
+        assert first["loss"] == LN2_FP32
         assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
     else:  # reference log-probs of other batch compositions (padding): equal to float rounding
         assert abs(first["rewards/margins"]) < 1e-5
@@ -240,7 +242,7 @@ def test_lora_dpo_with_adapter_reference(ws: dict[str, str]) -> None:
     cfg["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
     result = run(from_dict(cfg))
     logs = [h for h in result.log_history if "loss" in h]
-    assert logs[0]["rewards/margins"] == 0.0 and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert logs[0]["rewards/margins"] == 0.0 and logs[0]["loss"] == LN2_FP32  # adapters start as a no-op
     assert logs[-1]["rewards/margins"] > 0
     from transformers import AutoModelForImageTextToText
 
