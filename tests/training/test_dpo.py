@@ -148,6 +148,48 @@ def test_pairs_in_every_form_give_exact_labels_sharing_the_image(ws: dict[str, s
     assert batch["indices"].tolist() == [0, 1, 16]
 
 
+def test_rlaif_v_parquet_with_embedded_images_reads_as_published(ws: dict[str, str], tmp_path: Path) -> None:
+    """RLAIF-V's parquet layout (question / chosen / rejected / an HF `Image` struct of PNG bytes, extra columns)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from llava_train.components import load_components
+    from llava_train.data.dataset import build_dataset
+
+    def png(colour: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 32), {"red": (220, 30, 30), "blue": (30, 30, 220)}[colour]).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows = {
+        "ds_name": ["OmniLMM-12B", "RLHF-V"],
+        "image": [{"bytes": png("red"), "path": None}, {"bytes": png("blue"), "path": None}],
+        "question": ["What colour is it?", "Describe it."],
+        "chosen": ["red", "A blue image."],
+        "rejected": ["blue", "A red image."],
+        "origin_dataset": ["x", "y"],
+        "idx": [0, 1],
+    }
+    features = datasets.Features(
+        {k: datasets.Image() if k == "image" else datasets.Value("int64" if k == "idx" else "string") for k in rows}
+    )
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "rlaif-v-00000.parquet"))
+    cfg_dict = dpo_config(ws, tmp_path / "run")
+    cfg_dict["data"]["train"] = [{"path": str(tmp_path)}]
+    cfg = from_dict(cfg_dict)
+    parts = load_components(cfg)
+    ds = build_dataset(cfg.data, parts, preference=True)
+    assert len(ds) == 2
+    item = ds[1]
+    assert item["num_images"] == 1 and item["pixel_values"].shape[0] == 1
+    tok = parts.tokenizer
+    assert tok.decode([t for t in item["labels"].tolist() if t != -100]).strip() == "A blue image.</s>"
+    assert tok.decode([t for t in item["rejected_labels"].tolist() if t != -100]).strip() == "A red image.</s>"
+    assert parts.image_token_id in item["input_ids"].tolist()
+
+
 def test_bad_pairs_are_reported_by_reason(ws: dict[str, str]) -> None:
     from llava_train.components import load_components
     from llava_train.data.validate import validate
@@ -170,6 +212,19 @@ def test_config_checks() -> None:
         from_dict({**base, "model": {"init_from": "/x"}, "dpo": {"reference": "adapter"}})
     with pytest.raises(ConfigError, match="dpo.loss"):
         from_dict({**base, "model": {"init_from": "/x"}, "dpo": {"loss": "kto"}})
+
+
+def test_frozen_reference_is_refused_under_zero3(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers.integrations
+
+    from llava_train.training.dpo import preference_trainer_kwargs
+
+    cfg = from_dict({"stage": "dpo", "model": {"init_from": "/x"}, "train": {"output_dir": "/tmp/x"}})
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ConfigError, match="dpo.reference=precomputed"):
+        preference_trainer_kwargs(cfg, torch.nn.Linear(1, 1))
+    cfg.dpo.reference = "precomputed"
+    assert preference_trainer_kwargs(cfg, torch.nn.Linear(1, 1))["ref_model"] is None
 
 
 @pytest.mark.parametrize("reference", ["frozen", "precomputed"])
