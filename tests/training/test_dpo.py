@@ -114,7 +114,7 @@ def dpo_config(ws: dict[str, str], out: Path, reference: str = "frozen", **train
 
 def test_sigmoid_loss_is_ln2_when_reference_is_policy() -> None:
     logps = torch.tensor([-3.5, -7.25, -4.0, -2.0])  # [chosen x2; rejected x2]
-    loss, metrics = preference_loss(logps, logps.clone(), torch.tensor([2, 3, 2, 1]), torch.zeros(4, 1), DpoConfig())
+    loss, metrics = preference_loss(logps, logps.clone(), torch.tensor([2, 3, 2, 1]), DpoConfig())
     assert loss.item() == LN2_FP32
     assert all(torch.equal(metrics[k], torch.zeros(2)) for k in ("rewards/chosen", "rewards/rejected"))
 

@@ -1,11 +1,12 @@
 """Differential test: our DPO per-pair log-probs and losses equal TRL's `DPOTrainer` on the same model and pairs.
 
 TRL (requirements-lock: trl==1.16.0) computes its own per-token log-probs through its fused LM head
-(`model(..., labels=, fused_lm_head=True)`) and its loss in `DPOTrainer._compute_loss`; ours take the full logits'
-log-softmax (`training.dpo.sequence_logps`) and `training.dpo.preference_loss`. Both run fp32 on CPU on one batch
-laid out as `data.preference.PairCollator` makes it ([chosen; rejected], an image per sequence, prompt tokens -100),
-which is TRL's own layout (its `completion_mask` = our trained labels). Tolerance: 1e-4 absolute on sequence
-log-probs (sums of ~10 fp32 token log-probs computed in tiles vs. whole) and 1e-5 relative on the losses.
+(`model(..., labels=, fused_lm_head=True)`) and its loss in `DPOTrainer._compute_loss`; ours run lm_head on the
+trained positions only (`training.dpo.response_logps`) and `training.dpo.preference_loss`. Both run fp32 on CPU
+on one batch laid out as `data.preference.PairCollator` makes it ([chosen; rejected], an image per sequence,
+prompt tokens -100), which is TRL's own layout (its `completion_mask` = our trained labels). Tolerance: 1e-4
+absolute on sequence log-probs (sums of ~10 fp32 token log-probs computed in tiles vs. whole; measured ~2e-6)
+and 1e-5 relative on the losses.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from llava_train.config import DpoConfig
 from llava_train.data.preference import PairCollator
-from llava_train.training.dpo import preference_loss, sequence_logps
+from llava_train.training.dpo import preference_loss, response_logps
 from tiny_models import sample, tiny_llava
 
 trl = pytest.importorskip("trl")
@@ -71,9 +72,14 @@ def test_logps_and_loss_equal_trl(loss: str, llama_tokenizer: Any, tmp_path: Any
     with torch.no_grad():
         trl_logps = theirs.model(**kwargs, labels=labels, fused_lm_head=True).log_probs.sum(1)  # [2B]
         trl_ref = theirs.ref_model(**kwargs, labels=labels, fused_lm_head=True).log_probs.sum(1)
-        logps, tokens, per_token = sequence_logps(policy(**kwargs).logits, labels)
-        ref_logps = sequence_logps(ref(**kwargs).logits, labels)[0]
-    ours, metrics = preference_loss(logps, ref_logps, tokens, per_token, DpoConfig(beta=0.1, loss=loss))
+        logps, tokens = response_logps(policy, kwargs, labels)
+        ref_logps = response_logps(ref, kwargs, labels)[0]
+        # The same sums from the full logits (every position through lm_head): the kept positions are exact.
+        full = policy(**kwargs).logits[:, :-1].float().log_softmax(-1)  # [2B, L-1, V]
+        targets = labels[:, 1:]
+        per_token = full.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+        assert torch.allclose(per_token.sum(-1), logps, atol=1e-5, rtol=0)
+    ours, metrics = preference_loss(logps, ref_logps, tokens, DpoConfig(beta=0.1, loss=loss))
     assert torch.allclose(logps, trl_logps, atol=1e-4, rtol=0), (logps, trl_logps)
     assert torch.allclose(ref_logps, trl_ref, atol=1e-4, rtol=0), (ref_logps, trl_ref)
     assert float(ours) == pytest.approx(float(trl_loss), rel=1e-5)

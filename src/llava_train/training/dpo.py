@@ -8,7 +8,8 @@ term for term (sigmoid / hinge / ipo / sft as in TRL 1.16's `_compute_loss`), an
 per-pair log-probs and loss against TRL's own code on the same model and pairs (tests/training/test_dpo.py).
 
 A batch (`data.preference.PairCollator`) is [chosen_0..B-1, rejected_0..B-1]; a sequence's log-prob is the sum of
-its trained tokens' log-probs (the final reply + end marker: the labels `data.tokenize` made). The reference
+its trained tokens' log-probs (the final reply + end marker: the labels `data.tokenize` made), with lm_head run on
+those positions only. The reference
 (`dpo.reference`): `frozen` = a frozen copy of the model as prepared (so at step 0 it equals the policy bit for bit);
 `adapter` = the same model with its LoRA adapters disabled; `precomputed` = every pair's reference log-probs
 computed by the starting model at the first step (all ranks in step, same module calls) and stored in the run
@@ -39,26 +40,31 @@ log = get_logger(__name__)
 LN2 = math.log(2.0)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of trained tokens' log-probs [N], trained tokens [N], per-token log-probs [N, L-1]) in fp32.
+def response_logps(
+    model: nn.Module, kwargs: dict[str, Any], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the trained tokens' log-probs [N], trained tokens [N]) of each sequence, in fp32.
 
-    logits [N, L, V] predict the next token; labels [N, L] are -100 where untrained.
+    labels [N, L] are -100 where untrained. lm_head runs only on the positions that predict a trained token
+    (transformers' boolean `logits_to_keep`: logits [T, V], T = trained tokens of the batch), never on the image
+    and prompt positions; it is still one lm_head call per forward on every rank, whatever T (ZeRO-3 safe).
     """
-    targets = labels[:, 1:]  # [N, L-1]
-    mask = targets != IGNORE_INDEX
-    logprobs = logits[:, :-1].float().log_softmax(-1)  # [N, L-1, V]
-    per_token = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # [N, L-1]
-    return per_token.sum(-1), mask.sum(-1), per_token
+    n, length = labels.shape
+    trained = labels[:, 1:] != IGNORE_INDEX  # [N, L-1]: position t predicts label t + 1
+    keep = torch.zeros_like(labels, dtype=torch.bool)  # [N, L]
+    keep[:, :-1] = trained
+    logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits  # [T, V]
+    targets = labels[:, 1:][trained]  # [T], row-major as the kept logits
+    token_logps = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [T]
+    rows = torch.arange(n, device=labels.device).unsqueeze(1).expand(n, length - 1)[trained]  # [T]
+    logps = torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+    return logps, trained.sum(-1)
 
 
 def preference_loss(
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    tokens: torch.Tensor,
-    per_token: torch.Tensor,
-    cfg: DpoConfig,
+    logps: torch.Tensor, ref_logps: torch.Tensor, tokens: torch.Tensor, cfg: DpoConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss, per-pair metrics) of a [chosen; rejected] batch: logps / ref_logps / tokens [2B], per_token [2B, L-1].
+    """(loss, per-pair metrics) of a [chosen; rejected] batch: logps / ref_logps / tokens (trained tokens) [2B].
 
     sigmoid: -log sigmoid(beta * delta) with delta = (pi_c - ref_c) - (pi_r - ref_r); hinge: relu(1 - beta * delta);
     ipo: (delta per reply token - 1 / (2 beta))^2; sigmoid_sft adds `sft_weight` x the chosen tokens' mean NLL.
@@ -79,9 +85,8 @@ def preference_loss(
     else:
         raise KeyError(f"unknown dpo.loss {cfg.loss!r}")
     loss = losses.mean()
-    if cfg.loss == "sigmoid_sft":
-        chosen_per_token = per_token.chunk(2)[0]
-        loss = loss + cfg.sft_weight * (-chosen_per_token.sum() / tokens.chunk(2)[0].sum().clamp(min=1))
+    if cfg.loss == "sigmoid_sft":  # the mean NLL over every chosen token of the batch (TRL's `sft` term)
+        loss = loss + cfg.sft_weight * (-chosen.sum() / tokens.chunk(2)[0].sum().clamp(min=1))
     rewards_chosen, rewards_rejected = (cfg.beta * chosen_ratio).detach(), (cfg.beta * rejected_ratio).detach()
     metrics = {
         "rewards/chosen": rewards_chosen,
@@ -127,10 +132,9 @@ class PreferenceTrainer(LLaVATrainer):
         """DPO's loss on a [chosen; rejected] batch; per-pair metrics are gathered from every rank."""
         labels = inputs["labels"]  # [2B, L]
         kwargs = {k: v for k, v in model_inputs(inputs).items() if k != "labels"}
-        logits = model(**kwargs, use_cache=False).logits  # [2B, L, V]
-        logps, tokens, per_token = sequence_logps(logits, labels)
+        logps, tokens = response_logps(model, kwargs, labels)  # [2B]
         ref_logps = self.reference_logps(model, kwargs, labels)  # [2B]
-        loss, metrics = preference_loss(logps, ref_logps.to(logps), tokens, per_token, self.dpo)
+        loss, metrics = preference_loss(logps, ref_logps.to(logps), tokens, self.dpo)
         mode = "train" if model.training else "eval"
         self.record(mode, metrics)
         if self.guard is not None and not return_outputs and model.training:
@@ -155,14 +159,12 @@ class PreferenceTrainer(LLaVATrainer):
         with torch.no_grad():
             if mode == "adapter":
                 with self.accelerator.unwrap_model(model).disable_adapter():  # the PeftModel under any engine
-                    logits = model(**kwargs, use_cache=False).logits
-            else:
-                ref = self.ref_model
-                if next(ref.parameters()).device != labels.device:
-                    ref.to(labels.device)
-                # The frozen copy is outside DeepSpeed/DDP (no collectives): it runs exactly its batch.
-                logits = ref(**kwargs, use_cache=False).logits
-            return sequence_logps(logits, labels)[0]
+                    return response_logps(model, kwargs, labels)[0]
+            ref = self.ref_model
+            if next(ref.parameters()).device != labels.device:
+                ref.to(labels.device)
+            # The frozen copy is outside DeepSpeed/DDP (no collectives): it runs exactly its batch.
+            return response_logps(ref, kwargs, labels)[0]
 
     def load_or_precompute(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The reference log-probs of every train (and eval) item: read from the run folder, or, at step 0,
@@ -210,8 +212,7 @@ class PreferenceTrainer(LLaVATrainer):
                     self._missing_vision_calls = self.missing_vision_calls(batch)
                     kwargs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
                     with self.compute_loss_context_manager():
-                        logits = model(**kwargs, use_cache=False).logits
-                    pair = sequence_logps(logits, batch["labels"])[0].float().chunk(2)
+                        pair = response_logps(model, kwargs, batch["labels"])[0].chunk(2)
                     rows.append(torch.stack(pair, dim=1))  # [b, 2]
         finally:
             self._missing_vision_calls = 0
