@@ -56,6 +56,22 @@ def test_llava_7b_recipes_match_reference() -> None:
         assert c.train["weight_decay"] == 0.0 and c.train["bf16"] and c.train["gradient_checkpointing"]
 
 
+def test_dpo_recipe_matches_rlaif_v() -> None:
+    """RLAIF-V's script/train/llava15_train.sh + muffin/train/trainers.py (sigmoid DPO, precomputed reference)."""
+    dpo = load_config(REPO / "configs/llava-1.5-7b/dpo_rlaif_v.yaml")
+    assert (dpo.stage, dpo.dpo.beta, dpo.dpo.loss, dpo.dpo.reference) == ("dpo", 0.1, "sigmoid", "precomputed")
+    assert dpo.model.init_from == "liuhaotian/llava-v1.5-7b" and not dpo.lora.enabled
+    t = dpo.train
+    assert (t["learning_rate"], t["weight_decay"], t["warmup_steps"], t["lr_scheduler_type"]) == (
+        5e-7,
+        0.01,
+        0.05,
+        "cosine",
+    )
+    assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"], t["max_steps"]) == (1, 1, 2672)
+    assert dpo.data.model_max_length == 2048 and dpo.data.image_aspect_ratio == "pad" and t["bf16"]
+
+
 def test_next_and_onevision_recipes_match_the_published_values() -> None:
     pre = load_config(REPO / "configs/llava-next-7b/pretrain.yaml")
     ft = load_config(REPO / "configs/llava-next-7b/finetune.yaml")
@@ -238,6 +254,6 @@ def test_config_choice_lists_are_the_registries() -> None:
     assert tuple(SDPA_BACKENDS) == config_mod.SDPA_BACKENDS
     assert tuple(TINY_PRESETS) == config_mod.TINY_PRESETS
     assert config_mod.NAN_POLICIES == NAN_POLICIES
-    assert tuple(STAGES) == ("pretrain", "finetune")
-    with pytest.raises(ConfigError, match="stage='x' is not valid; choose one of: pretrain, finetune"):
+    assert tuple(STAGES) == ("pretrain", "finetune", "dpo")
+    with pytest.raises(ConfigError, match="stage='x' is not valid; choose one of: pretrain, finetune, dpo"):
         from_dict({"stage": "x"})

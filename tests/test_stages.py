@@ -66,11 +66,13 @@ def make_cfg(tiny_root: Path) -> Callable[..., RunConfig]:
 
 
 def test_stage_registry() -> None:
-    assert list(STAGES) == ["pretrain", "finetune"]
+    assert list(STAGES) == ["pretrain", "finetune", "dpo"]
     assert get_stage("pretrain").trainable == ("multi_modal_projector", "image_newline")
     assert get_stage("pretrain").default_template == "plain"
     assert get_stage("finetune").trainable == ("multi_modal_projector", "image_newline", "language_model", "lm_head")
-    with pytest.raises(KeyError, match=re.escape("unknown stage 'align'; valid stages: pretrain, finetune")):
+    assert get_stage("dpo").trainable == get_stage("finetune").trainable and get_stage("dpo").preference
+    assert get_stage("dpo").lora_allowed and not get_stage("finetune").preference
+    with pytest.raises(KeyError, match=re.escape("unknown stage 'align'; valid stages: pretrain, finetune, dpo")):
         get_stage("align")
 
 

@@ -174,6 +174,13 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_demo_dpo(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_train.tools.demo.preference import run_dpo_demo
+
+    run_dpo_demo(args.workdir, args.steps, _split_overrides(extra))
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_train.tools.trace import run_trace
 
@@ -331,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="llava_next / llava_onevision: anyres on mixed image sizes (onevision: + two-image and video questions)",
     )
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("demo-dpo", help="after `demo`: DPO on right/wrong answer pairs from its world, held-out eval")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--steps", type=int)
+    p.set_defaults(fn=cmd_demo_dpo)
 
     p = sub.add_parser("trace", help="walk one sample through LLaVA: row, labels, pixels, tower, merge, loss")
     _add_config_args(p)

@@ -33,6 +33,8 @@ NAN_POLICIES = ("error", "skip")
 PROJECTORS = ("mlp2x_gelu",)
 DTYPES = ("bfloat16", "float16", "float32")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_sft")
+DPO_REFERENCES = ("frozen", "precomputed", "adapter")
 # Files of a run folder that more than one module reads or writes.
 
 
@@ -198,10 +200,36 @@ class PerfConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Preference optimisation (stage `dpo`; see `training.dpo`).
+
+    beta: DPO's beta: the strength of the KL pull towards the reference (rewards are beta x log-ratio).
+    loss: `sigmoid` (DPO), `ipo` (IPO, log-ratios averaged per reply token as TRL does), `hinge` (SLiC),
+        `sigmoid_sft` (DPO + `sft_weight` x the chosen reply's mean token NLL, as RLAIF-V / MPO).
+    sft_weight: weight of the SFT term of `sigmoid_sft`.
+    reference: `frozen` (a frozen copy of the starting model; not under ZeRO-3), `precomputed` (reference
+        log-probs of every pair computed by the starting model before the first step, on every rank in step,
+        and kept in the run folder for resume) or `adapter` (with LoRA: the model with its adapters disabled).
+    """
+
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    sft_weight: float = 1.0
+    reference: str = "frozen"
+
+    def __post_init__(self) -> None:
+        check_choice("dpo.loss", self.loss, DPO_LOSSES)
+        check_choice("dpo.reference", self.reference, DPO_REFERENCES)
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+
+
+@dataclass
 class RunConfig:
     """A whole run: stage + model + data + optimizer + LoRA + wandb + perf + eval + TrainingArguments.
 
-    stage: `pretrain` (projector only) or `finetune` (projector + language model).
+    stage: `pretrain` (projector only), `finetune` (projector + language model) or `dpo` (preference pairs,
+        from a finetuned `model.init_from`; trains what finetune trains, or LoRA; settings in `dpo`).
     train: any `transformers.TrainingArguments` field, passed through untouched (output_dir,
         learning_rate, per_device_train_batch_size, deepspeed, bf16, ...), and llava-train's own
         `resume_from_checkpoint` (a path, or `auto` for the newest complete checkpoint), `nan_policy`
@@ -222,6 +250,7 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     train: dict[str, Any] = field(default_factory=dict)
     metrics_every: int = 0
 
@@ -243,9 +272,22 @@ class RunConfig:
         check_choice("train.nan_policy", self.train.get("nan_policy", "error"), NAN_POLICIES)
         if not isinstance(self.train.get("export_hf", False), bool):
             raise ConfigError(f"train.export_hf must be true or false, got {self.train['export_hf']!r}")
+        if spec.preference:
+            self.check_dpo()
         skips = self.train.get("max_skipped_steps", 10)
         if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:
             raise ConfigError(f"train.max_skipped_steps must be an integer >= 0, got {skips!r}")
+
+    def check_dpo(self) -> None:
+        """What a preference stage needs: a finetuned start, LoRA for the adapter reference, no packing."""
+        if not self.model.init_from:
+            raise ConfigError(f"stage {self.stage} starts from a finetuned model: set model.init_from")
+        if self.dpo.reference == "adapter" and not self.lora.enabled:
+            raise ConfigError(
+                "dpo.reference: adapter needs lora.enabled (the reference is the model without adapters)"
+            )
+        if self.data.packing:
+            raise ConfigError(f"stage {self.stage} does not pack rows (data.packing: false): pairs are batched whole")
 
     @property
     def output_dir(self) -> str:

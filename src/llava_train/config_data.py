@@ -27,12 +27,18 @@ class ColumnsConfig:
         of those is decoded. Usual names: conversations, messages, texts, conversation.
     id: the row id shown in reports (usual name: id; tar shards: the sample key).
     video: OneVision's video (usual name: video).
+    prompt, chosen, rejected: a preference row's (stage `dpo`) prompt (messages or a string; usual names: prompt,
+        question; LLaVA-RLHF's prompt is its `conversations`) and its two replies (usual names: chosen, rejected;
+        LLaVA-RLHF's `output_1` / `output_2` with `preference` are read too).
     """
 
     image: str | None = None
     conversations: str | None = None
     id: str | None = None
     video: str | None = None
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
         """field -> column name (None = the usual names)."""

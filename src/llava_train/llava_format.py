@@ -158,6 +158,14 @@ FIELD_COLUMNS: dict[str, tuple[str, ...]] = {
     "image": ("image", "images"),
     "conversations": ("conversations", "messages", "texts", "conversation"),
     "video": ("video",),
+    # Preference rows (stage dpo): TRL's prompt/chosen/rejected, RLAIF-V's question/chosen/rejected, LLaVA-RLHF's
+    # conversations (the prompt) + output_1/output_2 + preference.
+    "prompt": ("prompt", "question"),
+    "chosen": ("chosen",),
+    "rejected": ("rejected",),
+    "output_1": ("output_1",),
+    "output_2": ("output_2",),
+    "preference": ("preference",),
 }
 
 
@@ -234,3 +242,59 @@ def to_messages(
             content.append({"type": "text", "text": text})
         messages.append({"role": t.role, "content": content})
     return messages
+
+
+# -- preference rows (stage dpo) -------------------------------------------------------------------
+
+
+def preference_conversations(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(chosen, rejected) conversations of a preference row: its prompt turns + one reply each.
+
+    Read forms (after `canonical_record`): TRL's `prompt` (messages or a string) / `chosen` / `rejected` (a string
+    or a one-message assistant list), RLAIF-V's `question` / `chosen` / `rejected`, LLaVA-RLHF's `conversations`
+    (the prompt) + `output_1` / `output_2` (`{"from", "value"}`) + `preference` (1 or 2: the chosen output).
+    A string prompt without an image tag gets one `<image>` per image in front (RLAIF-V's convention); a
+    multi-turn prompt keeps its earlier replies as context (untrained). Raises BadSample(missing_side) when a
+    part is missing, (identical_pair) when both replies are the same text.
+    """
+    prompt = record.get("prompt", record.get("conversations"))
+    if "output_1" in record or "output_2" in record:
+        choice = record.get("preference")
+        if choice not in (1, 2, "1", "2"):
+            raise BadSample("missing_side", f"LLaVA-RLHF row with preference {choice!r} (expected 1 or 2)")
+        outputs = [record.get("output_1"), record.get("output_2")]
+        chosen, rejected = outputs[int(choice) - 1], outputs[2 - int(choice)]
+    else:
+        chosen, rejected = record.get("chosen"), record.get("rejected")
+    if prompt is None or (isinstance(prompt, (str, list)) and not prompt):
+        raise BadSample("missing_side", "the preference row has no prompt (prompt, question or conversations)")
+    if isinstance(prompt, str):
+        tagged = DATA_IMAGE_TAG in prompt
+        images = len(record_images(record))
+        prompt = [{"from": "human", "value": (DATA_IMAGE_TAG + "\n") * (0 if tagged else images) + prompt}]
+    if not isinstance(prompt, list):
+        raise BadSample("malformed_json", f"the prompt must be a string or a list of messages, got {type(prompt)}")
+    replies = [reply_text(chosen, "chosen"), reply_text(rejected, "rejected")]
+    if replies[0].strip() == replies[1].strip():
+        raise BadSample("identical_pair", f"chosen and rejected are the same reply: {replies[0][:80]!r}")
+    chosen_conv, rejected_conv = ([*prompt, {"from": "gpt", "value": r}] for r in replies)
+    return chosen_conv, rejected_conv
+
+
+def reply_text(side: Any, name: str) -> str:
+    """The text of one preference reply: a string, a `{"from"/"role", "value"/"content"}` message or a list of one
+    assistant message (TRL's conversational form). BadSample(missing_side) when absent or empty."""
+    if isinstance(side, list):
+        if len(side) != 1 or not isinstance(side[0], dict):
+            raise BadSample("missing_side", f"{name} must be one assistant message, got {len(side)} item(s)")
+        side = side[0]
+    if isinstance(side, dict):
+        role = side.get("from", side.get("role", "assistant"))
+        if ROLES.get(role, ASSISTANT) != ASSISTANT:
+            raise BadSample("bad_roles", f"{name} is a {role} message, expected an assistant reply")
+        images, side = message_text(side.get("value", side.get("content")), name)
+        if images:
+            raise BadSample("image_in_assistant_turn", f"{name} holds an image")
+    if side is None or not isinstance(side, str) or not side.strip():
+        raise BadSample("missing_side", f"the preference row has no {name} reply")
+    return side

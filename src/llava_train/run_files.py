@@ -14,6 +14,7 @@ PREEMPTED_FILE = "llava_train_preempted.json"  # written when a preemption signa
 PROJECTOR_FILE = "projector.safetensors"  # the projector (+ NeXT/OneVision newline) alone: the stage hand-off
 ADAPTER_DIR = "adapter"  # LoRA runs: the adapter (+ projector) beside the merged model
 TRAINING_ARGS_JSON = "training_args.json"  # HF's TrainingArguments as JSON (the final folder holds no pickle)
+REFERENCE_LOGPS_FILENAME = "dpo_reference_logps.safetensors"  # dpo.reference precomputed: [items, 2] per split
 
 # Inside checkpoint-N/.
 CHECKPOINT_INFO = "llava_train_checkpoint.json"  # kind (full / trainable-only) and where frozen parts come from

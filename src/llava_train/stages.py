@@ -30,6 +30,7 @@ class StageSpec:
         the vision tower is unfrozen (then it trains too and is saved in full).
     lora_allowed: `lora.enabled` is valid in this stage.
     description: one line for logs and docs.
+    preference: rows are preference pairs and the loss is DPO's (`training.dpo`); starts from `model.init_from`.
     """
 
     name: str
@@ -38,6 +39,7 @@ class StageSpec:
     partial_checkpoints: bool
     lora_allowed: bool
     description: str
+    preference: bool = False
 
     def checkpoints_are_partial(self, cfg: RunConfig) -> bool:
         """Whether this run's checkpoints hold only the trainable weights."""
@@ -60,6 +62,15 @@ STAGES: dict[str, StageSpec] = {
         partial_checkpoints=False,
         lora_allowed=True,
         description="visual instruction tuning: train projector + language model (+ lm_head), vision tower frozen",
+    ),
+    "dpo": StageSpec(
+        name="dpo",
+        trainable=("multi_modal_projector", "image_newline", "language_model", "lm_head"),
+        default_template="vicuna_v1",
+        partial_checkpoints=False,
+        lora_allowed=True,
+        description="preference optimisation (DPO) from a finetuned model: trains what finetune trains (or LoRA)",
+        preference=True,
     ),
 }
 

@@ -33,6 +33,7 @@ from llava_train.errors import (
 )
 from llava_train.preflight import check_paths
 from llava_train.run_files import CONFIG_FILENAME, DATA_SUMMARY_FILENAME, PREEMPTED_FILE
+from llava_train.stages import get_stage
 from llava_train.training.assembly import assemble_trainer, prepare_model
 from llava_train.training.checkpoint import LoraNewlineResumeCallback
 from llava_train.training.checkpoint import save_final as write_final
@@ -178,9 +179,14 @@ def build_data(cfg: RunConfig, parts: Components, args: TrainingArguments) -> tu
     """
     seed = args.data_seed if args.data_seed is not None else args.seed
     cache = data_cache_dir(cfg)
+    pairs = get_stage(cfg.stage).preference  # rows are preference pairs (stage dpo)
     with args.main_process_first(local=True, desc="data scan"):
-        train_ds = build_dataset(cfg.data, parts, seed=seed, split="train", cache_dir=cache)
-        eval_ds = build_dataset(cfg.data, parts, seed=seed, split="eval", cache_dir=cache) if cfg.data.eval else None
+        train_ds = build_dataset(cfg.data, parts, seed=seed, split="train", cache_dir=cache, preference=pairs)
+        eval_ds = (
+            build_dataset(cfg.data, parts, seed=seed, split="eval", cache_dir=cache, preference=pairs)
+            if cfg.data.eval
+            else None
+        )
     if is_main_process():
         (Path(cfg.output_dir) / DATA_SUMMARY_FILENAME).write_text(json.dumps(train_ds.summary(), indent=2))
     log.info(

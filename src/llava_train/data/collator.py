@@ -10,7 +10,7 @@ from llava_train.utils.modules import IGNORE_INDEX
 
 # Keys our collators add for bookkeeping (sample ids, image counts, which positions are real tokens of a
 # packed row): read by the trainer's statistics and error messages, never given to the model.
-BATCH_ONLY_KEYS = ("ids", "sources", "num_images", "num_videos", "real_mask")
+BATCH_ONLY_KEYS = ("ids", "sources", "num_images", "num_videos", "real_mask", "indices")
 
 
 class PaddingCollator:

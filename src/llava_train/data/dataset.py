@@ -29,8 +29,9 @@ logger = get_logger(__name__)
 MAX_LOAD_SKIPS = 100
 
 
-def make_context(data_cfg: DataConfig, src: SourceConfig, parts: Any) -> SampleContext:
-    """The SampleContext of one source: the run's template, tokenizer and image facts (`parts`: Components)."""
+def make_context(data_cfg: DataConfig, src: SourceConfig, parts: Any, preference: bool = False) -> SampleContext:
+    """The SampleContext of one source: the run's template, tokenizer and image facts (`parts`: Components);
+    `preference`: the stage reads preference pairs (`StageSpec.preference`)."""
     return SampleContext(
         parts.tokenizer,
         parts.template,
@@ -41,6 +42,7 @@ def make_context(data_cfg: DataConfig, src: SourceConfig, parts: Any) -> SampleC
         parts.video_token_id,
         data_cfg.video_frames,
         ImageLimits(data_cfg.max_image_side, data_cfg.max_image_aspect_ratio),
+        preference,
     )
 
 
@@ -146,13 +148,14 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise BadSampleError(src.name or src.path, row, sample_id, e.reason, e.detail) from e
         except Exception as e:  # an unreadable file at load time is that row's failure, not a worker traceback
             raise BadSampleError(src.name or src.path, row, sample_id, "row_error", row_error_detail(e)) from e
-        sample = done.sample
-        if len(sample.input_ids) != int(self._length_array[i]):
+        if done.length != int(self._length_array[i]):
             raise BadSampleError(
-                f"{src.name} row {row} (id {sample_id!r}): {len(sample.input_ids)} tokens but the cached length "
+                f"{src.name} row {row} (id {sample_id!r}): {done.length} tokens but the cached length "
                 f"is {int(self._length_array[i])}; the cache is stale (delete the cache folder)"
             )
-        return build_item(done, src.name, row, sample_id, self.image_processor, self.geometry)
+        item = build_item(done, src.name, row, sample_id, self.image_processor, self.geometry)
+        item["index"] = i  # the precomputed DPO reference is looked up by item
+        return item
 
     def _skip(self, i: int, e: BadSampleError) -> int:
         """`on_bad_sample: skip` for a row failing at load time: one log line, then the next item of the same
@@ -186,6 +189,9 @@ def build_item(done: Any, source: str | None, row: int, sample_id: Any, image_pr
         "source": source,
         "row": row,
     }
+    if done.rejected is not None:  # a preference pair: its rejected side shares the images
+        item["rejected_input_ids"] = torch.tensor(done.rejected.input_ids, dtype=torch.long)  # [L']
+        item["rejected_labels"] = torch.tensor(done.rejected.labels, dtype=torch.long)  # [L']
     if done.images:
         if geometry.arch == "llava":
             # [n, 3, S, S]
@@ -204,12 +210,14 @@ def build_dataset(
     seed: int = 0,
     split: str = "train",
     cache_dir: str | None = None,
+    preference: bool = False,
 ) -> LlavaDataset:
     """Open, scan (cached in `cache_dir`) and mix the `train` (or `eval`) sources of a data config.
 
     `parts` is the run's `components.Components` (tokenizer, template, processor, image facts). Bad rows
     raise BadSampleError (source, row, id, reason) with `on_bad_sample: error`; with `skip` they are
-    left out of the index here and counted per reason in the log, never at __getitem__ time.
+    left out of the index here and counted per reason in the log, never at __getitem__ time. `preference`: rows
+    are preference pairs (stage dpo); an item then holds both sides.
     """
     if split not in ("train", "eval"):
         raise KeyError(f"unknown split {split!r}; valid: train, eval")
@@ -221,7 +229,7 @@ def build_dataset(
     stores, scans, ctxs, reports, item_source, item_row = [], [], [], [], [], []
     for k, src in enumerate(sources):
         store = open_source(src, cache_dir)
-        ctx = make_context(data_cfg, src, parts)
+        ctx = make_context(data_cfg, src, parts, preference)
         workers = data_cfg.num_workers or 1
         scan = cached_scan(src, store, ctx, cache_dir, workers if len(store) > 5000 else 1)
         if scan.bad and data_cfg.on_bad_sample == "error":

@@ -26,6 +26,8 @@ BAD_REASONS: dict[str, str] = {
     "image_format": "an image is not JPEG, PNG, WebP, BMP, GIF or TIFF (other PIL formats are never opened)",
     "row_error": "reading or processing the row raised an unexpected error (the detail names its type)",
     "tar_member": "a tar sample repeats a member or holds two members whose names differ only by case",
+    "missing_side": "a preference row (stage dpo) lacks its prompt, chosen or rejected reply",
+    "identical_pair": "a preference row's chosen and rejected replies are the same text",
 }
 
 

@@ -13,10 +13,11 @@ import numpy as np
 
 from llava_train.data.errors import BAD_REASONS, BadSample
 from llava_train.data.images import ImageLimits, ImageRef, image_ref, load_image, verify_image, video_frame_paths
+from llava_train.data.preference import check_pair, final_reply_only
 from llava_train.data.rows import JsonRows, SourceRows
 from llava_train.data.templates import Template
 from llava_train.data.tokenize import TokenizedSample, tokenize_conversation
-from llava_train.llava_format import normalize_conversation, record_images, record_video
+from llava_train.llava_format import normalize_conversation, preference_conversations, record_images, record_video
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -40,6 +41,8 @@ class SampleContext:
     geometry: `model.vision.ImageGeometry` (tokens per image from its size; video tokens).
     video_token_id / video_frames: OneVision's video placeholder and frames per video (None / unused otherwise).
     image_limits: the bounds on image sides and aspect ratio (`data.max_image_side` / `max_image_aspect_ratio`).
+    preference: rows are preference pairs (stage dpo): each gives a chosen and a rejected
+        sample sharing its images.
     """
 
     tokenizer: Any
@@ -51,6 +54,7 @@ class SampleContext:
     video_token_id: int | None = None
     video_frames: int = 32
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    preference: bool = False
 
 
 def image_refs(record: dict[str, Any], image_folder: str | None) -> list[ImageRef]:
@@ -81,6 +85,12 @@ class Processed:
     media_tokens: list[int]
     images: list[Any] = field(default_factory=list)
     video: list[Any] = field(default_factory=list)
+    rejected: TokenizedSample | None = None  # a preference row's rejected side (`sample` is then the chosen one)
+
+    @property
+    def length(self) -> int:
+        """Tokens of the row: the sample's, or both sides of a pair."""
+        return len(self.sample.input_ids) + (len(self.rejected.input_ids) if self.rejected is not None else 0)
 
 
 def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, io: str = "auto") -> Processed:
@@ -100,11 +110,14 @@ def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, 
             )
         if paths:
             raise BadSample("bad_video", "a row with both `image` and `video` is not supported; split it")
+        if ctx.preference:
+            raise BadSample("bad_video", "preference rows with a video are not supported")
         frames = video_frame_paths(ctx.image_folder, video, ctx.video_frames)
-    turns = normalize_conversation(
-        record.get("conversations"), ctx.template.image_token, ctx.template.video_token if frames else None
-    )
-    check_characters(turns, ctx.max_length)
+    conversations = preference_conversations(record) if ctx.preference else (record.get("conversations"),)
+    video_token = ctx.template.video_token if frames else None
+    sides = [normalize_conversation(c, ctx.template.image_token, video_token) for c in conversations]
+    for turns in sides:
+        check_characters(turns, ctx.max_length)
     images: list[Any] = []
     loaded_frames: list[Any] = []
     sizes: list[tuple[int, int]] = []
@@ -124,20 +137,28 @@ def process_record(record: dict[str, Any], ctx: SampleContext, row: Any = None, 
     else:
         image_tokens = geometry.base_tokens
     video_tokens = [geometry.video_tokens(len(frames))] if frames else []
-    sample = tokenize_conversation(
-        turns,
-        ctx.template,
-        ctx.tokenizer,
-        ctx.image_token_id,
-        image_tokens,
-        len(paths),
-        ctx.max_length,
-        row,
-        ctx.video_token_id,
-        video_tokens,
-    )
+    samples = [
+        tokenize_conversation(
+            turns,
+            ctx.template,
+            ctx.tokenizer,
+            ctx.image_token_id,
+            image_tokens,
+            len(paths),
+            None if ctx.preference else ctx.max_length,  # pairs are never truncated (`check_pair`)
+            row,
+            ctx.video_token_id,
+            video_tokens,
+        )
+        for turns in sides
+    ]
+    rejected = None
+    if ctx.preference:
+        samples = [final_reply_only(s) for s in samples]
+        check_pair(samples, ctx.max_length)
+        rejected = samples[1]
     per_image = image_tokens if isinstance(image_tokens, list) else [image_tokens] * len(paths)
-    return Processed(sample, paths, frames, per_image + video_tokens, images, loaded_frames)
+    return Processed(samples[0], paths, frames, per_image + video_tokens, images, loaded_frames, rejected)
 
 
 @dataclass
@@ -169,7 +190,7 @@ def scan_row(store: SourceRows, i: int, ctx: SampleContext, check_images: bool =
         return RowResult(
             i,
             sample_id,
-            len(sample.input_ids),
+            done.length,
             sample.num_images + sample.num_videos,
             sample.truncated,
             media_tokens=done.media_tokens,

@@ -75,6 +75,7 @@ def scan_key(src: SourceConfig, shard_fingerprint: str, ctx: SampleContext, chec
         ctx.max_length,
         check_images,
         repr(ctx.image_limits),
+        *(["preference"] if ctx.preference else []),  # the keys of earlier scans are unchanged
     ]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 

@@ -21,6 +21,7 @@ from llava_train.data.scan import process_record, row_error_detail
 from llava_train.data.scan_cache import cached_scan, data_cache_dir
 from llava_train.data.tokenize import check_template_consistency, label_tokens
 from llava_train.llava_format import normalize_conversation, record_id, record_video
+from llava_train.stages import get_stage
 
 GREEN, RESET = "\033[32;1m", "\033[0m"
 
@@ -86,7 +87,13 @@ def validate(cfg: RunConfig, parts: Any, num_workers: int | None = None) -> dict
     }
     for split, src in _sources(cfg):
         store = open_source(src, cache_dir)
-        scan = cached_scan(src, store, make_context(cfg.data, src, parts), cache_dir, num_workers=workers)
+        scan = cached_scan(
+            src,
+            store,
+            make_context(cfg.data, src, parts, get_stage(cfg.stage).preference),
+            cache_dir,
+            num_workers=workers,
+        )
         report["bad_rows"].extend({"source": src.name, **b} for b in scan.bad)
         shards = {"shards": len(store.shards), "shards_scanned": scan.shards_scanned}
         report["sources"].append({**source_report(src, split, scan), "from_cache": scan.from_cache, **shards})
@@ -218,7 +225,7 @@ def inspect_samples(
         sink = stack.enter_context(Path(jsonl_path).open("w")) if jsonl_path else None
         write_all = wanted is None and sink is not None
         for src, store, base in opened:
-            ctx = make_context(cfg.data, src, parts)
+            ctx = make_context(cfg.data, src, parts, get_stage(cfg.stage).preference)
             rows = range(len(store)) if write_all else [i - base for i in show if base <= i < base + len(store)]
             for row in rows:
                 index = base + row

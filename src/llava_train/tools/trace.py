@@ -25,6 +25,7 @@ from llava_train.data.scan import process_record
 from llava_train.data.validate import locate_sample, render_labelled
 from llava_train.llava_format import normalize_conversation, record_id, record_video
 from llava_train.remote_code import refuse_remote_code
+from llava_train.stages import get_stage
 from llava_train.utils.modules import IGNORE_INDEX
 
 HEAD = 4  # values shown per tensor
@@ -82,7 +83,7 @@ def data_steps(cfg: RunConfig, parts: Any, index: int) -> tuple[dict[str, Any], 
     template = parts.template
     video_token = template.video_token if record_video(record) is not None else None
     turns = normalize_conversation(record.get("conversations"), template.image_token, video_token)
-    done = process_record(record, make_context(cfg.data, src, parts), row, io="load")
+    done = process_record(record, make_context(cfg.data, src, parts, get_stage(cfg.stage).preference), row, io="load")
     sample = done.sample
     item = build_item(done, src.name, row, sample_id, parts.image_processor, parts.geometry)
     names = {parts.image_token_id: "<image>", IGNORE_INDEX: "-100"}

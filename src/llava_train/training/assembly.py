@@ -15,6 +15,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from llava_train.config import RunConfig
 from llava_train.data.collator import PaddingCollator
 from llava_train.data.packing import PackedRows, PackingCollator
+from llava_train.data.preference import PairCollator
 from llava_train.model.freeze import apply_stage
 from llava_train.model.lora import apply_lora
 from llava_train.run_files import LOSS_PLOT_FILENAME, METRICS_FILENAME
@@ -89,6 +90,9 @@ def batching(cfg: RunConfig, train_ds: Any, pad_token_id: int) -> Batching:
     """Padded micro-batches of samples, or (`data.packing`) packed rows of whole samples; `perf.static_shapes`
     pads every packed row to `packing_length` (one shape for the whole run)."""
     ov = cfg.model.arch == "llava_onevision"
+    if get_stage(cfg.stage).preference:
+        # An item is a whole pair: chosen and rejected stay in one micro-batch on one rank (no packing: RunConfig).
+        return Batching(train_ds, PairCollator(pad_token_id, batch_num_images=ov), None)
     packing_length = (cfg.data.packing_length or cfg.data.model_max_length) if cfg.data.packing else None
     if packing_length:
         # Each item is a packed row of whole samples; per_device_train_batch_size counts rows.
@@ -121,6 +125,12 @@ def assemble_trainer(
     tracker = ThroughputTracker.for_model(model, args)
     guard = StepGuard(cfg.train.get("nan_policy", "error"), cfg.train.get("max_skipped_steps", 10), cfg.output_dir)
     batches = batching(cfg, train_ds, pad_token_id)
+    extra: dict[str, Any] = {}
+    if get_stage(cfg.stage).preference:
+        from llava_train.training.dpo import PreferenceTrainer, preference_trainer_kwargs
+
+        extra = preference_trainer_kwargs(cfg, model)  # the frozen copy is taken before the trainer's hooks exist
+        trainer_cls = PreferenceTrainer if trainer_cls is LLaVATrainer else trainer_cls
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -143,6 +153,7 @@ def assemble_trainer(
         loss_chunk_size=cfg.perf.loss_chunk_size,
         guard=guard,
         video_keepalive=train_ds.has_video or bool(eval_ds is not None and eval_ds.has_video),
+        **extra,
     )
     predictions_fn = None
     if processor is not None:
