@@ -210,7 +210,8 @@ class RunConfig:
         a row; default 10). `save_total_limit` keeps the newest N complete checkpoints. `export_hf: true` also
         writes `checkpoint-N/hf/`, an HF-native folder like the final one (off by default: a full model per
         checkpoint, where a stage-1 checkpoint is otherwise just the projector; LoRA merges rebuild the base);
-        `eval.lmms_tasks` turns it on in `finetune`.
+        `eval.lmms_tasks` turns it on in `finetune`. `fsdp: <file>` trains under FSDP2 instead of DeepSpeed (a
+        settings file under `configs/fsdp/`, `config_fsdp.FsdpSettings`; not HF's own `fsdp` argument).
     metrics_every: log the compact throughput line every N optimizer steps (0 = with each log).
     """
 
@@ -243,6 +244,10 @@ class RunConfig:
         check_choice("train.nan_policy", self.train.get("nan_policy", "error"), NAN_POLICIES)
         if not isinstance(self.train.get("export_hf", False), bool):
             raise ConfigError(f"train.export_hf must be true or false, got {self.train['export_hf']!r}")
+        if self.train.get("fsdp") and self.train.get("deepspeed"):
+            raise ConfigError(
+                "train.fsdp and train.deepspeed are two distributed engines: set one (train.deepspeed=null)"
+            )
         skips = self.train.get("max_skipped_steps", 10)
         if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:
             raise ConfigError(f"train.max_skipped_steps must be an integer >= 0, got {skips!r}")

@@ -39,7 +39,7 @@ from llava_train.run_files import (
 )
 from llava_train.training.callbacks import optional_artifact
 from llava_train.training.lora_merge import merge_lora
-from llava_train.utils.distributed import gathered
+from llava_train.utils.distributed import full_tensor, gathered
 from llava_train.utils.logging import get_logger, is_main_process
 from llava_train.utils.modules import unwrap
 
@@ -57,16 +57,17 @@ def runtime_state_dict(
 ) -> dict[str, torch.Tensor]:
     """CPU copies of the parameters (all or trainable only, plus persistent buffers), keyed as in `state_dict()`.
 
-    Gathered under ZeRO-3 (every rank must call it then: the gather is collective); only a rank with
+    Gathered under ZeRO-3 and FSDP2 (every rank must call it then: the gather is collective); only a rank with
     `materialize` builds the copies, the others return {} (a 7B model is 14 GB per copy). Tied
     parameters appear once (safetensors refuses shared storage; the tie restores the other name on load).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
     out: dict[str, torch.Tensor] = {}
     with gathered([p for _, p in named], modifier_rank=None):  # read-only: no broadcast back
-        if materialize:
-            for name, p in named:
-                out[name] = p.detach().to("cpu").clone().contiguous()
+        for name, p in named:
+            value = full_tensor(p.detach())  # FSDP2: all-gathered on every rank, in this same order
+            if materialize:
+                out[name] = value.to("cpu").clone().contiguous()
     if materialize and not trainable_only:
         persistent = set(model.state_dict())
         for name, b in model.named_buffers():
@@ -127,6 +128,8 @@ def write_hf_folder(model: torch.nn.Module, state: dict[str, torch.Tensor], dtyp
     # save_pretrained records the parameters' dtype, which may be the fp32 of the trainable masters.
     config = copy.deepcopy(model.config)
     config.dtype = target
+    # FSDP2 makes the model's class `FSDP<Name>` (a subclass): record the transformers class it derives from.
+    config.architectures = [next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))]
     config.save_pretrained(str(out))
 
 

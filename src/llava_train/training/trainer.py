@@ -204,7 +204,7 @@ class LLaVATrainer(Trainer):
 
         A save into one of the run's `checkpoint-<step>` folders is a checkpoint (what HF's checkpointing
         writes); transformers saves LLaVA under legacy key names that its own resume does not map back.
-        DeepSpeed and peft runs keep HF's saving (engine states; adapters in runtime names).
+        DeepSpeed, FSDP2 and peft runs keep HF's saving (engine states, DCP shards; adapters in runtime names).
         """
         from llava_train.training.checkpoint import is_checkpoint_folder, save_checkpoint_weights
 
@@ -212,6 +212,7 @@ class LLaVATrainer(Trainer):
         if (
             is_checkpoint_folder(out, self.args.output_dir)
             and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
             and not is_peft_model(self.model)
         ):
             save_checkpoint_weights(self.model, out, self.partial_checkpoints, self.frozen_from)
