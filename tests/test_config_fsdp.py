@@ -1,4 +1,4 @@
-"""`train.fsdp`: the shipped FSDP2 settings files parse, bad files are one-line errors, and FSDP2 excludes DeepSpeed."""
+"""`train.fsdp`: shipped FSDP2 settings files parse, bad files are one-line errors, FSDP2 excludes DeepSpeed."""
 
 from __future__ import annotations
 
