@@ -152,3 +152,37 @@ def test_both_stages_match_zero3_and_load_in_plain_transformers(
         config = with_init(tiny_config(workspace, stage, "zero3", out, init_from=inits[stage]), inits[stage]) | chunked
         launch(["--module", "llava_train.train", str(write_config(tmp_path, f"{stage}_z3", config))], cwd=tmp_path)
         assert logged_losses(out) == pytest.approx(losses[stage], rel=ZERO3_REL), stage
+
+
+FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
+
+
+def drill(root: Path, out: Path, **train: Any) -> dict[str, Any]:
+    """Stage 2 from the base models under FSDP2, 6 steps, 1 sample per rank, checkpoints every 2 steps."""
+    config = fsdp_config(root, "finetune", out)
+    config["model"].pop("init_from")
+    config["train"].update(save_strategy="steps", save_steps=2, **train)
+    return config
+
+
+def test_kill_9_after_a_checkpoint_then_resume_reproduces_the_losses(workspace: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Both ranks SIGKILLed after step 5 (checkpoint-4 complete, its DCP shards from both ranks): resume=auto
+    continues the uninterrupted run's losses exactly (bitwise, fp32 on CPU)."""
+    from llava_train.run_files import COMPLETE_MARKER
+    from llava_train.training.resume import complete_checkpoints
+
+    ref = tmp_path / "reference"
+    launch(["-m", "llava_train.train", str(write_config(tmp_path, "ref", drill(workspace, ref)))], tmp_path, 2, "torchrun")
+    out = tmp_path / "killed"
+    cfg = write_config(tmp_path, "run", drill(workspace, out, resume_from_checkpoint="auto"))
+    launch([str(FAULT_RUNNER), "sigkill", "5", "all", str(cfg)], tmp_path, 2, "torchrun", expect_rc=1)
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    ckpt = out / "checkpoint-4"
+    shards = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*.distcp"))
+    assert shards == [f"{kind}/__{r}_0.distcp" for kind in ("optimizer_0", "pytorch_model_fsdp_0") for r in (0, 1)]
+    manifest = json.loads((ckpt / COMPLETE_MARKER).read_text())["files"]
+    assert set(shards) <= set(manifest) and "projector.safetensors" in manifest
+    assert not (out / "model.safetensors").exists()
+    launch(["-m", "llava_train.train", str(cfg)], tmp_path, 2, "torchrun")
+    assert logged_losses(out) == logged_losses(ref)
+    assert len(logged_losses(ref)) == 6
