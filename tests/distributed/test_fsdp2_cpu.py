@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_deepspeed_cpu import (  # noqa: F401  (workspace: a fixture)
     HERE,
     REPO,
@@ -172,7 +174,9 @@ def test_kill_9_after_a_checkpoint_then_resume_reproduces_the_losses(workspace: 
     from llava_train.training.resume import complete_checkpoints
 
     ref = tmp_path / "reference"
-    launch(["-m", "llava_train.train", str(write_config(tmp_path, "ref", drill(workspace, ref)))], tmp_path, 2, "torchrun")
+    launch(
+        ["-m", "llava_train.train", str(write_config(tmp_path, "ref", drill(workspace, ref)))], tmp_path, 2, "torchrun"
+    )
     out = tmp_path / "killed"
     cfg = write_config(tmp_path, "run", drill(workspace, out, resume_from_checkpoint="auto"))
     launch([str(FAULT_RUNNER), "sigkill", "5", "all", str(cfg)], tmp_path, 2, "torchrun", expect_rc=1)
@@ -186,3 +190,39 @@ def test_kill_9_after_a_checkpoint_then_resume_reproduces_the_losses(workspace: 
     launch(["-m", "llava_train.train", str(cfg)], tmp_path, 2, "torchrun")
     assert logged_losses(out) == logged_losses(ref)
     assert len(logged_losses(ref)) == 6
+
+
+def test_lora_fsdp2_resume_and_merge_lora(workspace: Path, tmp_path: Path) -> None:  # noqa: F811
+    """LoRA under FSDP2 on 2 ranks: resuming from a checkpoint's DCP shards continues the losses, the final folder's
+    adapter (gathered from the shards) merges with merge-lora into a plain HF folder holding the final projector."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    from llava_train.training.lora_merge import merge_lora
+
+    def lora_config(out: Path, **train: Any) -> dict[str, Any]:
+        config = drill(workspace, out, **train)
+        config["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+        config["train"]["save_steps"] = 3
+        return config
+
+    full = tmp_path / "full"
+    launch(
+        ["-m", "llava_train.train", str(write_config(tmp_path, "full", lora_config(full)))], tmp_path, 2, "torchrun"
+    )
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "checkpoint-3", cut / "checkpoint-3")  # kill -9 right after the checkpoint
+    resumed = write_config(tmp_path, "resume", lora_config(cut, resume_from_checkpoint="auto"))
+    launch(["-m", "llava_train.train", str(resumed)], tmp_path, 2, "torchrun")
+    full_losses, resumed_losses = logged_losses(full), logged_losses(cut)
+    assert len(full_losses) == 6 and resumed_losses == full_losses[3:]
+
+    adapter = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in adapter) and any("multi_modal_projector" in k for k in adapter)
+    merged = Path(merge_lora(full, tmp_path / "merged"))
+    model = AutoModelForImageTextToText.from_pretrained(str(merged))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    projector = model.model.multi_modal_projector.state_dict()
+    for name, value in load_file(str(full / "projector.safetensors")).items():
+        assert torch.equal(projector[name], value.to(projector[name].dtype)), name

@@ -294,7 +294,7 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
     model = trainer.model
     save_projector(model, out / PROJECTOR_FILE)
     if cfg.lora.enabled:
-        trainer.save_model(str(out / ADAPTER_DIR))
+        save_adapter(trainer, out / ADAPTER_DIR)
         if trainer.args.world_size > 1:
             # Rebuilding the base model inside one rank of a ZeRO-3 job would wait on the others forever.
             log.info(
@@ -319,6 +319,20 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
 
         (out / PREEMPTED_FILE).unlink(missing_ok=True)
     log.info("saved final model to %s", out)
+
+
+def save_adapter(trainer: Any, folder: Path) -> None:
+    """The LoRA adapter (+ the projector as `modules_to_save`) in peft's format.
+
+    Under FSDP2 HF's save writes the sharded (DCP) state only, so the trainable tensors are gathered here (every
+    rank; rank 0 writes) and handed to peft's `save_pretrained`, which keeps its own key names.
+    """
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(folder))
+        return
+    state = runtime_state_dict(trainer.model, trainable_only=True, materialize=trainer.args.should_save)
+    if trainer.args.should_save:
+        trainer.model.save_pretrained(str(folder), state_dict=state)
 
 
 def replace_pickled_args(folder: Path, args: Any) -> None:
