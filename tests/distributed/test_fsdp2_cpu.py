@@ -226,3 +226,35 @@ def test_lora_fsdp2_resume_and_merge_lora(workspace: Path, tmp_path: Path) -> No
     projector = model.model.multi_modal_projector.state_dict()
     for name, value in load_file(str(full / "projector.safetensors")).items():
         assert torch.equal(projector[name], value.to(projector[name].dtype)), name
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "llava_onevision"])
+def test_anyres_ranks_with_different_crops_text_only_and_video(arch: str, tmp_path: Path) -> None:
+    """LLaVA-NeXT / OneVision under FSDP2: micro-batches with different crop counts, text-only ones and a video
+    against images on the other rank make the same collectives (no hang, finite losses, every step logged)."""
+    from test_anyres_zero3 import STEPS, config
+
+    from llava_train.config import from_dict
+    from llava_train.model.tiny import ensure_tiny_components
+    from tiny_models import write_anyres_data
+
+    write_anyres_data(tmp_path / "data", arch)
+    out = tmp_path / "out"
+    cfg = config(tmp_path, arch, out)
+    cfg["train"].pop("deepspeed")
+    cfg["train"]["fsdp"] = str(FSDP_YAML)
+    ensure_tiny_components(from_dict(cfg).model)
+    path = write_config(tmp_path, "finetune", cfg)
+    _, output = launch([str(HERE / "train_observer.py"), str(tmp_path / "r"), str(path)], tmp_path, 2, "torchrun")
+    assert "engine: FSDP2 (world size 2)" in output and "process group destroyed (run finished)" in output
+    r0, r1 = reports(tmp_path / "r")
+    assert_fsdp_sharded(r0, r1)
+    steps = list(zip(r0["batches"][:STEPS], r1["batches"][:STEPS]))
+    assert any(a["crops"] != b["crops"] and a["crops"] and b["crops"] for a, b in steps), steps
+    assert any((a["crops"] == 0) != (b["crops"] == 0) for a, b in steps), steps
+    if arch == "llava_onevision":
+        assert any((a["videos"] > 0) != (b["videos"] > 0) for a, b in steps), steps
+    losses = logged_losses(out)
+    assert len(losses) == STEPS and all(loss == loss for loss in losses)
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["model_type"] == arch and config_json["architectures"][0].startswith("Llava")
