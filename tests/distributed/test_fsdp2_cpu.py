@@ -163,7 +163,7 @@ def drill(root: Path, out: Path, **train: Any) -> dict[str, Any]:
     """Stage 2 from the base models under FSDP2, 6 steps, 1 sample per rank, checkpoints every 2 steps."""
     config = fsdp_config(root, "finetune", out)
     config["model"].pop("init_from")
-    config["train"].update(save_strategy="steps", save_steps=2, **train)
+    config["train"].update({"save_strategy": "steps", "save_steps": 2, **train})
     return config
 
 
@@ -258,3 +258,20 @@ def test_anyres_ranks_with_different_crops_text_only_and_video(arch: str, tmp_pa
     assert len(losses) == STEPS and all(loss == loss for loss in losses)
     config_json = json.loads((out / "config.json").read_text())
     assert config_json["model_type"] == arch and config_json["architectures"][0].startswith("Llava")
+
+
+def test_cpu_offload_file_trains_the_same_losses(workspace: Path, tmp_path: Path) -> None:  # noqa: F811
+    """configs/fsdp/fsdp2_offload.yaml (CPUOffloadPolicy + activation checkpointing): the losses of fsdp2.yaml. FSDP2's
+    offload needs an accelerator: on CPU it is ignored with a warning, so this checks the file and activation
+    checkpointing; the offload itself is GPU-only (untested here)."""
+    losses = {}
+    for name in ("fsdp2", "fsdp2_offload"):
+        out = tmp_path / name
+        config = drill(workspace, out, save_strategy="no")
+        config["train"]["fsdp"] = str(REPO / "configs" / "fsdp" / f"{name}.yaml")
+        _, output = launch(["-m", "llava_train.train", str(write_config(tmp_path, name, config))], tmp_path, 2, "torchrun")
+        ignored = "train.fsdp: cpu_offload ignored on a machine without an accelerator" in output
+        assert ignored is name.endswith("offload")
+        losses[name] = logged_losses(out)
+    assert len(losses["fsdp2"]) == 6
+    assert losses["fsdp2_offload"] == pytest.approx(losses["fsdp2"], rel=1e-6)

@@ -48,11 +48,17 @@ def activate_fsdp(settings: FsdpSettings, policy: PrecisionPolicy, args: Any) ->
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
 
+    offload = settings.cpu_offload
+    if offload and not has_accelerator():
+        # FSDP2's CPUOffloadPolicy copies shards to the accelerator for compute and refuses a CPU-only machine;
+        # there everything already lives in CPU RAM.
+        log.warning("train.fsdp: cpu_offload ignored on a machine without an accelerator (all state is in RAM)")
+        offload = False
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
         reshard_after_forward=settings.reshard_after_forward,
-        cpu_offload=settings.cpu_offload,
+        cpu_offload=offload,
         state_dict_type="SHARDED_STATE_DICT",  # checkpoints: one DCP shard per rank; the final folder is gathered
         mixed_precision_policy=fsdp_mixed_precision(policy),
         activation_checkpointing=False,  # HF's (fsdp_training_kwargs): FSDP's wrapper renames parameters
@@ -78,7 +84,7 @@ def activate_fsdp(settings: FsdpSettings, policy: PrecisionPolicy, args: Any) ->
         "FSDP2 (%s): per-layer units, reshard_after_forward=%s, cpu_offload=%s, gather in %s, reduce in %s",
         settings.source,
         settings.reshard_after_forward,
-        settings.cpu_offload,
+        offload,
         mp.param_dtype or "the held dtype",
         mp.reduce_dtype,
     )
