@@ -269,7 +269,9 @@ def test_cpu_offload_file_trains_the_same_losses(workspace: Path, tmp_path: Path
         out = tmp_path / name
         config = drill(workspace, out, save_strategy="no")
         config["train"]["fsdp"] = str(REPO / "configs" / "fsdp" / f"{name}.yaml")
-        _, output = launch(["-m", "llava_train.train", str(write_config(tmp_path, name, config))], tmp_path, 2, "torchrun")
+        _, output = launch(
+            ["-m", "llava_train.train", str(write_config(tmp_path, name, config))], tmp_path, 2, "torchrun"
+        )
         ignored = "train.fsdp: cpu_offload ignored on a machine without an accelerator" in output
         assert ignored is name.endswith("offload")
         losses[name] = logged_losses(out)
