@@ -294,3 +294,23 @@ def test_regional_compile_composes_with_fsdp2(workspace: Path, tmp_path: Path) -
         losses[flag] = logged_losses(out)
     assert len(losses[False]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_accelerate_launch_use_fsdp(workspace: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`accelerate launch --use_fsdp --num_processes 2 -m llava_train.train CONFIG` (accelerate's own FSDP env is
+    set; our settings file wins): trains sharded on 2 ranks, saves, exits 0."""
+    import subprocess as sp
+
+    from test_deepspeed_cpu import _env, _free_port
+
+    out = tmp_path / "pretrain"
+    cfg = write_config(tmp_path, "pretrain", fsdp_config(workspace, "pretrain", out))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "llava_train.train", str(cfg)]  # fmt: skip
+    proc = sp.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "engine: FSDP2 (world size 2)" in output and "process group destroyed (run finished)" in output
+    losses = logged_losses(out)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert load_in_plain_transformers(out)["projector_equal"] is True

@@ -20,6 +20,7 @@ tower call), lm_head once (`loss.py`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from llava_train.config_fsdp import FsdpSettings
@@ -79,6 +80,9 @@ def activate_fsdp(settings: FsdpSettings, policy: PrecisionPolicy, args: Any) ->
         PartialState().distributed_type = DistributedType.FSDP
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin
+    # `accelerate launch --use_fsdp` exports ACCELERATE_USE_FSDP: the Trainer's Accelerator would build a second
+    # plugin from accelerate's own env (FSDP1 defaults; it refuses a CPU-only machine). Ours is in the state.
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
     mp = plugin.mixed_precision_policy
     log.info(
         "FSDP2 (%s): per-layer units, reshard_after_forward=%s, cpu_offload=%s, gather in %s, reduce in %s",
