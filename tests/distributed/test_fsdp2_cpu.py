@@ -305,8 +305,9 @@ def test_accelerate_launch_use_fsdp(workspace: Path, tmp_path: Path) -> None:  #
 
     out = tmp_path / "pretrain"
     cfg = write_config(tmp_path, "pretrain", fsdp_config(workspace, "pretrain", out))
+    port = str(_free_port())
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "llava_train.train", str(cfg)]  # fmt: skip
+           "--num_machines", "1", "--main_process_port", port, "-m", "llava_train.train", str(cfg)]  # fmt: skip
     proc = sp.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
