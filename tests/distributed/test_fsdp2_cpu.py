@@ -315,3 +315,31 @@ def test_accelerate_launch_use_fsdp(workspace: Path, tmp_path: Path) -> None:  #
     losses = logged_losses(out)
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert load_in_plain_transformers(out)["projector_equal"] is True
+
+
+def test_sigterm_to_one_rank_and_nan_on_one_rank(workspace: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Run safety as under DeepSpeed: SIGTERM to rank 1 after step 2 saves checkpoint-3 on both ranks and exits 3,
+    resume=auto continues the losses exactly; a NaN loss on rank 1 only (step 3) with nan_policy=skip is skipped
+    on both ranks (the guard checks each rank's gradient shards and all-reduces the verdict)."""
+    from llava_train.run_files import PREEMPTED_FILE
+    from llava_train.training.resume import complete_checkpoints
+
+    ref = tmp_path / "reference"
+    ref_cfg = write_config(tmp_path, "ref", drill(workspace, ref, save_strategy="no"))
+    launch(["-m", "llava_train.train", str(ref_cfg)], tmp_path, 2, "torchrun")
+    out = tmp_path / "preempted"
+    cfg = write_config(tmp_path, "run", drill(workspace, out, save_strategy="no", resume_from_checkpoint="auto"))
+    # torchrun exits 1 when a rank exits non-zero (deepspeed's launcher passes the 3 on); each rank exited 3.
+    _, output = launch([str(FAULT_RUNNER), "sigterm", "2", "1", str(cfg)], tmp_path, 2, "torchrun", expect_rc=1)
+    assert output.count("llava-train: preempted: checkpoint-3 saved") == 2
+    assert "failed (exitcode: 3)" in output
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-3"] and (out / PREEMPTED_FILE).is_file()
+    launch(["-m", "llava_train.train", str(cfg)], tmp_path, 2, "torchrun")
+    assert logged_losses(out) == logged_losses(ref)
+
+    nan = tmp_path / "nan"
+    nan_cfg = write_config(tmp_path, "nan", drill(workspace, nan, save_strategy="no", nan_policy="skip"))
+    _, output = launch([str(FAULT_RUNNER), "nan", "2", "1", str(nan_cfg)], tmp_path, 2, "torchrun")
+    assert output.count("skipped step 3 on every rank") == 2, output[-3000:]
+    rows = [json.loads(line) for line in (nan / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows if "loss" in r] == [0, 0, 1, 1, 1, 1]
