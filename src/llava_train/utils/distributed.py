@@ -108,7 +108,7 @@ def _use_configured_state(kwargs: dict[str, Any]) -> dict[str, Any]:
         accelerator_config = {}
     elif not isinstance(accelerator_config, Mapping):
         raise ValueError(
-            "train.accelerator_config must be a mapping under DeepSpeed on CPU or FSDP2 (llava-train adds "
+            "train.accelerator_config must be a mapping when DeepSpeed runs on CPU or under FSDP2 (llava-train adds "
             f"use_configured_state=True to it), got {type(accelerator_config).__name__}"
         )
     kwargs["accelerator_config"] = {**dict(accelerator_config), "use_configured_state": True}
