@@ -96,16 +96,15 @@ def activate_fsdp(settings: FsdpSettings, policy: PrecisionPolicy, args: Any) ->
 
 
 def fsdp_plugin() -> Any:
-    """The active FSDP2 plugin of accelerate's state, or None (no FSDP run, or no state yet)."""
+    """The active FSDP2 plugin of accelerate's state, or None (no FSDP run, or no state yet). Reads the shared
+    state without constructing one (constructing outside an Accelerator raises)."""
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
-    if not AcceleratorState._shared_state:
+    state = AcceleratorState._shared_state
+    if state.get("distributed_type") != DistributedType.FSDP:
         return None
-    state = AcceleratorState()
-    if state.distributed_type != DistributedType.FSDP:
-        return None
-    return getattr(state, "fsdp_plugin", None)
+    return state.get("fsdp_plugin")
 
 
 def layer_class_names(model: Any) -> list[str]:
