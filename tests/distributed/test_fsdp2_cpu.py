@@ -343,3 +343,18 @@ def test_sigterm_to_one_rank_and_nan_on_one_rank(workspace: Path, tmp_path: Path
     assert output.count("skipped step 3 on every rank") == 2, output[-3000:]
     rows = [json.loads(line) for line in (nan / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows if "loss" in r] == [0, 0, 1, 1, 1, 1]
+
+
+def test_trained_vision_tower_in_bf16(workspace: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The tower trains in a bf16 run: its encoder layers are units of their own (the trained layer 0 feeding the
+    projector in fp32, the unused tail layer 1 frozen in bf16 behind it), every rank trains, the folder loads."""
+    out = tmp_path / "tower"
+    config = drill(workspace, out, save_strategy="no", bf16=True, max_steps=3)
+    config["model"].update(dtype="bfloat16", train_vision_tower=True, vision_tower_train_from_layer=0)
+    _, output = launch(
+        ["-m", "llava_train.train", str(write_config(tmp_path, "tower", config))], tmp_path, 2, "torchrun"
+    )
+    assert "optimizer group vision_tower/decay" in output
+    losses = logged_losses(out)
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    assert load_in_plain_transformers(out)["projector_equal"] is True
