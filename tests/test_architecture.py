@@ -26,7 +26,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "data.tiny_tokenizer",
         ),
     ),
-    ("config", ("config_io", "config_data", "config_eval", "config", "archs", "stages", "llava_format")),
+    (
+        "config",
+        ("config_io", "config_data", "config_eval", "config_fsdp", "config", "archs", "stages", "llava_format"),
+    ),
     ("data", ("data",)),
     ("model", ("model",)),
     ("assembled parts", ("components", "preflight", "infer", "lmms")),

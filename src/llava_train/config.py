@@ -238,7 +238,8 @@ class RunConfig:
         a row; default 10). `save_total_limit` keeps the newest N complete checkpoints. `export_hf: true` also
         writes `checkpoint-N/hf/`, an HF-native folder like the final one (off by default: a full model per
         checkpoint, where a stage-1 checkpoint is otherwise just the projector; LoRA merges rebuild the base);
-        `eval.lmms_tasks` turns it on in `finetune`.
+        `eval.lmms_tasks` turns it on in `finetune`. `fsdp: <file>` trains under FSDP2 instead of DeepSpeed (a
+        settings file under `configs/fsdp/`, `config_fsdp.FsdpSettings`; not HF's own `fsdp` argument).
     metrics_every: log the compact throughput line every N optimizer steps (0 = with each log).
     """
 
@@ -274,6 +275,10 @@ class RunConfig:
             raise ConfigError(f"train.export_hf must be true or false, got {self.train['export_hf']!r}")
         if spec.preference:
             self.check_dpo()
+        if self.train.get("fsdp") and self.train.get("deepspeed"):
+            raise ConfigError(
+                "train.fsdp and train.deepspeed are two distributed engines: set one (train.deepspeed=null)"
+            )
         skips = self.train.get("max_skipped_steps", 10)
         if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:
             raise ConfigError(f"train.max_skipped_steps must be an integer >= 0, got {skips!r}")

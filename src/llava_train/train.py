@@ -19,6 +19,7 @@ from transformers import TrainingArguments, set_seed
 
 from llava_train.components import Components, load_components
 from llava_train.config import RunConfig, dump_config, load_config
+from llava_train.config_fsdp import load_fsdp_settings
 from llava_train.config_io import ConfigError, sweep_run_output_dir
 from llava_train.data.dataset import build_dataset
 from llava_train.data.scan_cache import data_cache_dir
@@ -37,6 +38,7 @@ from llava_train.stages import get_stage
 from llava_train.training.assembly import assemble_trainer, prepare_model
 from llava_train.training.checkpoint import LoraNewlineResumeCallback
 from llava_train.training.checkpoint import save_final as write_final
+from llava_train.training.fsdp import activate_fsdp, fsdp_training_kwargs
 from llava_train.training.precision import PrecisionPolicy, resolve_precision
 from llava_train.training.resume import newest_complete_checkpoint
 from llava_train.training.resume import resolve_resume as newest_resume
@@ -57,7 +59,7 @@ log = get_logger(__name__)
 
 
 # `train.` keys that llava-train reads itself (documented in RunConfig), never passed to TrainingArguments.
-LLAVA_TRAIN_KEYS = ("resume_from_checkpoint", "nan_policy", "max_skipped_steps", "export_hf")
+LLAVA_TRAIN_KEYS = ("resume_from_checkpoint", "nan_policy", "max_skipped_steps", "export_hf", "fsdp")
 
 
 @dataclass
@@ -76,6 +78,7 @@ def run(cfg: RunConfig) -> TrainResult:
     out = prepare_run_dir(cfg)
     args = build_training_arguments(cfg)  # before the model: under ZeRO-3 it enables zero.Init
     policy = precision_policy(cfg, args)  # a precision set-up that cannot train right stops here, before any load
+    setup_fsdp(cfg, args, policy)  # train.fsdp: accelerate's FSDP2 with the policy's MixedPrecisionPolicy
     seed_everything(args)
     parts = build_components(cfg)
     model = prepare_model(parts.model, cfg, policy)  # LoRA, the stage's trainable set, fp32 masters, compile
@@ -142,7 +145,10 @@ def build_training_arguments(cfg: RunConfig) -> TrainingArguments:
     kwargs.setdefault("remove_unused_columns", False)
     kwargs.setdefault("report_to", [])
     wandb_env(cfg)
-    kwargs = prepare_distributed(kwargs)
+    fsdp = cfg.train.get("fsdp")
+    if fsdp:
+        kwargs = fsdp_training_kwargs(load_fsdp_settings(fsdp), kwargs)
+    kwargs = prepare_distributed(kwargs, fsdp=bool(fsdp))
     try:
         args = TrainingArguments(**kwargs)
     except TypeError as e:
@@ -155,6 +161,13 @@ def precision_policy(cfg: RunConfig, args: TrainingArguments) -> PrecisionPolicy
     """Frozen parameters in `model.dtype`, trainable ones in fp32 masters (ours, or DeepSpeed's under DeepSpeed)."""
     ds = args.deepspeed
     return resolve_precision(cfg, ds, uses_deepspeed({"deepspeed": ds}), on_cpu=not has_accelerator())
+
+
+def setup_fsdp(cfg: RunConfig, args: TrainingArguments, policy: PrecisionPolicy) -> None:
+    """Under `train.fsdp`, make accelerate's state an FSDP2 one (before the Trainer exists); a no-op otherwise."""
+    if cfg.train.get("fsdp"):
+        activate_fsdp(load_fsdp_settings(cfg.train["fsdp"]), policy, args)
+        log.info("engine: FSDP2 (world size %d)", args.world_size)
 
 
 def seed_everything(args: TrainingArguments) -> None:

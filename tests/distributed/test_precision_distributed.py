@@ -1,5 +1,6 @@
-"""The precision policy on 2 CPU ranks (gloo) whose data differ: DDP under torchrun (our fp32 masters), ZeRO-2 and
-ZeRO-3 under the deepspeed launcher (DeepSpeed's own masters, never a second upcast). From bf16 parts, one AdamW
+"""The precision policy on 2 CPU ranks (gloo) whose data differ: DDP and FSDP2 under torchrun (our fp32 masters; FSDP2
+shards them and gathers bf16), ZeRO-2 and ZeRO-3 under the deepspeed launcher (DeepSpeed's own masters, never a
+second upcast). From bf16 parts, one AdamW
 step at lr 2e-5 moves every trainable element that has a gradient in the checkpoint's fp32 masters, and the frozen
 vision tower is bit-identical in the final folder.
 """
@@ -49,7 +50,9 @@ def finetune_config(root: Path, out: Path, engine: str, init_from: Path | None =
     }
     if not pretrain:
         train["bf16"] = True
-    if engine != "none" and engine != "ddp":
+    if engine == "fsdp2":
+        train["fsdp"] = str(DS_DIR.parent / "fsdp" / "fsdp2.yaml")
+    elif engine != "none" and engine != "ddp":
         train["deepspeed"] = str(DS_DIR / f"{engine}.json")
     config: dict[str, Any] = {
         "stage": "finetune",
@@ -77,29 +80,37 @@ def finetune_config(root: Path, out: Path, engine: str, init_from: Path | None =
 
 
 def masters(ckpt: Path, engine: str) -> dict[str, torch.Tensor]:
-    """The fp32 master weights a checkpoint holds: ours in model.safetensors, DeepSpeed's in its optimizer states."""
+    """The fp32 master weights a checkpoint holds: ours in model.safetensors (DDP) or in the DCP shards (FSDP2),
+    DeepSpeed's in its optimizer states."""
     if engine == "ddp":
         return load_file(ckpt / "model.safetensors")
+    if engine == "fsdp2":
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(ckpt / "pytorch_model_fsdp_0", ckpt.parent / "fsdp_masters.pt")
+        return torch.load(ckpt.parent / "fsdp_masters.pt", weights_only=True)["model"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_one_step_moves_fp32_masters_on_two_ranks(engine: str, workspace: Path, stage1: Path, tmp_path: Path) -> None:  # noqa: F811
     from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "out"
     cfg = write_config(tmp_path, "ft", finetune_config(workspace, out, engine, init_from=stage1))
-    launcher = "torchrun" if engine == "ddp" else "deepspeed"
+    launcher = "torchrun" if engine in ("ddp", "fsdp2") else "deepspeed"
     module_flag = "-m" if launcher == "torchrun" else "--module"
     _, output = launch([module_flag, "llava_train.train", str(cfg)], workspace, launcher=launcher)
     assert "training arguments ready (world size 2" in output
     policy_line = next(line for line in output.splitlines() if "precision:" in line)
-    if engine == "ddp":
+    if engine in ("ddp", "fsdp2"):
         assert "trainable in fp32 (master weights, fp32 optimizer state)" in policy_line, policy_line
     else:
         assert "held by DeepSpeed's optimizer" in policy_line, policy_line
+    if engine == "fsdp2":
+        assert "gather in torch.bfloat16, reduce in torch.float32" in output
     start = dict(AutoModelForImageTextToText.from_pretrained(str(stage1), dtype=torch.bfloat16).named_parameters())
     after = masters(out / "checkpoint-1", engine)
     trainable = [n for n in start if not n.startswith("model.vision_tower.")]

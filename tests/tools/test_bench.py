@@ -232,3 +232,32 @@ def test_bench_line_is_the_training_runs_metrics_line(tmp_path) -> None:
     assert record["trained_tokens_per_s"] == round(logged["trained_tokens_per_s"], 1)
     assert record["padding_efficiency"] == round(logged["padding_efficiency"], 4)
     assert [x["step"] for x in lines if "tokens_per_s" in x] == [1, 3]  # the end of warmup, the end of the timed steps
+
+
+BENCH_FSDP2 = """
+import json
+from dataclasses import replace
+from llava_train.tools.bench.presets import get_preset
+from llava_train.tools.bench.run import run_mode
+preset = replace(get_preset("cpu-tiny"), warmup=1, steps=2, num_samples=64)
+print(json.dumps(run_mode("cpu-tiny", "ours-fsdp2", preset=preset)))
+"""
+
+
+def test_fsdp2_mode_runs_one_process() -> None:
+    """`--modes ours-fsdp2`: the same trainer under FSDP2 with one process (in a subprocess: it sets accelerate's
+    process-wide state), the padding and tokens of `ours`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", BENCH_FSDP2], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine: FSDP2 (world size 1)" in proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["mode"] == "ours-fsdp2" and record["steps"] == 2 and record["tokens_per_s"] > 0

@@ -13,6 +13,7 @@ from llava_train.tools.plan import (
     OVERHEAD_BYTES,
     ZeroSettings,
     estimate,
+    format_plan,
     plan,
     read_zero_settings,
     verdict,
@@ -180,3 +181,25 @@ def test_plan_of_a_task_recipe_needs_no_network(recipe: str, monkeypatch: pytest
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     text = plan(load_config(REPO / "configs" / recipe), num_gpus=8)
     assert text.startswith("world: 1 node(s) x 8 GPU(s) = 8; ZeRO-3 (configs/deepspeed/zero3.json)")
+
+
+def test_fsdp2_rows_shard_every_state_without_16bit_copies() -> None:
+    """`train.fsdp`: frozen weights in model.dtype, fp32 masters + fp32 grads + AdamW m, v, all / world; two gathered
+    units; 2 bytes per trainable parameter less than ZeRO-3 (no separate 16-bit copy); offload moves the shards."""
+    fsdp = ["train.deepspeed=null", "train.fsdp=configs/fsdp/fsdp2.yaml"]
+    p = estimate(load_config(SEVEN / "finetune.yaml", fsdp), num_gpus=8)
+    zero3 = estimate(load_config(SEVEN / "finetune.yaml"), num_gpus=8)
+    trainable, frozen = PROJECTOR + LM + LM_HEAD, VISION
+    assert p.rows[:4] == [
+        ("frozen weights (bfloat16 / 8)", 2 * frozen // 8),
+        ("trainable weights (fp32 masters / 8)", 4 * trainable // 8),
+        ("fp32 grads + AdamW m, v (trainable / 8)", 12 * trainable // 8),
+        ("2 units gathered (compute dtype) + 1 unsharded grad", 8 * LM_HEAD),
+    ]
+    assert p.rows[4:] == zero3.rows[4:]  # activations, logits, overhead: the same
+    assert p.cpu_bytes_per_node == 0
+    assert "; FSDP2 (configs/fsdp/fsdp2.yaml); " in format_plan(p)
+    offload = estimate(load_config(SEVEN / "finetune.yaml", [*fsdp[:1], "train.fsdp=configs/fsdp/fsdp2_offload.yaml"]))
+    assert offload.rows[0] == ("2 units gathered (compute dtype) + 1 unsharded grad", 8 * LM_HEAD)
+    assert offload.cpu_bytes_per_node == 8 * ((2 * frozen + 16 * trainable) // 8)
+    assert offload.gradient_checkpointing is True

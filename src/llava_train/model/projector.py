@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_train.model.weights import assign, full_shape
-from llava_train.utils.distributed import gathered, rank
+from llava_train.utils.distributed import full_tensor, gathered, rank
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -61,8 +61,9 @@ def save_projector(model: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     params = _artifact_params(model)
     with gathered(list(params.values()), modifier_rank=None):
+        whole = {k: full_tensor(p.detach()) for k, p in params.items()}  # FSDP2: collective, every rank
         if rank() == 0:
-            state = {k: p.detach().to("cpu").clone().contiguous() for k, p in params.items()}
+            state = {k: t.to("cpu").clone().contiguous() for k, t in whole.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(state, str(path), metadata={"format": "pt", "content": "llava multi_modal_projector"})
     return path

@@ -45,10 +45,13 @@ from typing import Any
 import torch
 
 from llava_train.config import RunConfig
+from llava_train.config_fsdp import FsdpSettings, load_fsdp_settings
 from llava_train.model.builder import meta_model
 from llava_train.model.freeze import apply_stage, format_parameter_table, parameter_table
 from llava_train.model.lora import apply_lora
 from llava_train.model.vision import run_geometry, tower_tokens
+from llava_train.tools.plan_fsdp import activation_checkpointing as fsdp_ac
+from llava_train.tools.plan_fsdp import describe_fsdp, fsdp_rows
 
 GIB = 1024**3
 GPU_SIZES_GIB = (24, 40, 80)
@@ -120,6 +123,7 @@ class MemoryPlan:
     rows: list[tuple[str, int]]
     cpu_bytes_per_node: int
     deepspeed_estimate: str
+    fsdp: FsdpSettings | None = None
 
     @property
     def total(self) -> int:
@@ -292,13 +296,17 @@ def estimate(cfg: RunConfig, num_gpus: int | None = None, num_nodes: int = 1) ->
         raise ValueError(f"num_gpus and num_nodes must be >= 1, got {gpus_per_node} and {num_nodes}")
     world = gpus_per_node * num_nodes
     zero = read_zero_settings(cfg.train.get("deepspeed"))
+    fsdp = load_fsdp_settings(cfg.train["fsdp"]) if cfg.train.get("fsdp") else None
     counts = count_parameters(cfg)
     micro = int(cfg.train.get("per_device_train_batch_size", 8))
     seq = int(
         (cfg.data.packing_length or cfg.data.model_max_length) if cfg.data.packing else cfg.data.model_max_length
     )
-    ckpt = bool(cfg.train.get("gradient_checkpointing") or cfg.train.get("activation_checkpointing"))
-    rows = _model_state_rows(cfg, counts, zero, world)
+    ckpt = any((cfg.train.get("gradient_checkpointing"), cfg.train.get("activation_checkpointing"), fsdp_ac(fsdp)))
+    if fsdp is not None:
+        rows, cpu = fsdp_rows(cfg.model.dtype, counts, fsdp, world, num_nodes)
+    else:
+        rows, cpu = _model_state_rows(cfg, counts, zero, world), _cpu_bytes(counts, zero, num_nodes)
     rows += _activation_rows(cfg, counts, micro, seq, ckpt)
     rows.append(("CUDA context, workspaces, allocator slack", OVERHEAD_BYTES))
     ds_text = deepspeed_estimate(counts, zero, gpus_per_node, num_nodes) if zero.stage else ""
@@ -311,8 +319,9 @@ def estimate(cfg: RunConfig, num_gpus: int | None = None, num_nodes: int = 1) ->
         seq_len=seq,
         gradient_checkpointing=ckpt,
         rows=rows,
-        cpu_bytes_per_node=_cpu_bytes(counts, zero, num_nodes),
+        cpu_bytes_per_node=cpu,
         deepspeed_estimate=ds_text,
+        fsdp=fsdp,
     )
 
 
@@ -339,9 +348,10 @@ def format_plan(p: MemoryPlan) -> str:
         zero_text += " + offload " + "+".join(
             name for name, on in (("optimizer", z.offload_optimizer), ("params", z.offload_param)) if on
         )
+    engine = describe_fsdp(p.fsdp) if p.fsdp else f"{zero_text} ({z.source})"
     lines = [
-        f"world: {p.num_nodes} node(s) x {p.world_size // p.num_nodes} GPU(s) = {p.world_size}; {zero_text} "
-        f"({z.source}); micro-batch {p.micro_batch} x {p.seq_len} tokens; gradient checkpointing "
+        f"world: {p.num_nodes} node(s) x {p.world_size // p.num_nodes} GPU(s) = {p.world_size}; "
+        f"{engine}; micro-batch {p.micro_batch} x {p.seq_len} tokens; gradient checkpointing "
         f"{'on' if p.gradient_checkpointing else 'off'}",
         "",
         format_parameter_table(p.counts.groups),

@@ -29,6 +29,7 @@ from llava_train.training.callbacks import (
 )
 from llava_train.training.checkpoint import CheckpointArtifactsCallback, HFExport
 from llava_train.training.compile import compile_regions
+from llava_train.training.fsdp import set_wrap_classes
 from llava_train.training.lmms_callback import build_lmms_callback
 from llava_train.training.metrics import ThroughputTracker
 from llava_train.training.precision import PrecisionPolicy, apply_precision
@@ -49,6 +50,7 @@ def prepare_model(model: Any, cfg: RunConfig, policy: PrecisionPolicy) -> Any:
         log.info("LoRA applied: r=%d alpha=%d dropout=%g", cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
     apply_stage(model, cfg)
     apply_precision(model, policy)
+    set_wrap_classes(model)  # FSDP2 runs: the per-layer units accelerate shards (a no-op otherwise)
     if cfg.perf.compile:
         compile_regions(model, cfg.perf.compile_options)
     return model

@@ -40,7 +40,7 @@ from llava_train.run_files import (
 from llava_train.training.callbacks import optional_artifact
 from llava_train.training.lora_merge import merge_lora
 from llava_train.training.resume import complete_checkpoints
-from llava_train.utils.distributed import barrier, gathered
+from llava_train.utils.distributed import barrier, full_tensor, gathered
 from llava_train.utils.logging import get_logger, is_main_process
 from llava_train.utils.modules import unwrap
 
@@ -58,16 +58,17 @@ def runtime_state_dict(
 ) -> dict[str, torch.Tensor]:
     """CPU copies of the parameters (all or trainable only, plus persistent buffers), keyed as in `state_dict()`.
 
-    Gathered under ZeRO-3 (every rank must call it then: the gather is collective); only a rank with
+    Gathered under ZeRO-3 and FSDP2 (every rank must call it then: the gather is collective); only a rank with
     `materialize` builds the copies, the others return {} (a 7B model is 14 GB per copy). Tied
     parameters appear once (safetensors refuses shared storage; the tie restores the other name on load).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
     out: dict[str, torch.Tensor] = {}
     with gathered([p for _, p in named], modifier_rank=None):  # read-only: no broadcast back
-        if materialize:
-            for name, p in named:
-                out[name] = p.detach().to("cpu").clone().contiguous()
+        for name, p in named:
+            value = full_tensor(p.detach())  # FSDP2: all-gathered on every rank, in this same order
+            if materialize:
+                out[name] = value.to("cpu").clone().contiguous()
     if materialize and not trainable_only:
         persistent = set(model.state_dict())
         for name, b in model.named_buffers():
@@ -128,6 +129,8 @@ def write_hf_folder(model: torch.nn.Module, state: dict[str, torch.Tensor], dtyp
     # save_pretrained records the parameters' dtype, which may be the fp32 of the trainable masters.
     config = copy.deepcopy(model.config)
     config.dtype = target
+    # FSDP2 makes the model's class `FSDP<Name>` (a subclass): record the transformers class it derives from.
+    config.architectures = [next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))]
     config.save_pretrained(str(out))
 
 
@@ -289,7 +292,7 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
     model = trainer.model
     save_projector(model, out / PROJECTOR_FILE)
     if cfg.lora.enabled:
-        trainer.save_model(str(out / ADAPTER_DIR))
+        save_adapter(trainer, out / ADAPTER_DIR)
         if trainer.args.world_size > 1:
             # Rebuilding the base model inside one rank of a ZeRO-3 job would wait on the others forever.
             log.info(
@@ -314,6 +317,20 @@ def save_final(cfg: RunConfig, trainer: Any, processor: Any) -> None:
 
         (out / PREEMPTED_FILE).unlink(missing_ok=True)
     log.info("saved final model to %s", out)
+
+
+def save_adapter(trainer: Any, folder: Path) -> None:
+    """The LoRA adapter (+ the projector as `modules_to_save`) in peft's format.
+
+    Under FSDP2 HF's save writes the sharded (DCP) state only, so the trainable tensors are gathered here (every
+    rank; rank 0 writes) and handed to peft's `save_pretrained`, which keeps its own key names.
+    """
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(folder))
+        return
+    state = runtime_state_dict(trainer.model, trainable_only=True, materialize=trainer.args.should_save)
+    if trainer.args.should_save:
+        trainer.model.save_pretrained(str(folder), state_dict=state)
 
 
 def replace_pickled_args(folder: Path, args: Any) -> None:

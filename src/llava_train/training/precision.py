@@ -4,8 +4,9 @@ fp32 (master weights; the optimizer state then follows it in fp32), and the forw
 Why: AdamW moves each element by about the learning rate on its first steps; at 2e-5 on weights of magnitude
 ~0.02 that is below half a bf16 ulp, so stepping bf16 weights directly rounds ~70% of the updates away. DeepSpeed
 keeps fp32 masters of its own (its bf16/fp16 modes and every ZeRO stage >= 1 step fp32 partitions), so under
-DeepSpeed we leave the module to it and never upcast a second time. `model.master_weights: false` is the
-expert's pure-bf16 opt-out (memory), warned about at start-up.
+DeepSpeed we leave the module to it and never upcast a second time. FSDP2 follows our policy: the upcast trainable
+parameters become fp32 shards, `fsdp_mixed_precision` gathers them in the compute dtype and reduces in fp32.
+`model.master_weights: false` is the expert's pure-bf16 opt-out (memory), warned about at start-up.
 
 `resolve_precision` is torch-free (used by `plan` and the config checks); `apply_precision` acts on a model.
 """
@@ -180,6 +181,20 @@ def _align_frozen_norm_inputs(model: Any) -> None:
             and weight.dtype in (torch.bfloat16, torch.float16)
         ):
             module.register_forward_pre_hook(cast_input)
+
+
+def fsdp_mixed_precision(policy: PrecisionPolicy) -> Any:
+    """FSDP2's `MixedPrecisionPolicy` for the policy: parameters gathered in the compute dtype (bf16 compute over fp32
+    trainable shards and `model.dtype` frozen ones), gradients reduce-scattered in fp32 whatever the compute dtype.
+
+    A pure low-precision policy (`master_weights: false`) keeps its 16-bit shards; its gradients still reduce in
+    fp32. fp32 compute gathers parameters as they are held.
+    """
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param_dtype = None if policy.compute == "float32" else getattr(torch, policy.compute)
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=True)
 
 
 def describe(policy: PrecisionPolicy, trainable: int, frozen: int) -> str:

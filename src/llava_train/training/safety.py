@@ -123,7 +123,8 @@ class StepGuard:
         """
         if self._verdict is not None:
             return self._verdict
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # FSDP2 gradients are DTensors: each rank checks its own shard (the flags are all-reduced below).
+        grads = [_local(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         device = collective_device() if world_size() > 1 else (grads[0].device if grads else torch.device("cpu"))
         local_bad = torch.zeros((), dtype=torch.bool, device=device)
         if self._bad_loss is not None:
@@ -232,3 +233,8 @@ class SafetyCallback(TrainerCallback):
         if self.preempted_at is not None and is_main_process():
             marker = {"step": self.preempted_at, "signal": self.guard.signal_received, "time": time.time()}
             (Path(args.output_dir) / PREEMPTED_FILE).write_text(json.dumps(marker))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor, else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -136,7 +136,7 @@ class LLaVATrainer(Trainer):
         self.tracker = tracker
         self.guard = guard
         self.video_keepalive = video_keepalive
-        self._missing_vision_calls = 0
+        self._missing_vision_calls: int | None = None  # set inside training/prediction steps only
         # Also with one process: then a text-only step gives the projector a zero gradient, as it must with
         # several (where it is all-reduced), so AdamW moves it the same way (momentum, weight decay) on
         # 1 and on N GPUs; without it one process would skip the projector (grad None) on text-only steps.
@@ -206,13 +206,14 @@ class LLaVATrainer(Trainer):
 
         A save into one of the run's `checkpoint-<step>` folders is a checkpoint (what HF's checkpointing
         writes); transformers saves LLaVA under legacy key names that its own resume does not map back.
-        DeepSpeed and peft runs keep HF's saving (engine states; adapters in runtime names).
+        DeepSpeed, FSDP2 and peft runs keep HF's saving (engine states, DCP shards; adapters in runtime names).
         """
 
         out = output_dir or self.args.output_dir
         if (
             is_checkpoint_folder(out, self.args.output_dir)
             and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
             and not is_peft_model(self.model)
         ):
             save_checkpoint_weights(self.model, out, self.partial_checkpoints, self.frozen_from)
@@ -234,7 +235,7 @@ class LLaVATrainer(Trainer):
         try:
             return super().training_step(model, model_inputs(inputs), num_items_in_batch)
         finally:
-            self._missing_vision_calls = 0
+            self._missing_vision_calls = None
 
     def prediction_step(
         self,
@@ -248,7 +249,7 @@ class LLaVATrainer(Trainer):
         try:
             return super().prediction_step(model, model_inputs(inputs), prediction_loss_only, ignore_keys)
         finally:
-            self._missing_vision_calls = 0
+            self._missing_vision_calls = None
 
     def missing_vision_calls(self, inputs: dict[str, Any]) -> int:
         """Vision-tower passes this micro-batch lacks to match every other one: the image pass when it has
@@ -293,7 +294,10 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
     whatever its number of images, crops, frames or text-only samples (a hook on the embedding module
     itself would put the embedding's backward before the projector's on text-only ranks only).
     `prepend=True` puts it ahead of DeepSpeed's own pre-hook on the LM. The cost is one crop per
-    missing pass per micro-batch. The count is set only inside training/prediction steps, so
+    missing pass per micro-batch. The NeXT / OneVision image newline gets its 0 x term in every step, also
+    when the micro-batch has images: an image whose features the model packs without the newline would leave
+    it without a gradient on that rank only, and FSDP2 reduce-scatters only the parameters that have one
+    (the ranks' reduce-scatter sizes then differ). The count is set only inside training/prediction steps, so
     generation elsewhere is untouched. It runs with any number of processes, so the projector's
     gradient on a text-only step is zero (not None) in every setting and 1-GPU and N-GPU runs
     optimise alike.
@@ -306,7 +310,6 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
     size = vision_cfg.image_size
     size = size if isinstance(size, int) else size[0]
     layer = config.vision_feature_layer
-    newline = getattr(llava, "image_newline", None)
 
     def blank_pass(device: torch.device) -> torch.Tensor:
         """One blank crop through the tower and the projector, selected as the arch selects features."""
@@ -320,10 +323,12 @@ def _install_vision_keepalive(trainer: LLaVATrainer) -> None:
 
     def pre_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
         missing = trainer._missing_vision_calls
-        if not missing or kwargs.get("inputs_embeds") is None:
+        # Looked up at each call: FSDP2 replaces the registered parameter (its shard; the gathered one in forward).
+        newline = getattr(llava, "image_newline", None)
+        if missing is None or (not missing and newline is None) or kwargs.get("inputs_embeds") is None:
             return None
         embeds = kwargs["inputs_embeds"]
-        total = sum(blank_pass(embeds.device) for _ in range(missing))
+        total = sum((blank_pass(embeds.device) for _ in range(missing)), embeds.new_zeros(()))
         if newline is not None:
             total = total + newline.sum()
         kwargs["inputs_embeds"] = embeds + 0.0 * total.to(embeds.dtype)

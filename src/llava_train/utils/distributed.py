@@ -40,8 +40,12 @@ def uses_deepspeed(train_kwargs: Mapping[str, Any]) -> bool:
     return bool(train_kwargs.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
-def prepare_distributed(train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def prepare_distributed(train_kwargs: Mapping[str, Any], fsdp: bool = False) -> dict[str, Any]:
     """Set up CPU-only distributed runs; call before building TrainingArguments, pass it the returned kwargs.
+
+    `fsdp`: the run trains under FSDP2 (`train.fsdp`): on any machine accelerate's PartialState is created here
+    (gloo on CPU) and `accelerator_config.use_configured_state=True` returned, so `training.fsdp.activate_fsdp`
+    can make it an FSDP2 state after TrainingArguments exist (accelerate alone never enables FSDP on CPU).
 
     On a machine with CUDA (or another accelerator) this returns a copy of `train_kwargs` unchanged:
     the launchers and accelerate handle everything. Without one:
@@ -59,27 +63,52 @@ def prepare_distributed(train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
       it is what makes accelerate use its multi-CPU gloo path instead of counting one process.
     """
     kwargs = dict(train_kwargs)
+    if fsdp:
+        return _prepare_fsdp(kwargs)
     if has_accelerator():
         return kwargs
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     kwargs["use_cpu"] = True
     if not uses_deepspeed(kwargs):
         return kwargs
+    _single_process_env()
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+    return _use_configured_state(kwargs)
+
+
+def _prepare_fsdp(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """FSDP2: the launcher's environment (or a one-process one), then accelerate's PartialState (gloo on CPU)."""
+    from accelerate import PartialState
+
+    _single_process_env()
+    if has_accelerator():
+        PartialState()
+    else:
+        kwargs["use_cpu"] = True
+        PartialState(cpu=True, backend="gloo")
+    return _use_configured_state(kwargs)
+
+
+def _single_process_env() -> None:
+    """Without a launcher, the RANK/WORLD_SIZE/... of a one-process group (else DeepSpeed falls back to MPI)."""
     if "LOCAL_RANK" not in os.environ:
         single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
         for name, value in single.items():
             os.environ.setdefault(name, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    from accelerate import PartialState
 
-    PartialState(backend="gloo")
+
+def _use_configured_state(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`accelerator_config.use_configured_state=True` added: the Trainer's Accelerator takes the state made here."""
     accelerator_config = kwargs.get("accelerator_config")
     if accelerator_config is None:
         accelerator_config = {}
     elif not isinstance(accelerator_config, Mapping):
         raise ValueError(
-            "train.accelerator_config must be a mapping when DeepSpeed runs on CPU (llava-train adds "
+            "train.accelerator_config must be a mapping when DeepSpeed runs on CPU or under FSDP2 (llava-train adds "
             f"use_configured_state=True to it), got {type(accelerator_config).__name__}"
         )
     kwargs["accelerator_config"] = {**dict(accelerator_config), "use_configured_state": True}
@@ -103,9 +132,11 @@ def is_zero3_param(param: Any) -> bool:
 
 
 def local_numel(param: Any) -> int:
-    """Elements of `param` this rank holds: its ZeRO-3 partition (`ds_tensor`), else the whole tensor."""
+    """Elements of `param` this rank holds: its ZeRO-3 partition (`ds_tensor`) or FSDP2 shard, else all of it."""
     if is_zero3_param(param):
         return int(param.ds_tensor.numel())
+    if hasattr(param, "to_local"):  # an FSDP2 DTensor: numel() counts the whole parameter
+        return int(param.to_local().numel())
     return int(param.numel())
 
 
@@ -137,6 +168,15 @@ def gathered(params: Any, modifier_rank: int | None = 0) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def full_tensor(tensor: Any) -> Any:
+    """The whole of a tensor FSDP2 sharded (a DTensor: all-gathered, so every rank must call it in the same order),
+    else the tensor itself. Keeps the held dtype (fp32 masters stay fp32; FSDP's own unshard would give the
+    compute dtype)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def load_state_dict_gathered(module: Any, state_dict: Mapping[str, Any], strict: bool = True) -> Any:

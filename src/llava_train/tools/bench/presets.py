@@ -247,6 +247,8 @@ class ModeSpec:
     sdpa_backends: SDPA backends allowed on CUDA (empty = PyTorch's choice).
     attn: attention implementation.
     compile: `perf.compile` (regional torch.compile of the tower's and the LM's layers).
+    fsdp: train under FSDP2 (`train.fsdp`, the defaults of configs/fsdp/fsdp2.yaml), also with one process. It
+        changes accelerate's process-wide state: bench it alone (`--modes ours-fsdp2`) or last.
     """
 
     batching: str
@@ -256,6 +258,7 @@ class ModeSpec:
     sdpa_backends: tuple[str, ...] = field(default_factory=tuple)
     attn: str = "sdpa"
     compile: bool = False
+    fsdp: bool = False
 
 
 MODES: dict[str, ModeSpec] = {
@@ -277,6 +280,7 @@ MODES: dict[str, ModeSpec] = {
 
 # Opt-in: ours with perf.compile (compiles once: every packed row has one shape).
 MODES["ours-compile"] = replace(MODES["ours"], compile=True)
+MODES["ours-fsdp2"] = replace(MODES["ours"], fsdp=True)
 
 DEFAULT_MODES = ("hf-padded", "grouped", "packed", "ours")
 

@@ -27,7 +27,7 @@ from llava_train.config import RunConfig, from_dict
 from llava_train.model.builder import ARCH_CLASSES, model_class
 from llava_train.tools.bench.mix import SyntheticMix, bench_geometry
 from llava_train.tools.bench.presets import BOS_ID, MODES, PAD_ID, BenchPreset, get_preset, parse_modes
-from llava_train.train import build_training_arguments
+from llava_train.train import build_training_arguments, setup_fsdp
 from llava_train.training.assembly import assemble_trainer, prepare_model
 from llava_train.training.precision import resolve_precision
 from llava_train.training.trainer import LLaVATrainer
@@ -102,6 +102,8 @@ def mode_config(
     }
     if checkpointing:
         train.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.fsdp:
+        train["fsdp"] = {"reshard_after_forward": True}  # configs/fsdp/fsdp2.yaml's settings, inline
     data = {
         "model_max_length": preset.max_length,
         "packing": packed,
@@ -213,9 +215,9 @@ def run_mode(
         out = output_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="llava-bench-"))
         cfg = mode_config(preset, spec, out, seed, extra_steps=2 if profile else 0)
         args = build_training_arguments(cfg)
-        model = prepare_model(
-            _random_model(preset, spec.attn, seed), cfg, resolve_precision(cfg, uses_deepspeed=False)
-        )
+        policy = resolve_precision(cfg, uses_deepspeed=False)
+        setup_fsdp(cfg, args, policy)  # the ours-fsdp2 mode; a no-op otherwise
+        model = prepare_model(_random_model(preset, spec.attn, seed), cfg, policy)
         dataset = SyntheticMix(preset, image_token_id=model.config.image_token_id, seed=seed)
         trainer = assemble_trainer(cfg, args, model, dataset, None, pad_token_id=PAD_ID, trainer_cls=BenchTrainer)
         window = _Window(trainer, preset.warmup, preset.steps)
