@@ -214,6 +214,15 @@ def test_config_checks() -> None:
         from_dict({**base, "model": {"init_from": "/x"}, "dpo": {"loss": "kto"}})
 
 
+def test_bf16_frozen_reference_runs_under_the_policy_autocast(ws: dict[str, str]) -> None:
+    """bf16 frozen parts + fp32 masters (the GPU recipe's precision): the frozen copy runs under the same autocast as
+    the policy (outside accelerate's prepared forward it would mix fp32 and bf16), so step 0 is still exact."""
+    cfg = dpo_config(ws, Path(ws["root"]) / "runs" / "dpo-bf16", "frozen", max_steps=2, bf16=True)
+    cfg["model"]["dtype"] = "bfloat16"
+    logs = [h for h in run(from_dict(cfg)).log_history if "loss" in h]
+    assert logs[0]["rewards/margins"] == 0.0 and logs[0]["loss"] == LN2_FP32
+
+
 def test_frozen_reference_is_refused_under_zero3(monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers.integrations
 
