@@ -82,6 +82,17 @@ def test_finetune_zero3_rows_are_params_times_bytes() -> None:
     assert "SW: Model with 7062M total params, 131M largest layer params." in p.deepspeed_estimate
 
 
+def test_dpo_counts_two_sequences_per_pair_and_the_frozen_reference() -> None:
+    from llava_train.config import load_config as load
+
+    precomputed = estimate(load(SEVEN / "dpo_rlaif_v.yaml"), num_gpus=8)
+    assert precomputed.micro_batch == 2  # 1 pair per GPU = chosen + rejected
+    assert not any("reference" in name for name, _ in precomputed.rows)
+    frozen = estimate(load(SEVEN / "dpo_rlaif_v.yaml", ["dpo.reference=frozen"]), num_gpus=8)
+    copy = dict(frozen.rows)["DPO frozen reference (a copy of the model)"]
+    assert copy == 2 * (PROJECTOR + LM + LM_HEAD + VISION) and frozen.total == precomputed.total + copy
+
+
 def test_pretrain_zero2_keeps_frozen_weights_replicated_without_optimizer_state() -> None:
     p = estimate(load_config(SEVEN / "pretrain.yaml"), num_gpus=8)
     assert (p.counts.trainable, p.counts.frozen) == (PROJECTOR, VISION + LM + LM_HEAD)

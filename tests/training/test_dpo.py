@@ -190,6 +190,27 @@ def test_rlaif_v_parquet_with_embedded_images_reads_as_published(ws: dict[str, s
     assert parts.image_token_id in item["input_ids"].tolist()
 
 
+def test_inspect_shows_both_sides_with_the_final_reply_trained(ws: dict[str, str], tmp_path: Path) -> None:
+    import io
+
+    from llava_train.components import load_components
+    from llava_train.data.validate import inspect_samples
+
+    cfg = from_dict(dpo_config(ws, tmp_path / "run"))
+    out = io.StringIO()
+    jsonl = tmp_path / "samples.jsonl"
+    inspect_samples(cfg, load_components(cfg), indices=[3], jsonl_path=str(jsonl), out=out, color=False)
+    text = out.getvalue()
+    chosen, rejected = text.split("# chosen\n")[1].split("# rejected\n")
+    # Multi-turn: the earlier reply is context; only the final one is marked.
+    assert chosen.count("[[") == 1 and "ASSISTANT: yellow</s>" in chosen and chosen.strip().endswith("[[ yellow</s>]]")
+    assert rejected.strip().endswith("[[ red</s>]]")
+    line = json.loads(jsonl.read_text())
+    prompt = next(i for i, label in enumerate(line["labels"]) if label != -100)
+    assert line["input_ids"][:prompt] == line["rejected_input_ids"][:prompt]
+    assert line["labels"][prompt:] != line["rejected_labels"][prompt:]
+
+
 def test_bad_pairs_are_reported_by_reason(ws: dict[str, str]) -> None:
     from llava_train.components import load_components
     from llava_train.data.validate import validate
@@ -212,6 +233,15 @@ def test_config_checks() -> None:
         from_dict({**base, "model": {"init_from": "/x"}, "dpo": {"reference": "adapter"}})
     with pytest.raises(ConfigError, match="dpo.loss"):
         from_dict({**base, "model": {"init_from": "/x"}, "dpo": {"loss": "kto"}})
+
+
+def test_bf16_frozen_reference_runs_under_the_policy_autocast(ws: dict[str, str]) -> None:
+    """bf16 frozen parts + fp32 masters (the GPU recipe's precision): the frozen copy runs under the same autocast as
+    the policy (outside accelerate's prepared forward it would mix fp32 and bf16), so step 0 is still exact."""
+    cfg = dpo_config(ws, Path(ws["root"]) / "runs" / "dpo-bf16", "frozen", max_steps=2, bf16=True)
+    cfg["model"]["dtype"] = "bfloat16"
+    logs = [h for h in run(from_dict(cfg)).log_history if "loss" in h]
+    assert logs[0]["rewards/margins"] == 0.0 and logs[0]["loss"] == LN2_FP32
 
 
 def test_frozen_reference_is_refused_under_zero3(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,12 +15,13 @@ from llava_train.config_io import ConfigError
 from llava_train.data.dataset import make_context
 from llava_train.data.errors import BadSample
 from llava_train.data.images import save_image
+from llava_train.data.preference import SIDES
 from llava_train.data.report import source_report
 from llava_train.data.rows import open_source
 from llava_train.data.scan import process_record, row_error_detail
 from llava_train.data.scan_cache import cached_scan, data_cache_dir
 from llava_train.data.tokenize import check_template_consistency, label_tokens
-from llava_train.llava_format import normalize_conversation, record_id, record_video
+from llava_train.llava_format import normalize_conversation, preference_conversations, record_id, record_video
 from llava_train.stages import get_stage
 
 GREEN, RESET = "\033[32;1m", "\033[0m"
@@ -151,23 +152,37 @@ def format_report(report: dict[str, Any]) -> str:
 # -- inspect ------------------------------------------------------------------------------------
 
 
-def render_labelled(record: dict[str, Any], parts: Any, color: bool, media_tokens: list[int] | None = None) -> str:
+def render_labelled(
+    record: dict[str, Any],
+    parts: Any,
+    color: bool,
+    media_tokens: list[int] | None = None,
+    conversation: Any = None,
+) -> str:
     """A record's rendered prompt with trained spans marked (ANSI green, or `[[...]]`), images as `<image xN>`.
 
     media_tokens: LM tokens of each image / video in text order (anyres: from each image's size);
-    None = the geometry's fixed count per image.
+    None = the geometry's fixed count per image. conversation: one side of a preference pair (stage dpo), shown
+    as DPO trains it: its final reply only.
 
     The text is cut from the rendered prompt by each token's character offsets (so spaces show
     exactly); tokens with no characters in the prompt (an added BOS) show as their token string.
     """
     template, tokenizer = parts.template, parts.tokenizer
     video_token = template.video_token if record_video(record) is not None else None
-    turns = normalize_conversation(record.get("conversations"), template.image_token, video_token)
+    conv = record.get("conversations") if conversation is None else conversation
+    turns = normalize_conversation(conv, template.image_token, video_token)
     segments = template.render(turns, tokenizer)
     prompt = "".join(s.text for s in segments)
     enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=template.add_special_tokens)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     flags = label_tokens(prompt, segments, offsets, template.name)
+    if conversation is not None:  # DPO trains the final reply only (`data.preference.final_reply_only`)
+        last = max(i for i, f in enumerate(flags) if f)
+        first = last
+        while first > 0 and flags[first - 1]:
+            first -= 1
+        flags = [f and i >= first for i, f in enumerate(flags)]
     counts = iter(media_tokens or [])
     start_mark, end_mark = (GREEN, RESET) if color else ("[[", "]]")
     out: list[str] = []
@@ -246,8 +261,12 @@ def inspect_samples(
                         f"# sample {index} ({src.name} row {row}, id {sample_id!r}): {len(sample.input_ids)} tokens, "
                         f"{trained} trained, {sample.num_images} image(s){', truncated' if sample.truncated else ''}\n"
                     )
-                    stream.write(render_labelled(record, parts, use_color, done.media_tokens))
-                    stream.write("\n")
+                    if done.rejected is None:
+                        stream.write(render_labelled(record, parts, use_color, done.media_tokens) + "\n")
+                    else:  # a preference pair: both sides, each with its trained final reply
+                        for side, conv in zip(SIDES, preference_conversations(record)):
+                            text = render_labelled(record, parts, use_color, done.media_tokens, conv)
+                            stream.write(f"# {side}\n{text}\n")
                     if images_dir is not None and done.paths:
                         Path(images_dir).mkdir(parents=True, exist_ok=True)
                         stem = Path(images_dir) / f"sample{index}_image"
@@ -264,6 +283,8 @@ def inspect_samples(
                         "labels": sample.labels,
                         "num_images": sample.num_images,
                     }
+                    if done.rejected is not None:
+                        line.update(rejected_input_ids=done.rejected.input_ids, rejected_labels=done.rejected.labels)
                     sink.write(json.dumps(line) + "\n")
                     written += 1
     return written

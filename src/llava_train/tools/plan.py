@@ -307,6 +307,11 @@ def estimate(cfg: RunConfig, num_gpus: int | None = None, num_nodes: int = 1) ->
         rows, cpu = fsdp_rows(cfg.model.dtype, counts, fsdp, world, num_nodes)
     else:
         rows, cpu = _model_state_rows(cfg, counts, zero, world), _cpu_bytes(counts, zero, num_nodes)
+    if cfg.stage == "dpo":  # a pair is two sequences in one micro-batch; `frozen` keeps a copy of the prepared model
+        micro *= 2
+        n_t, n_f = counts.trainable, counts.frozen
+        copy = 2 * (n_t + n_f) if zero.stage else DTYPE_BYTES[cfg.model.dtype] * n_f + 4 * n_t
+        rows += [("DPO frozen reference (a copy of the model)", copy)] if cfg.dpo.reference == "frozen" else []
     rows += _activation_rows(cfg, counts, micro, seq, ckpt)
     rows.append(("CUDA context, workspaces, allocator slack", OVERHEAD_BYTES))
     ds_text = deepspeed_estimate(counts, zero, gpus_per_node, num_nodes) if zero.stage else ""

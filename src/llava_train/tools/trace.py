@@ -23,7 +23,7 @@ from llava_train.data.dataset import build_item, make_context
 from llava_train.data.images import mean_color, processor_output_size
 from llava_train.data.scan import process_record
 from llava_train.data.validate import locate_sample, render_labelled
-from llava_train.llava_format import normalize_conversation, record_id, record_video
+from llava_train.llava_format import normalize_conversation, preference_conversations, record_id, record_video
 from llava_train.remote_code import refuse_remote_code
 from llava_train.stages import get_stage
 from llava_train.utils.modules import IGNORE_INDEX
@@ -82,8 +82,10 @@ def data_steps(cfg: RunConfig, parts: Any, index: int) -> tuple[dict[str, Any], 
     sample_id = record_id(record, row)
     template = parts.template
     video_token = template.video_token if record_video(record) is not None else None
-    turns = normalize_conversation(record.get("conversations"), template.image_token, video_token)
-    done = process_record(record, make_context(cfg.data, src, parts, get_stage(cfg.stage).preference), row, io="load")
+    pairs = get_stage(cfg.stage).preference  # stage dpo: the trace follows the chosen side of the pair
+    chosen = preference_conversations(record)[0] if pairs else None
+    turns = normalize_conversation(chosen or record.get("conversations"), template.image_token, video_token)
+    done = process_record(record, make_context(cfg.data, src, parts, pairs), row, io="load")
     sample = done.sample
     item = build_item(done, src.name, row, sample_id, parts.image_processor, parts.geometry)
     names = {parts.image_token_id: "<image>", IGNORE_INDEX: "-100"}
@@ -98,7 +100,7 @@ def data_steps(cfg: RunConfig, parts: Any, index: int) -> tuple[dict[str, Any], 
         "rendered": {
             "template": template.name,
             "segments": [{"text": s.text, "trained": s.trained} for s in template.render(turns, parts.tokenizer)],
-            "labelled": render_labelled(record, parts, False, done.media_tokens),
+            "labelled": render_labelled(record, parts, False, done.media_tokens, chosen),
         },
         "tokens": {
             "input_ids": sample.input_ids,

@@ -163,8 +163,10 @@ class PreferenceTrainer(LLaVATrainer):
             ref = self.ref_model
             if next(ref.parameters()).device != labels.device:
                 ref.to(labels.device)
-            # The frozen copy is outside DeepSpeed/DDP (no collectives): it runs exactly its batch.
-            return response_logps(ref, kwargs, labels)[0]
+            # The frozen copy is outside DeepSpeed/DDP (no collectives: it runs exactly its batch) and outside
+            # accelerate's prepared forward, so it gets the policy's autocast here.
+            with self.accelerator.autocast():
+                return response_logps(ref, kwargs, labels)[0]
 
     def load_or_precompute(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The reference log-probs of every train (and eval) item: read from the run folder, or, at step 0,
