@@ -13,7 +13,7 @@ from llava_train.components import load_components
 from llava_train.config import RunConfig, from_dict, load_config
 from llava_train.model.freeze import apply_stage, trainable_names
 from llava_train.stages import STAGES, get_stage, stage_groups
-from llava_train.tools.plan import parameter_table_from_configs
+from llava_train.tools.param_counts import parameter_table_from_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROJECTOR = [f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]

@@ -325,7 +325,7 @@ def save_adapter(trainer: Any, folder: Path) -> None:
     Under FSDP2 HF's save writes the sharded (DCP) state only, so the trainable tensors are gathered here (every
     rank; rank 0 writes) and handed to peft's `save_pretrained`, which keeps its own key names.
     """
-    if not trainer.is_fsdp_enabled:
+    if not getattr(trainer, "is_fsdp_enabled", False):
         trainer.save_model(str(folder))
         return
     state = runtime_state_dict(trainer.model, trainable_only=True, materialize=trainer.args.should_save)
