@@ -91,9 +91,10 @@ def test_patch_targets_of_a_crop_ignore_the_cell_and_keep_the_object() -> None:
 
 @pytest.mark.parametrize("arch", ["llava_next", "llava_onevision"])
 def test_training_batch_puts_the_served_features_at_the_image_tokens(arch: str, tmp_path: Path) -> None:
-    """Crop order, unpad and newlines as trained = as served: a 4-sample training batch of position images
-    (wide, tall, square) gives every image token the input embedding the saved processor's single-sample
-    forward gives it (the model's own `pack_image_features` both times; the data side is what is checked)."""
+    """Crop order, unpad and newlines as trained = as served: a 6-sample training batch of position images
+    (wide, tall, square; two two-image rows) gives every image token the input embedding the saved
+    processor's single-sample forward gives it (the model's own `pack_image_features` both times; the data
+    side is what is checked)."""
 
     from llava_train.archs import DEFAULT_ASPECT_RATIO
     from llava_train.components import load_components
@@ -114,6 +115,9 @@ def test_training_batch_puts_the_served_features_at_the_image_tokens(arch: str, 
         _position_image(*size).save(folder / f"{k}.png")
         conv = [{"from": "human", "value": "<image>\nWhere is the shape?"}, {"from": "gpt", "value": "center"}]
         rows.append({"id": f"p{k}", "image": f"{k}.png", "conversations": conv})
+    for k, pair in enumerate([["0.png", "3.png"], ["3.png", "1.png"]]):  # two-image rows (OneVision: base views)
+        conv = [{"from": "human", "value": "<image>\n<image>\nWhich?"}, {"from": "gpt", "value": "first"}]
+        rows.append({"id": f"two{k}", "image": pair, "conversations": conv})
     (folder / "rows.json").write_text(json.dumps(rows))
     overrides = [f"model.arch={arch}", f"data.image_aspect_ratio={DEFAULT_ASPECT_RATIO[arch]}"]
     cfg = stage_config("finetune", w, init_from=None, overrides=[*overrides, "data.model_max_length=1024"])
@@ -139,9 +143,13 @@ def test_training_batch_puts_the_served_features_at_the_image_tokens(arch: str, 
     trained = seen.pop()
     image_id = built.image_token_id
     for i, row in enumerate(rows):
-        content = [{"type": "image"}, {"type": "text", "text": "Where is the shape?"}]
+        names = row["image"] if isinstance(row["image"], list) else [row["image"]]
+        images = [Image.open(folder / name).convert("RGB") for name in names]
+        question = row["conversations"][0]["value"].replace("<image>\n", "")
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        inputs = processor(text=text, images=[Image.open(folder / row["image"])], return_tensors="pt")
+        nested = [images] if arch == "llava_onevision" else images  # as infer's predictor passes them
+        inputs = processor(text=text, images=nested, return_tensors="pt")
         with torch.no_grad():
             model(**{k: v for k, v in inputs.items() if k in keys})
         served = seen.pop()[0][inputs["input_ids"][0] == image_id]
