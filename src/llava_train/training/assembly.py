@@ -29,6 +29,7 @@ from llava_train.training.callbacks import (
 )
 from llava_train.training.checkpoint import CheckpointArtifactsCallback, HFExport
 from llava_train.training.compile import compile_regions
+from llava_train.training.dpo import PreferenceTrainer, preference_trainer_kwargs
 from llava_train.training.fsdp import set_wrap_classes
 from llava_train.training.lmms_callback import build_lmms_callback
 from llava_train.training.metrics import ThroughputTracker
@@ -129,8 +130,6 @@ def assemble_trainer(
     batches = batching(cfg, train_ds, pad_token_id)
     extra: dict[str, Any] = {}
     if get_stage(cfg.stage).preference:
-        from llava_train.training.dpo import PreferenceTrainer, preference_trainer_kwargs
-
         extra = preference_trainer_kwargs(cfg, model)  # the frozen copy is taken before the trainer's hooks exist
         trainer_cls = PreferenceTrainer if trainer_cls is LLaVATrainer else trainer_cls
     trainer = trainer_cls(

@@ -102,11 +102,11 @@ def test_training_batch_puts_the_served_features_at_the_image_tokens(arch: str, 
     from llava_train.data.dataset import build_dataset
     from llava_train.infer import load
     from llava_train.model.serving import save_serving_files
-    from llava_train.tools.demo import shapes
+    from llava_train.tools.demo import splits
     from llava_train.tools.demo.run import DemoSize, stage_config
 
     w = tmp_path / "w"
-    data = shapes.generate(w / "data", 8, 8, 4, 64)
+    data = splits.generate(w / "data", 8, 8, 4, 64)
     parts.write_parts(w, data, DemoSize(lm_hidden=32, vision_hidden=32))
     folder = w / "pos"
     folder.mkdir()
@@ -158,11 +158,11 @@ def test_training_batch_puts_the_served_features_at_the_image_tokens(arch: str, 
 
 
 def test_tower_pretrains_on_anyres_views_with_objects_pooled_over_views(tmp_path: Path) -> None:
-    from llava_train.tools.demo import shapes
+    from llava_train.tools.demo import splits
     from llava_train.tools.demo.run import DemoSize, stage_config, tower_views
 
     w = tmp_path / "w"
-    data = shapes.generate(w / "data", 12, 12, 4, 64, mixed_sizes=True)
+    data = splits.generate(w / "data", 12, 12, 4, 64, mixed_sizes=True)
     _, vision = parts.write_parts(w, data, DemoSize(lm_hidden=32, vision_hidden=32))
     cfg = stage_config(
         "finetune", w, init_from=None, overrides=["model.arch=llava_next", "data.image_aspect_ratio=anyres"]

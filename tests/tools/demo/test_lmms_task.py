@@ -21,7 +21,8 @@ from llava_train.cli import main
 from llava_train.config import from_dict
 from llava_train.run_files import LMMS_OUTPUT_DIR, LMMS_RESULT_FILE
 from llava_train.tools.demo.lmms_task import TASK_NAME, task_documents, write_lmms_task
-from llava_train.tools.demo.shapes import SHORT_ANSWER, generate
+from llava_train.tools.demo.shapes import SHORT_ANSWER
+from llava_train.tools.demo.splits import generate
 from llava_train.train import run
 from tiny_models import tiny_config, write_tiny_data
 

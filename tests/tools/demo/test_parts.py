@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llava_train.data.templates import get_template
-from llava_train.tools.demo import parts, shapes
+from llava_train.tools.demo import parts, shapes, splits
 from llava_train.tools.demo.run import DemoSize
 
 
@@ -45,7 +45,7 @@ def patch_grid(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, shapes.DemoData, DemoSize]:
     root = tmp_path_factory.mktemp("parts")
-    data = shapes.generate(root / "data", 40, 40, 4, 32)
+    data = splits.generate(root / "data", 40, 40, 4, 32)
     size = DemoSize(image_size=32, lm_hidden=32, vision_hidden=32, vision_layers=2)
     return root, data, size
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llava_train.tools.demo import shapes
+from llava_train.tools.demo import splits
 from llava_train.tools.demo.preference import ONE_WORD, dpo_config, preference_rows
 
 
 def test_pairs_prefer_the_true_answer_of_the_same_kind(tmp_path: Path) -> None:
-    data = shapes.generate(tmp_path / "data", n_pretrain=0, n_finetune=120, n_eval=0, image_size=32, seed=1)
+    data = splits.generate(tmp_path / "data", n_pretrain=0, n_finetune=120, n_eval=0, image_size=32, seed=1)
     rows = json.loads(Path(data.finetune).read_text())
     pairs = preference_rows(rows, seed=0)
     assert pairs == preference_rows(rows, seed=0)  # seeded

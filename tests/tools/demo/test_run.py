@@ -14,7 +14,8 @@ from PIL import Image
 from llava_train.config import load_config
 from llava_train.tools.demo import run as demo
 from llava_train.tools.demo import shapes
-from llava_train.tools.demo.run import DemoSize, build_table, format_table, run_demo, stage_config
+from llava_train.tools.demo.report import build_table, format_table
+from llava_train.tools.demo.run import DemoSize, run_demo, stage_config
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -16,10 +16,9 @@ from llava_train.tools.demo.shapes import (
     SHAPES,
     Item,
     caption,
-    corpus,
     describe,
-    generate,
 )
+from llava_train.tools.demo.splits import corpus, generate
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ from llava_train.data.images import preprocess_images
 from llava_train.data.templates import TEMPLATES
 from llava_train.llava_format import normalize_conversation
 from llava_train.model.tiny import write_tiny_language_model, write_tiny_vision_tower
-from llava_train.tools.demo import shapes
+from llava_train.model.vision import select_best_resolution
+from llava_train.tools.demo import shapes, splits
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -51,7 +52,7 @@ def _tokenizer_corpus(data: shapes.DemoData) -> list[str]:
     # vicuna system prompt stayed 83 tokens (mostly characters); seen 1000 times, 37 tokens. Shorter
     # prompts are faster and leave the image a larger share of the attention.
     fixed = [TEMPLATES["vicuna_v1"].system, "USER: ASSISTANT:"]
-    return fixed * 1000 + shapes.corpus([data.pretrain, data.finetune])
+    return fixed * 1000 + splits.corpus([data.pretrain, data.finetune])
 
 
 def write_parts(workdir: Path, data: shapes.DemoData, size: Any, seed: int = 0) -> tuple[str, str]:
@@ -134,8 +135,6 @@ def anyres_view_maps(width: int, height: int, crop: int, pinpoints: Any) -> list
     crop-sized tiles). Per view: (map from view coordinates 0..1 to image pixels, whether the view shows
     the whole image)."""
     import math
-
-    from llava_train.model.vision import select_best_resolution
 
     best_h, best_w = select_best_resolution(height, width, pinpoints)
     # transformers' get_patch_output_size: fit inside the pinpoint, keep the aspect ratio.

@@ -16,6 +16,9 @@ from typing import Any
 
 from llava_train.config import RunConfig, from_dict
 from llava_train.config_io import apply_overrides, load_yaml
+from llava_train.tools.demo import shapes
+from llava_train.tools.demo.report import evaluate_model
+from llava_train.train import run as train_run
 from llava_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -81,10 +84,6 @@ def run_dpo_demo(
     """Pairs from the demo's training rows -> stage dpo from its model -> held-out eval of both models; returns
     (and writes `<workdir>/dpo_table.json`) the reward figures and the per-type held-out exact match."""
     import torch
-
-    from llava_train.tools.demo import shapes
-    from llava_train.tools.demo.run import evaluate_model
-    from llava_train.train import run as train_run
 
     w = Path(workdir).resolve()
     rows = json.loads((w / "data" / "finetune.json").read_text())
