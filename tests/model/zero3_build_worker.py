@@ -28,6 +28,7 @@ def main(out_dir: str, ds_config: str, lm: str, vt: str) -> None:
     from llava_train.config import from_dict
     from llava_train.model.projector import load_projector, projector_module, save_projector
     from llava_train.utils.distributed import (
+        exit_after_teardown,
         full_numel,
         gathered,
         local_numel,
@@ -100,6 +101,7 @@ def main(out_dir: str, ds_config: str, lm: str, vt: str) -> None:
     report["zero3"] = bool(args.deepspeed)
     (out / f"rank{rank()}.json").write_text(json.dumps(report))
     shutdown_distributed(True)  # as every llava-train process ends: no teardown race at exit
+    exit_after_teardown(0)  # and as launched ranks leave: never a C++ finalization abort (seen once in CI)
 
 
 if __name__ == "__main__":
