@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from llava_train.config_io import ConfigError
 
-LMMS_BACKENDS = ("subprocess", "server", "sbatch")
-# Backends documented in the schema but not implemented yet: choosing one is a config error, not a silent no-op.
-LMMS_BACKENDS_TODO = ("server", "sbatch")
+# How an eval is launched. Only a subprocess per checkpoint exists; lmms-eval's HTTP server and an sbatch job per
+# checkpoint are not offered (any other value is a config error listing this one).
+LMMS_BACKENDS = ("subprocess",)
 
 
 @dataclass
@@ -29,9 +29,8 @@ class EvalConfig:
         the export; `device=cpu,device_map=cpu` is added when this machine has no CUDA).
     lmms_python: interpreter of the environment that has lmms-eval (`make lmms-eval-env` builds
         `.venv-lmms/bin/python`); null = the interpreter running training.
-    lmms_backend: `subprocess`: one `python -m lmms_eval` per checkpoint, started by rank 0 with the
-        launcher's distributed variables cleared, results harvested on a background thread. `server`
-        (lmms-eval's HTTP `launch_server`) and `sbatch` (a SLURM job per checkpoint) are not implemented yet.
+    lmms_backend: `subprocess` (the only backend): one `python -m lmms_eval` per checkpoint, started by rank 0
+        with the launcher's distributed variables cleared, results harvested on a background thread.
     lmms_devices: CUDA_VISIBLE_DEVICES of the eval process (e.g. "7": a GPU training does not use; "" = CPU);
         null = inherited from the training process.
     lmms_eval_step0: also evaluate the starting model (exported to `<run>/step-0/hf`) before the first step.
@@ -61,8 +60,6 @@ class EvalConfig:
             raise ConfigError(
                 f"eval.lmms_backend={self.lmms_backend!r} is not valid; choose one of: {', '.join(LMMS_BACKENDS)}"
             )
-        if self.lmms_backend in LMMS_BACKENDS_TODO:
-            raise ConfigError(f"eval.lmms_backend={self.lmms_backend} is not implemented yet; use subprocess")
         if self.lmms_limit is not None and self.lmms_limit <= 0:
             raise ConfigError(f"eval.lmms_limit must be > 0, got {self.lmms_limit}")
         if self.lmms_wait_timeout < 0:

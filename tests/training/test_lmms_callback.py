@@ -152,7 +152,9 @@ def test_stage1_runs_are_not_evaluated_and_backends_not_built_yet_are_config_err
     assert eval_wanted(from_dict(_cfg(workspace, "x")))
     assert not eval_wanted(from_dict(tiny_config(workspace, "finetune", "x")))
     for backend in ("server", "sbatch"):
-        with pytest.raises(ConfigError, match=f"^eval.lmms_backend={backend} is not implemented yet; use subprocess$"):
+        with pytest.raises(
+            ConfigError, match=f"^eval.lmms_backend='{backend}' is not valid; choose one of: subprocess$"
+        ):
             from_dict({"eval": {"lmms_tasks": ["mme"], "lmms_backend": backend}})
     with pytest.raises(ConfigError, match="eval.lmms_model_args must not set pretrained="):
         from_dict({"eval": {"lmms_model_args": "pretrained=x"}})
