@@ -189,7 +189,7 @@ def test_short_onevision_demo_trains_and_scores_two_image_and_video_questions(tm
     assert config["model_type"] == "llava_onevision" and config["vision_aspect_ratio"] == "anyres_max_9"
     rows = json.loads((w / "data" / "finetune.json").read_text())
     assert sum(isinstance(r.get("image"), list) for r in rows) == 8 and sum("video" in r for r in rows) == 4
-    assert list(result.table["rows"]) == ["colour", "shape", "position", "count", "which image", "motion"]
+    assert list(result.table["rows"]) == ["colour", "shape", "position", "count", "two images", "motion"]
     videos = json.loads((w / "eval" / "stage2" / "eval_video_predictions.json").read_text())
     assert len(videos) == 2 and all(v["type"] == "motion" for v in videos)
     assert all(result.table["rows"][t]["after stage 2"] is not None for t in result.table["rows"])

@@ -223,22 +223,28 @@ def test_onevision_rows_two_images_and_frames(tmp_path: Path) -> None:
     d = generate(tmp_path / "ov", n_pretrain=4, n_finetune=60, n_eval=24, seed=1, multi=True)
     meta = _rows(d.meta)
     assert meta["question_types"] == [*shapes.QUESTION_TYPES, *shapes.MULTI_TYPES]
-    assert meta["chance"]["which image"] == 0.5 and meta["chance"]["motion"] == 0.25
+    assert meta["chance"]["two images"] == 0.25 and meta["chance"]["motion"] == 0.25
     train = _rows(d.finetune)
     evals = _rows(d.eval) + _rows(d.root / "eval_video.json")
     assert sorted(r["type"] for r in evals) == sorted(meta["question_types"] * 4)
+    asked = set()
     for row in train + evals:
         items = [Item(**o) for o in row.get("objects", [])]
         answer = row["conversations"][-1]["value"]
-        if row.get("type") == "which image":
-            question = row["conversations"][0]["value"]
-            assert question.startswith("<image>\n<image>\n") and len(row["image"]) == 2
-            named = items[shapes.WHICH.index(answer)]
-            other = items[1 - shapes.WHICH.index(answer)]
-            if f"{named.color} shape" in question:
-                assert other.color != named.color
-            else:
-                assert named.shape in question and other.shape != named.shape
+        if row.get("type") == "two images":
+            conv = row["conversations"]
+            assert conv[0]["value"].startswith("<image>\n<image>\n") and len(row["image"]) == 2
+            assert len(conv) == (2 if row in evals else 4)
+            first, second = items
+            assert first.color != second.color and first.shape != second.shape
+            for q, a in zip(conv[::2], conv[1::2]):
+                k = 0 if " first image?" in q["value"] else 1
+                assert f" {shapes.ORDINALS[k]} image?" in q["value"]
+                kind = "color" if "color" in q["value"] else "shape"
+                assert a["value"] == getattr(items[k], kind)
+                asked.add((row in evals, k, kind))
+            if row in train:  # a training row asks about both images
+                assert {(" first image?" in q["value"]) for q in conv[::2]} == {True, False}
             for rel in row["image"]:
                 assert Image.open(d.image_folder / rel).size == (64, 64)
         elif row.get("type") == "motion":
@@ -248,11 +254,15 @@ def test_onevision_rows_two_images_and_frames(tmp_path: Path) -> None:
             triples = {(item.color, item.shape, p) for p in path}
             held = triples & set(HELD_OUT)
             assert bool(held) == (row in evals)
-    # The held-out two-image subjects are held-out triples; training never draws one.
+    assert {(False, k, kind) for k in (0, 1) for kind in ("color", "shape")} <= asked
+    # The held-out two-image question is about a held-out triple; training never draws one.
     for row in _rows(d.eval):
-        if row["type"] == "which image":
-            named = Item(**row["objects"][shapes.WHICH.index(row["conversations"][-1]["value"])])
+        if row["type"] == "two images":
+            k = 0 if " first image?" in row["conversations"][0]["value"] else 1
+            named = Item(**row["objects"][k])
             assert (named.color, named.shape, named.position) in HELD_OUT
+            other = Item(**row["objects"][1 - k])
+            assert (other.color, other.shape, other.position) not in HELD_OUT
     for row in train:
         for o in row.get("objects", []):
             if row.get("type") != "motion":

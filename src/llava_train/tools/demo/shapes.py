@@ -56,10 +56,10 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = tuple(
     if (ci + 3 * si + pi) % len(POSITIONS) == 0
 )
 QUESTION_TYPES = ("colour", "shape", "position", "count")
-# The OneVision demo's extra question types: which of two images holds a shape (a multi-image row) and
-# where a shape moves over three frames (a video row).
-MULTI_TYPES = ("which image", "motion")
-WHICH = ("first", "second")
+# The OneVision demo's extra question types: the colour or shape in the first or second of two images (a
+# multi-image row) and where a shape moves over three frames (a video row).
+MULTI_TYPES = ("two images", "motion")
+ORDINALS = ("first", "second")
 # Direction -> the three cells a shape crosses, per row (or column) of the grid.
 MOTIONS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "left to right": tuple(tuple(POSITIONS[r * 3 + c] for c in range(3)) for r in range(3)),
@@ -68,17 +68,18 @@ MOTIONS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "bottom to top": tuple(tuple(POSITIONS[r * 3 + c] for r in (2, 1, 0)) for c in range(3)),
 }
 VIDEO_FRAMES = 3
-# Stage-2 rows of each OneVision type, as a share of n_finetune (on top of it). Measured (800 stage-2 steps):
-# with 1/6 two-image rows the tiny LM stayed at chance on `which image` (42% held-out, 58% on its training
-# rows) while the video rows reached 94%.
-MULTI_SHARE = {"which image": 1 / 3, "motion": 1 / 6}
+# Stage-2 rows of each OneVision type, as a share of n_finetune (on top of it). Measured (800 stage-2 steps,
+# docs/demo.md): two-turn two-image rows at 1/3 reached 98% held-out; "which of the two images has the red
+# shape?" (first / second) stayed at always-`second` at 1/6 and 1/3, with a 4-layer LM and with ordinal turns.
+MULTI_SHARE = {"two images": 1 / 3, "motion": 1 / 6}
 # Uniform-guess rate per eval question type (one answer drawn from the answer set).
 CHANCE: dict[str, float] = {
     "colour": 1 / len(COLORS),
     "shape": 1 / len(SHAPES),
     "position": 1 / len(POSITIONS),
     "count": 1 / len(COUNTS),
-    "which image": 1 / len(WHICH),
+    # Half the questions ask a colour, half a shape: the mean of the two uniform-guess rates.
+    "two images": (1 / len(COLORS) + 1 / len(SHAPES)) / 2,
     "motion": 1 / len(MOTIONS),
 }
 
@@ -103,7 +104,11 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "size": ("Is the shape small or large?", "What size is the object?"),
     "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes in the image."),
     "describe": ("Describe the image.", "What do you see in the image?", "Describe the shapes in the image."),
-    "which image": ("Which of the two images has the {}?", "Which image shows the {}?"),
+    "colour in image": (
+        "What color is the shape in the {} image?",
+        "What is the color of the object in the {} image?",
+    ),
+    "shape in image": ("What shape is in the {} image?", "What is the shape of the object in the {} image?"),
     "motion": ("Where does the shape move?", "In which direction does the shape move?"),
 }
 # Text-only rows (as ShareGPT rows in LLaVA's 665K mix): no image key, answers from general knowledge.

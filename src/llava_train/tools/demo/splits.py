@@ -19,6 +19,7 @@ from llava_train.tools.demo.shapes import (
     MOTIONS,
     MULTI_SHARE,
     MULTI_TYPES,
+    ORDINALS,
     POSITIONS,
     QUESTION_TYPES,
     QUESTIONS,
@@ -26,7 +27,6 @@ from llava_train.tools.demo.shapes import (
     SHORT_ANSWER,
     SIZES,
     TEXT_ONLY,
-    WHICH,
     DemoData,
     Item,
     _answer,
@@ -122,35 +122,40 @@ def _eval_rows(n: int, rng: random.Random, image_folder: Path, canvas: _Canvas) 
     return rows
 
 
-def _which_rows(n: int, rng: random.Random, image_folder: Path, split: str, held_out: bool) -> list[dict[str, Any]]:
-    """Two-image rows: one shape per square image, and a question naming the colour (or the shape) of one of
-    them, which the other lacks; the answer is `first` or `second`. With `held_out` the named image's shape
-    is a held-out triple (the other a training triple)."""
+def _pair_rows(n: int, rng: random.Random, image_folder: Path, split: str, held_out: bool) -> list[dict[str, Any]]:
+    """Two-image rows: one shape per square image, the two shapes differing in colour and in shape, and questions
+    naming an image by its place ("What color is the shape in the second image?"). A training row asks about both
+    images (two turns, random order, colour or shape each); with `held_out` (eval) the row asks one question,
+    about the image whose shape is a held-out triple (the other is a training triple). The other image never
+    has the asked colour or shape, so a model that reads the images in the wrong order answers wrongly."""
     rows = []
     for i in range(n):
         subject = _items(rng, 1, held_out)[0]
-        by_colour = rng.random() < 0.5
         while True:
             other = _items(rng, 1, False)[0]
-            if (other.color != subject.color) if by_colour else (other.shape != subject.shape):
+            if other.color != subject.color and other.shape != subject.shape:
                 break
-        answer = rng.randrange(2)
+        at = rng.randrange(2)
         pair = [other, other]
-        pair[answer] = subject
+        pair[at] = subject
         rels = []
         for k, item in enumerate(pair):
-            rel = f"{split}_which/{i:06d}_{k}.png"
+            rel = f"{split}_pair/{i:06d}_{k}.png"
             _save(draw([item], 64, rng), image_folder, rel)
             rels.append(rel)
-        named = f"{subject.color} shape" if by_colour else subject.shape
-        q = f"{rng.choice(QUESTIONS['which image']).format(named)}\n{SHORT_ANSWER}"
-        conv = [{"from": "human", "value": f"<image>\n<image>\n{q}"}, {"from": "gpt", "value": WHICH[answer]}]
+        conv = []
+        for turn, k in enumerate([at] if held_out else rng.sample(range(2), 2)):
+            attr = rng.choice(("colour", "shape"))
+            q = rng.choice(QUESTIONS[f"{attr} in image"]).format(ORDINALS[k])
+            first = "<image>\n<image>\n" if turn == 0 else ""
+            answer = pair[k].color if attr == "colour" else pair[k].shape
+            conv += [{"from": "human", "value": f"{first}{q}\n{SHORT_ANSWER}"}, {"from": "gpt", "value": answer}]
         rows.append(
             {
-                "id": f"{split}-which-{i:06d}",
+                "id": f"{split}-pair-{i:06d}",
                 "image": rels,
-                "type": "which image",
-                "types": ["which image"],
+                "type": "two images",
+                "types": ["two images"],
                 "objects": _objects(pair),
                 "conversations": conv,
             }
@@ -241,14 +246,14 @@ def generate(
     if multi:
         types = QUESTION_TYPES + MULTI_TYPES
         rng = random.Random(f"{seed}-multi")
-        train = _which_rows(round(n_finetune * MULTI_SHARE["which image"]), rng, image_folder, "finetune", False)
+        train = _pair_rows(round(n_finetune * MULTI_SHARE["two images"]), rng, image_folder, "finetune", False)
         train += _motion_rows(round(n_finetune * MULTI_SHARE["motion"]), rng, image_folder, "finetune", False)
         splits["finetune"] = splits["finetune"] + train
         rng.shuffle(splits["finetune"])
         # Eval: each of the six types gets n_eval / 6 rows (the four single-image types keep their order).
         per = n_eval // len(types)
         singles = [r for r in splits["eval"] if r["type"] in QUESTION_TYPES][: per * len(QUESTION_TYPES)]
-        splits["eval"] = singles + _which_rows(per, rng, image_folder, "eval", True)
+        splits["eval"] = singles + _pair_rows(per, rng, image_folder, "eval", True)
         splits["eval_video"] = _motion_rows(per, rng, image_folder, "eval", True)
     for name, rows in splits.items():
         (root / f"{name}.json").write_text(json.dumps(rows, indent=1))
