@@ -97,7 +97,7 @@ def test_console_line_format() -> None:
         "gpu_mem_peak_gb": 61.27,
     }
     assert format_console_line(120, logs) == (
-        "step 120 | loss 1.234 | 5.1k tok/s | 3.2k trained tok/s | 12.0 img/s | pad 87% | MFU 41.2% | mem 61.3G"
+        "step 120 | loss 1.234 | 5.1k tok/s | 3.2k trained tok/s | 12.0 img/s | real 87% | MFU 41.2% | mem 61.3G"
     )
     assert format_console_line(3, {"loss": 0.5, "tokens_per_s": 2.5e6}) == "step 3 | loss 0.500 | 2.5M tok/s"
 
@@ -133,7 +133,7 @@ def test_throughput_callback_merges_training_logs_only_and_excludes_eval_time(ca
     cb.on_log(args, state, control, logs=logs)
     # every=2: printed at step 1 (first) and step 3; step 3 observed no batch, so only the loss is shown.
     assert captured.lines == [
-        "step 1 | loss 1.000 | 1.5 tok/s | 0.0 trained tok/s | 0.0 img/s | pad 75%",
+        "step 1 | loss 1.000 | 1.5 tok/s | 0.0 trained tok/s | 0.0 img/s | real 75%",
         "step 3 | loss 0.800",
     ]
 
@@ -294,7 +294,7 @@ def test_real_trainer_writes_jsonl_png_and_console_line(tmp_path: Path, captured
     console = [line for line in captured.lines if line.startswith("step ")]
     # metrics_every=3 with logs at 2, 4, 6: printed at 2 (first) and 6 (>= 3 steps later).
     assert [line.split(" | ")[0] for line in console] == ["step 2", "step 6"]
-    assert "tok/s" in console[0] and "pad " in console[0]
+    assert "tok/s" in console[0] and "real " in console[0]
     assert LossPlotCallback in {type(c) for c in trainer.callback_handler.callbacks}
 
 

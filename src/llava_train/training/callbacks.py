@@ -67,7 +67,7 @@ def _si(value: float) -> str:
 def format_console_line(step: int, logs: Mapping[str, Any]) -> str:
     """The compact per-N-steps summary; parts whose key is missing (e.g. MFU on CPU) are left out.
 
-    Example: `step 120 | loss 1.234 | 5.1k tok/s | 3.2k trained tok/s | 12.0 img/s | pad 87% | MFU 41.2% | mem 61.3G`
+    Example: `step 120 | loss 1.234 | 5.1k tok/s | 3.2k trained tok/s | 12.0 img/s | real 87% | MFU 41.2% | mem 61.3G`
     """
     parts = [f"step {step}"]
     fields = (
@@ -76,7 +76,7 @@ def format_console_line(step: int, logs: Mapping[str, Any]) -> str:
         ("tokens_per_s", lambda v: f"{_si(v)} tok/s"),
         ("trained_tokens_per_s", lambda v: f"{_si(v)} trained tok/s"),
         ("images_per_s", lambda v: f"{_si(v)} img/s"),
-        ("padding_efficiency", lambda v: f"pad {100 * v:.0f}%"),
+        ("padding_efficiency", lambda v: f"real {100 * v:.0f}%"),
         ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
         ("gpu_mem_peak_gb", lambda v: f"mem {v:.1f}G"),
     )
