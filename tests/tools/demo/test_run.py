@@ -193,3 +193,21 @@ def test_short_onevision_demo_trains_and_scores_two_image_and_video_questions(tm
     videos = json.loads((w / "eval" / "stage2" / "eval_video_predictions.json").read_text())
     assert len(videos) == 2 and all(v["type"] == "motion" for v in videos)
     assert all(result.table["rows"][t]["after stage 2"] is not None for t in result.table["rows"])
+
+
+@pytest.mark.parametrize(
+    ("arch", "tower", "lm", "finetune"),
+    [("llava", 1200, 200, None), ("llava_next", 3600, 200, None), ("llava_onevision", 3600, 400, 1600)],
+)
+def test_default_sizes_per_arch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, arch: str, tower: int, lm: int, finetune: int | None
+) -> None:
+    """The step counts measured per arch in docs/demo.md: anyres towers 3600 steps; OneVision's LM pretraining
+    400 and stage 2 1600 (its stage-2 split is half as long again); an explicit size or step count wins."""
+    seen = []
+    monkeypatch.setattr(demo, "_run_demo", lambda w, p, f, size, *rest: seen.append((f, size)))
+    demo.run_demo(tmp_path, arch=arch)
+    (f, size), *_ = seen
+    assert (size.vision_pretrain_steps, size.lm_pretrain_steps, f) == (tower, lm, finetune)
+    demo.run_demo(tmp_path, arch=arch, finetune_steps=5, size=DemoSize(lm_pretrain_steps=7))
+    assert (seen[1][0], seen[1][1].lm_pretrain_steps, seen[1][1].vision_pretrain_steps) == (5, 7, 1200)
