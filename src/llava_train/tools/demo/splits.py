@@ -222,7 +222,7 @@ def generate(
     own RNG stream, so changing one split's size leaves the others unchanged. `mixed_sizes` draws each
     image at one of MIXED_SIZES (square, wide, tall; the anyres demo) instead of image_size squared. `multi`
     (the OneVision demo) adds two-image rows and three-frame video rows (`MULTI_TYPES`) to the stage-2 split
-    (one sixth of n_finetune each, on top) and to the eval split (`eval.json` then cycles six types; the
+    (`MULTI_SHARE` of n_finetune each, on top) and to the eval split (`eval.json` then cycles six types; the
     video rows go to `eval_video.json`, which `llava-train eval` does not read).
     """
     if min(n_pretrain, n_finetune, n_eval) < 0:
